@@ -1,0 +1,46 @@
+"""One place for optional, heavy imports.
+
+``require("torch")`` returns the module or raises a ``DependencyError`` that names the extra to
+install. Nothing here is imported at package import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# module -> (pip requirement, extra that provides it)
+_KNOWN = {
+    "torch": ("torch>=2.6", "build"),
+    "onnx": ("onnx", "build"),
+    "onnxruntime": ("onnxruntime", "cpu"),
+    "sklearn": ("scikit-learn", "build"),
+    "PIL": ("pillow", "images"),
+    "matplotlib": ("matplotlib", "plots"),
+    "tqdm": ("tqdm", "build"),
+    "cuda.bindings": ("cuda-python>=12", "cuda"),
+    "tensorrt_rtx": ("tensorrt-rtx", "rtx"),
+    "tensorrt": ("tensorrt (from JetPack on Jetson)", "jetson"),
+}
+
+
+def require(name: str, purpose: str | None = None) -> ModuleType:
+    """Import ``name`` or raise a clear DependencyError naming the extra that provides it."""
+    from jei_edge.errors import DependencyError
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        req, extra = _KNOWN.get(name, (name, None))
+        what = f" for {purpose}" if purpose else ""
+        how = f"pip install 'jei-edge[{extra}]'" if extra else f"pip install {req}"
+        raise DependencyError(f"'{name}' is needed{what} but could not be imported ({exc})", hint=how) from exc
+
+
+def available(name: str) -> bool:
+    """True when ``name`` imports."""
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False

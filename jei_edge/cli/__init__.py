@@ -1,0 +1,81 @@
+"""The ``jei-edge`` command line: a click group whose subcommands load lazily.
+
+Each subcommand lives in its own module here and imports heavy packages (torch, onnx) only inside
+its function, so ``jei-edge --help`` and ``jei-edge --version`` stay fast. User errors
+(``JeiEdgeError``) print one line and exit non-zero without a traceback; bugs keep theirs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from jei_edge import __version__
+from jei_edge.errors import JeiEdgeError
+
+# name -> "module:attribute"; order is the order shown in --help
+COMMANDS = {
+    "train": "jei_edge.cli.train_cmd:train",
+    "eval": "jei_edge.cli.eval_cmd:eval_command",
+    "build": "jei_edge.cli.build_cmd:build",
+    "run": "jei_edge.cli.run_cmd:run",
+    "inspect": "jei_edge.cli.inspect_cmd:inspect",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        mod, _, attr = target.partition(":")
+        return getattr(importlib.import_module(mod), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="jei-edge")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def cli(verbose: int):
+    """jei-edge: train JEI-DNN early-exit models, compile them into staged engines and run them
+    so that easy samples really stop early.
+
+    \b
+    Pipeline:
+      jei-edge train --data digits -o model.pt       train a JEI-DNN (backbone, IMs, gates)
+      jei-edge eval model.pt --data digits           accuracy / cost / calibration vs baseline
+      jei-edge build model.pt -o model.jei           staged ONNX bundle for a target (CPU default)
+      jei-edge run model.jei inputs.npy              conditional execution with early exit
+      jei-edge inspect model.pt|model.jei            architecture, exits, costs, integrity
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="jei-edge", standalone_mode=False)
+    except JeiEdgeError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"  hint: {exc.hint}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Options shared by every command, so a flag means the same thing everywhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+output_option = click.option("-o", "--output", type=click.Path(dir_okay=True), help="Output path.")
+data_option = click.option(
+    "--data", "data", default="digits", show_default=True,
+    help="Data source: 'digits', 'synthetic[:key=value,...]', a .npz file (x, y) or an image folder.",
+)
+target_option = click.option("--target", default="cpu", show_default=True,
+                             help="Hardware target: a name from targets/ or a TOML file.")
+device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                             help="Where to execute.")
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+
+
+def emit_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=_default)
+    sys.stdout.write("\n")
+
+
+def _default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)

@@ -1,0 +1,106 @@
+"""The conditional loop: the heart of the runtime, written once for every backend.
+
+A backend supplies two things:
+
+- a **StageExecutor**: "run stage k on the first n rows of its input buffer, into its output
+  buffers" (onnxruntime sessions, torch modules on CUDA, TensorRT engines);
+- a **Workspace**: owns the buffers of one batch and does the per-boundary work: apply the exit
+  rule to the live rows, write exited rows to their original output slots, compact survivors
+  (hidden state, running gate sum ``S``, original index) into the next stage's input. On CPU that
+  is numpy; on CUDA it is one fused exit-kernel launch.
+
+For a batch of B rows: ``live = all``, ``S = 0``; for each stage k: execute on the live rows only
+(batch = n live), decide + compact, stop when no row is live or after the last stage.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+MODES = ("exit", "full")
+
+
+@dataclass
+class Results:
+    """Per-sample outputs of one batch, in input order."""
+
+    probs: np.ndarray  # [B, C] float32: softmax of the exiting head
+    exit_index: np.ndarray  # [B] int: 0..G (G = final head)
+    reach: List[int] = field(default_factory=list)  # rows that entered each stage (n_k)
+
+    @property
+    def pred(self) -> np.ndarray:
+        return np.argmax(self.probs, axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return np.max(self.probs, axis=1)
+
+    def conformal_sets(self, qhat_per_exit: Optional[Sequence[float]]) -> Optional[np.ndarray]:
+        """``[B, C]`` membership ``p_k >= 1 - qhat[exit]`` (None without a calibrated table)."""
+        if qhat_per_exit is None:
+            return None
+        q = np.asarray(qhat_per_exit, dtype=np.float64)[self.exit_index]
+        return self.probs >= (1.0 - q)[:, None]
+
+    def exit_histogram(self, num_exits: int) -> List[int]:
+        return np.bincount(self.exit_index, minlength=num_exits).tolist()
+
+
+class StageExecutor(abc.ABC):
+    """Runs stage graphs on workspace buffers. Knows nothing of exits."""
+
+    num_stages: int
+
+    @abc.abstractmethod
+    def execute(self, k: int, n: int, ws: "Workspace") -> None:
+        """Run stage ``k`` on the first ``n`` rows of ``ws``'s stage-k input, into its outputs."""
+
+
+class Workspace(abc.ABC):
+    """Buffers of one batch plus the boundary work (decide, scatter exits, compact survivors)."""
+
+    @abc.abstractmethod
+    def begin(self, x) -> int:
+        """Load a batch into the stage-0 input, reset ``S = 0`` and the original indices; return B."""
+
+    @abc.abstractmethod
+    def exit_and_compact(self, k: int, n: int, delta: float, early_exit: bool) -> int:
+        """Boundary after stage ``k`` (not the last) on ``n`` live rows; return the survivor count.
+
+        With ``early_exit=False`` (``full`` mode) nobody exits: survivors are all ``n`` rows.
+        """
+
+    @abc.abstractmethod
+    def finish(self, k: int, n: int) -> None:
+        """After the last stage: its ``n`` rows exit at the final head."""
+
+    @abc.abstractmethod
+    def collect(self, reach: List[int]) -> Results:
+        """Results of the batch, in input order."""
+
+
+def run_conditional(executor: StageExecutor, ws: Workspace, x, mode: str = "exit",
+                    offsets: Optional[Sequence[float]] = None) -> Results:
+    """Run one batch through the stages with per-sample early termination (``mode='exit'``)
+    or through every stage (``mode='full'``). ``offsets``: per-gate threshold offsets delta_l."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    last = executor.num_stages - 1
+    early = mode == "exit"
+    n = ws.begin(x)
+    reach: List[int] = []
+    for k in range(executor.num_stages):
+        reach.append(n)
+        executor.execute(k, n, ws)
+        if k == last:
+            ws.finish(k, n)
+            break
+        n = ws.exit_and_compact(k, n, 0.0 if offsets is None else float(offsets[k]), early)
+        if n == 0:
+            break
+    return ws.collect(reach)

@@ -1,0 +1,34 @@
+"""jei-edge packaging. The runtime needs numpy (+ a backend); everything heavy is an extra."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "jei_edge" / "__init__.py").read_text()).group(1)
+
+cpu = ["onnxruntime>=1.17"]
+build = ["torch>=2.6", "onnx>=1.15", "scikit-learn>=1.2", "tqdm>=4.60", "click>=8.0"] + cpu
+images = ["pillow>=9"]
+plots = ["matplotlib>=3.6"]
+cuda = ["cuda-python>=12.6"]
+rtx = ["tensorrt-rtx"]
+dev = build + images + plots + ["pytest>=7", "vermin>=1.6", "build", "nvidia-cuda-nvrtc>=13,<14"] + cuda
+
+setup(
+    name="jei-edge",
+    version=version,
+    description="Real early-exit speedups for JEI-DNN on edge hardware (CPU/onnxruntime, CUDA, TensorRT)",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jei_edge", "jei_edge.*"]),
+    package_data={"jei_edge": ["targets/*.toml", "calibration/*.toml", "runtime/cuda/*.cu"]},
+    include_package_data=True,
+    install_requires=["numpy>=1.22", "click>=8.0", "tomli>=1.1; python_version < '3.11'"],
+    extras_require={"cpu": cpu, "build": build, "images": images, "plots": plots, "cuda": cuda,
+                    "rtx": rtx, "dev": dev, "all": build + images + plots + cuda},
+    entry_points={"console_scripts": ["jei-edge=jei_edge.cli:main", "jei-edge-run=jei_edge.runtime.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+)
