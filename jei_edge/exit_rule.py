@@ -45,8 +45,9 @@ def gate_features(logits: np.ndarray) -> np.ndarray:
     lq = _log_softmax(2.0 * z)
     q = np.exp(lq)
     top2 = -np.sort(-p, axis=-1)[..., :2]
-    ent = -np.sum(np.where(p > 0, p * lp, 0.0), axis=-1)
-    ent_q = -np.sum(np.where(q > 0, q * lq, 0.0), axis=-1)
+    # 0 * log 0 = 0: mask log-probs of zero-probability classes (they may be -inf)
+    ent = -np.sum(p * np.where(p > 0, lp, 0.0), axis=-1)
+    ent_q = -np.sum(q * np.where(q > 0, lq, 0.0), axis=-1)
     return np.stack([top2[..., 0], ent, top2[..., 0] - top2[..., 1], ent_q], axis=-1)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -97,6 +98,18 @@ def save_checkpoint(path, model=None, *, checkpoint: Optional[Dict] = None, **kw
     return Path(path)
 
 
+def _load_reason(exc: Exception) -> str:
+    """The useful line of torch.load's error (never its advice to disable weights_only)."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return "refused by the weights-only unpickler: " + " ".join(detail.split())[:200]
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "weights_only" in first or "Weights only load failed" in first:
+        return "refused by the weights-only unpickler"
+    return first[:300]
+
+
 def read_checkpoint(path) -> Dict[str, Any]:
     """Load and validate the checkpoint dict. Never unpickles code; every failure is a CheckpointError."""
     path = Path(path)
@@ -105,11 +118,12 @@ def read_checkpoint(path) -> Dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint '{path}' is empty", hint="re-run `jei-edge train`")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; all mean "not loadable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint '{path}' cannot be loaded safely: {first[:300]}",
+            f"checkpoint '{path}' cannot be loaded safely: {_load_reason(exc)}",
             hint="it is truncated, of another format, or contains pickled code (never executed)",
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

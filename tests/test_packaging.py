@@ -1,0 +1,63 @@
+"""Packaging promises: the wheel installs in a fresh environment with its data files and entry
+points; `import jei_edge` stays light."""
+
+import os
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_is_light():
+    code = ("import sys, jei_edge, jei_edge.exit_rule, jei_edge.errors; "
+            "bad = [m for m in ('torch', 'tensorrt', 'tensorrt_rtx', 'onnx') if m in sys.modules]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (whl,) = out.glob("jei_edge-*.whl")
+    return whl
+
+
+def test_wheel_contains_package_data(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "jei_edge/runtime/cuda/exit_kernel.cu" in names or not (ROOT / "jei_edge/runtime/cuda/exit_kernel.cu").exists()
+    for data in list((ROOT / "jei_edge/targets").glob("*.toml")) + list((ROOT / "jei_edge/calibration").glob("*.toml")):
+        assert str(data.relative_to(ROOT)) in names
+    assert not any(n.startswith("tests/") for n in names)
+    eps = [n for n in names if n.endswith("entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(eps[0]).decode()
+    assert "jei-edge = jei_edge.cli:main" in text and "jei-edge-run = jei_edge.runtime.cli:main" in text
+
+
+def test_wheel_installs_in_fresh_env(wheel, tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    # install the wheel (not editable) with its minimal runtime requirements
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    r = subprocess.run([str(env_dir / "bin" / "jei-edge"), "--version"], capture_output=True, text=True,
+                       cwd=tmp_path, env=clean, timeout=60)
+    assert r.returncode == 0, r.stderr
+    from jei_edge import __version__
+
+    assert __version__ in r.stdout
+    r = subprocess.run([str(py), "-c", "import jei_edge, pathlib; print(pathlib.Path(jei_edge.__file__).parent)"],
+                       capture_output=True, text=True, cwd=tmp_path, env=clean)
+    installed = Path(r.stdout.strip())
+    assert installed.is_relative_to(env_dir), installed  # not the source tree
