@@ -61,3 +61,24 @@ def test_wheel_installs_in_fresh_env(wheel, tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, env=clean)
     installed = Path(r.stdout.strip())
     assert installed.is_relative_to(env_dir), installed  # not the source tree
+
+
+def _python310():
+    import shutil
+
+    cands = sorted(str(p) for p in Path("/root/.pyenv/versions").glob("3.10*/bin/python3.10")) + [shutil.which("python3.10")]
+    for c in cands:
+        if c and subprocess.run([c, "--version"], capture_output=True).returncode == 0:
+            return c
+    return None
+
+
+def test_runtime_sources_compile_on_python310():
+    """The on-device runtime must run on Jetson's Python 3.10 (JetPack 6): byte-compile it there."""
+    py310 = _python310()
+    if py310 is None:
+        pytest.skip("no Python 3.10 interpreter on this machine (vermin covers the check)")
+    files = [str(p) for p in (ROOT / "jei_edge/runtime").rglob("*.py")]
+    files += [str(ROOT / "jei_edge" / f) for f in ("__init__.py", "errors.py", "exit_rule.py", "_deps.py")]
+    r = subprocess.run([py310, "-m", "py_compile", *files], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
