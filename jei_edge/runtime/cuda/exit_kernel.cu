@@ -1,0 +1,168 @@
+// jei-edge fused exit kernel: one launch per stage boundary.
+//
+// For the n live rows of a batch after stage k it
+//   1. applies the JEI-DNN exit rule  g >= (1 - S)/2 + delta  (mode 0), or lets every row survive
+//      (mode 1, "full" runs) or exit (mode 2, the final head);
+//   2. writes every exiting row's probabilities, class (first argmax), confidence (max prob) and
+//      exit index to its ORIGINAL output slot idx_in[r];
+//   3. compacts the survivors, in stable order, into the next stage's input buffers: hidden row
+//      (row_bytes bytes, any dtype), running sum S + g and original index;
+//   4. writes the survivor count to *survivors (a device pointer to mapped pinned host memory),
+//      which the host reads after an event sync to set the next stage's input shape.
+//
+// Layout: block b owns rows [b * rows_per_block, min(n, (b + 1) * rows_per_block)). A row's
+// destination is (#survivors before the block) + (#survivors before it inside the block): each
+// block counts the survivors before its first row itself (a block reduction over at most n
+// decisions), so a single launch needs no grid-wide synchronisation. The hidden-row copy is
+// coalesced: all threads of a block copy one row together, 16 bytes per thread when aligned.
+//
+// S, gate and probabilities are FP32 and the threshold uses round-to-nearest intrinsics (never
+// contracted), so decisions are bit-identical to numpy float32 arithmetic of jei_edge.exit_rule.
+// Self-contained on purpose: NVRTC compiles it without any include path.
+
+#define JEI_BLOCK 256
+#define JEI_WARPS (JEI_BLOCK / 32)
+
+struct ExitArgs {
+    const float* gate;                 // [n]          gate of this stage's exit (modes 0, 1)
+    const float* s_in;                 // [n]          running gate sum before this gate
+    const int* idx_in;                 // [n]          original output slot of each live row
+    const float* probs;                // [n, C]       this exit's probabilities
+    const unsigned char* hidden_in;    // [n, row]     this stage's hidden output (modes 0, 1)
+    float* s_out;                      // [n]          next stage's S (compacted)
+    int* idx_out;                      // [n]          next stage's original slots (compacted)
+    unsigned char* hidden_out;         // [n, row]     next stage's hidden input (compacted)
+    float* out_probs;                  // [B, C]       results, in input order
+    int* out_class;                    // [B]
+    float* out_conf;                   // [B]
+    int* out_exit;                     // [B]
+    int* survivors;                    // [1]          mapped pinned host memory (device pointer)
+    long long row_bytes;               // bytes of one hidden row (0 in mode 2)
+    int n;                             // live rows
+    int num_classes;                   // C
+    int mode;                          // 0: exit rule, 1: nobody exits, 2: everybody exits
+    int exit_index;                    // index of this exit (0..G)
+    int rows_per_block;
+    float delta;                       // threshold offset of this gate
+};
+
+// The host packs this struct with ctypes (jei_edge/runtime/cuda/kernel.py): keep both in step.
+static_assert(sizeof(ExitArgs) == 136, "ExitArgs size changed: update kernel.py");
+static_assert(__builtin_offsetof(ExitArgs, row_bytes) == 104, "ExitArgs layout changed: update kernel.py");
+static_assert(__builtin_offsetof(ExitArgs, n) == 112, "ExitArgs layout changed: update kernel.py");
+static_assert(__builtin_offsetof(ExitArgs, delta) == 132, "ExitArgs layout changed: update kernel.py");
+
+__device__ __forceinline__ int jei_survives(const ExitArgs& a, int r) {
+    if (a.mode == 2) return 0;
+    if (a.mode == 1) return 1;
+    const float thr = __fadd_rn(__fmul_rn(__fsub_rn(1.0f, a.s_in[r]), 0.5f), a.delta);
+    return !(a.gate[r] >= thr);  // a NaN gate never exits, as in numpy
+}
+
+__device__ __forceinline__ int jei_block_sum(int v, int* red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    int total = 0;
+    for (int w = 0; w < JEI_WARPS; ++w) total += red[w];
+    return total;
+}
+
+// First index of the maximum of probs[0..C) (ties: lowest index, like numpy.argmax).
+__device__ __forceinline__ void jei_block_argmax(const float* p, int C, float* rv, int* ri,
+                                                 float* best_v, int* best_i) {
+    float v = -3.402823466e38f;
+    int i = 0x7fffffff;
+    for (int c = threadIdx.x; c < C; c += JEI_BLOCK) {
+        const float x = p[c];
+        if (x > v || (x == v && c < i)) { v = x; i = c; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_down_sync(0xffffffffu, v, o);
+        const int oi = __shfl_down_sync(0xffffffffu, i, o);
+        if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) { rv[warp] = v; ri[warp] = i; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float bv = rv[0];
+        int bi = ri[0];
+        for (int w = 1; w < JEI_WARPS; ++w) {
+            if (rv[w] > bv || (rv[w] == bv && ri[w] < bi)) { bv = rv[w]; bi = ri[w]; }
+        }
+        if (bi == 0x7fffffff) bi = 0;  // all-NaN row: numpy would pick the first NaN
+        *best_v = p[bi];
+        *best_i = bi;
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ void jei_copy_row(const unsigned char* src, unsigned char* dst,
+                                             long long nbytes) {
+    const unsigned long long align =
+        ((unsigned long long)src | (unsigned long long)dst | (unsigned long long)nbytes) & 15ull;
+    if (align == 0) {
+        const uint4* s = (const uint4*)src;
+        uint4* d = (uint4*)dst;
+        const long long m = nbytes >> 4;
+        for (long long j = threadIdx.x; j < m; j += JEI_BLOCK) d[j] = s[j];
+    } else if ((align & 3ull) == 0) {
+        const unsigned int* s = (const unsigned int*)src;
+        unsigned int* d = (unsigned int*)dst;
+        const long long m = nbytes >> 2;
+        for (long long j = threadIdx.x; j < m; j += JEI_BLOCK) d[j] = s[j];
+    } else {
+        for (long long j = threadIdx.x; j < nbytes; j += JEI_BLOCK) dst[j] = src[j];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(JEI_BLOCK) jei_exit_compact(const ExitArgs a) {
+    __shared__ int red[JEI_WARPS];
+    __shared__ float arg_v[JEI_WARPS];
+    __shared__ int arg_i[JEI_WARPS];
+    __shared__ float best_v;
+    __shared__ int best_i;
+
+    const int r0 = blockIdx.x * a.rows_per_block;
+    if (r0 >= a.n) return;  // block-uniform
+    int r1 = r0 + a.rows_per_block;
+    if (r1 > a.n) r1 = a.n;
+
+    // Survivors before this block's first row.
+    int mine = 0;
+    for (int r = threadIdx.x; r < r0; r += JEI_BLOCK) mine += jei_survives(a, r);
+    const int before = jei_block_sum(mine, red);
+
+    int kept = 0;
+    for (int r = r0; r < r1; ++r) {
+        if (jei_survives(a, r)) {  // block-uniform branch
+            const int d = before + kept;
+            ++kept;
+            jei_copy_row(a.hidden_in + (long long)r * a.row_bytes,
+                         a.hidden_out + (long long)d * a.row_bytes, a.row_bytes);
+            if (threadIdx.x == 0) {
+                a.s_out[d] = (a.mode == 0 || a.gate != 0) ? __fadd_rn(a.s_in[r], a.gate[r]) : a.s_in[r];
+                a.idx_out[d] = a.idx_in[r];
+            }
+        } else {
+            const int slot = a.idx_in[r];
+            const float* p = a.probs + (long long)r * a.num_classes;
+            float* q = a.out_probs + (long long)slot * a.num_classes;
+            for (int c = threadIdx.x; c < a.num_classes; c += JEI_BLOCK) q[c] = p[c];
+            jei_block_argmax(p, a.num_classes, arg_v, arg_i, &best_v, &best_i);
+            if (threadIdx.x == 0) {
+                a.out_class[slot] = best_i;
+                a.out_conf[slot] = best_v;
+                a.out_exit[slot] = a.exit_index;
+            }
+        }
+    }
+    if (r1 == a.n && threadIdx.x == 0) {
+        *(volatile int*)a.survivors = before + kept;
+        __threadfence_system();
+    }
+}

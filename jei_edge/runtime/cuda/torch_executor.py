@@ -1,0 +1,216 @@
+"""torch-cuda ``StageExecutor``: the bundle's stage modules run by PyTorch on the GPU.
+
+Stage modules are rebuilt from the ``model.pt`` the bundle was built from (``model.stage(k)``).
+They read the workspace's input buffers in place (wrapped through ``__cuda_array_interface__``, no
+copy) and run on the workspace's stream (``torch.cuda.ExternalStream``), so the exit kernel that
+follows on the same stream sees their outputs without extra synchronisation. Outputs stay in
+PyTorch memory; the executor hands their addresses to the workspace (``bind_outputs``).
+
+CUDA graphs: one graph per (workspace, stage, batch bucket) for batches up to
+``graph_max_batch``; a live count ``n`` replays the smallest bucket >= n (rows n..bucket-1 are
+computed on stale but finite data and ignored; every stage op is row-independent). Graphs are
+captured when a workspace is prepared, never in the steady state.
+
+It runs on any CUDA GPU PyTorch supports (the H100 included, which TensorRT-RTX does not) and is
+how the CUDA path is validated.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from jei_edge.errors import InputError
+from jei_edge.runtime.cuda.workspace import CudaWorkspace, StageSpec
+from jei_edge.runtime.loop import StageExecutor
+
+
+def default_buckets(max_batch: int) -> Tuple[int, ...]:
+    """Graph batch buckets: 1, 2, 4, 8, 16, then ~x1.25 steps rounded up to multiples of 8
+    (at most 25% padded rows), ending at ``max_batch``."""
+    out = [b for b in (1, 2, 4, 8, 16) if b < max_batch]
+    b = 16.0
+    while True:
+        b *= 1.25
+        v = int(-(-int(b + 0.999) // 8) * 8)
+        if v >= max_batch:
+            break
+        if v > out[-1]:
+            out.append(v)
+    out.append(max_batch)
+    return tuple(out)
+
+
+def set_tf32(torch, enabled: bool) -> None:
+    """TF32 on/off for matmuls and cuDNN convolutions (off keeps FP32 parity with the CPU runtime)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+
+
+class _Contiguous:
+    """A stage module whose outputs are contiguous (the exit kernel reads rows by address)."""
+
+    def __init__(self, torch, module):
+        self.module = module
+
+    def __call__(self, x):
+        out = self.module(x)
+        if isinstance(out, tuple):
+            return tuple(t.contiguous() for t in out)
+        return out.contiguous()
+
+
+@dataclass
+class _Lane:
+    """Per-workspace state: torch views of its buffers, its stream, graphs and live outputs."""
+
+    stream: object
+    inputs: List[object]
+    graphs: Dict[Tuple[int, int], Tuple[object, object]] = field(default_factory=dict)
+    hold: List[object] = field(default_factory=list)
+    pool: object = None
+
+
+class TorchCudaExecutor(StageExecutor):
+    """Stage modules of a JEIModel run by PyTorch on one GPU.
+
+    Args:
+        model: a ``JEIModel`` (eval mode; moved to the GPU here).
+        device_index: CUDA device ordinal.
+        graphs: capture CUDA graphs per (stage, bucket).
+        graph_max_batch: largest batch served by a graph (larger live counts run eagerly).
+        buckets: explicit graph buckets (default ``default_buckets``).
+        tf32: allow TF32 (faster on Ampere+, breaks FP32 parity); sets PyTorch's global flags.
+    """
+
+    binds_outputs = True
+
+    def __init__(self, model, *, device_index: int = 0, graphs: bool = True, graph_max_batch: int = 256,
+                 buckets: Optional[Sequence[int]] = None, tf32: bool = False):
+        from jei_edge._deps import require
+
+        torch = require("torch", purpose="the torch-cuda stage executor")
+        if not torch.cuda.is_available():
+            from jei_edge.runtime.cuda.driver import CudaUnavailableError
+
+            raise CudaUnavailableError("PyTorch sees no CUDA GPU (torch.cuda.is_available() is False)",
+                                       hint="install a CUDA build of PyTorch, or run with --device cpu")
+        self.torch = torch
+        set_tf32(torch, tf32)
+        self.device = torch.device("cuda", device_index)
+        self.model = model.eval().to(self.device)
+        self.num_stages = len(model.stage_ranges())
+        self.modules = [_Contiguous(torch, model.stage(k).eval()) for k in range(self.num_stages)]
+        self.graphs_enabled = bool(graphs)
+        self.graph_max_batch = int(graph_max_batch)
+        self._buckets = tuple(sorted(set(int(b) for b in buckets))) if buckets else None
+        self._lanes: Dict[int, _Lane] = {}
+        self._lock = threading.Lock()
+        self.graph_replays = 0
+        self.eager_runs = 0
+
+    # -- shapes ----------------------------------------------------------------------------
+    def stage_specs(self) -> List[StageSpec]:
+        """Per-row shapes of every stage, found by running one zero row through the stages."""
+        torch = self.torch
+        specs, x = [], torch.zeros((1,) + tuple(self.model.input_shape), device=self.device)
+        with torch.no_grad():
+            for k, m in enumerate(self.modules):
+                out = m(x)
+                if k == self.num_stages - 1:
+                    specs.append(StageSpec(k, tuple(x.shape[1:]), None, k))
+                else:
+                    h = out[0]
+                    if h.dtype != torch.float32:
+                        raise InputError(f"stage {k} outputs a {h.dtype} hidden state; the torch-cuda executor "
+                                         "runs FP32 models only")
+                    specs.append(StageSpec(k, tuple(x.shape[1:]), tuple(h.shape[1:]), k))
+                    x = h
+        return specs
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    def buckets(self, max_batch: int) -> Tuple[int, ...]:
+        top = min(max_batch, self.graph_max_batch)
+        b = self._buckets or default_buckets(top)
+        return tuple(v for v in b if v <= top) or (top,)
+
+    # -- lanes -----------------------------------------------------------------------------
+    def prepare(self, ws: CudaWorkspace) -> None:
+        """Wrap ``ws``'s buffers for PyTorch, warm the allocator up at ``max_batch`` and capture
+        the CUDA graphs of every (stage, bucket). Call once per workspace, before running."""
+        torch = self.torch
+        with self._lock:
+            if id(ws) in self._lanes:
+                return
+            ws.driver.make_current()
+            stream = torch.cuda.ExternalStream(ws.stream, device=self.device)
+            inputs = [torch.as_tensor(ws.stage_input(k), device=self.device) for k in range(self.num_stages)]
+            lane = _Lane(stream, inputs, hold=[None] * self.num_stages)
+            self._lanes[id(ws)] = lane
+            with torch.no_grad(), torch.cuda.stream(stream):
+                for k in range(self.num_stages):  # eager warm-up at the largest size
+                    self.modules[k](inputs[k][: ws.max_batch])
+            if self.graphs_enabled:
+                lane.pool = torch.cuda.graph_pool_handle()
+                for k in range(self.num_stages):
+                    for b in self.buckets(ws.max_batch):
+                        lane.graphs[(k, b)] = self._capture(lane, k, b)
+            stream.synchronize()
+
+    def _capture(self, lane: _Lane, k: int, b: int):
+        torch = self.torch
+        static_in = lane.inputs[k][:b]
+        with torch.no_grad():
+            with torch.cuda.stream(lane.stream):
+                for _ in range(2):
+                    self.modules[k](static_in)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=lane.pool, stream=lane.stream):
+                out = self.modules[k](static_in)
+        return g, out
+
+    def release(self, ws: CudaWorkspace) -> None:
+        """Drop ``ws``'s graphs and views (before closing the workspace)."""
+        with self._lock:
+            self._lanes.pop(id(ws), None)
+
+    def bucket_for(self, n: int, max_batch: int) -> Optional[int]:
+        """The graph bucket that serves ``n`` live rows (None: run eagerly)."""
+        if not self.graphs_enabled or n > min(max_batch, self.graph_max_batch):
+            return None
+        for b in self.buckets(max_batch):
+            if b >= n:
+                return b
+        return None
+
+    # -- StageExecutor ---------------------------------------------------------------------
+    def execute(self, k: int, n: int, ws: CudaWorkspace) -> None:
+        lane = self._lanes.get(id(ws))
+        if lane is None:
+            self.prepare(ws)
+            lane = self._lanes[id(ws)]
+        torch = self.torch
+        b = self.bucket_for(n, ws.max_batch)
+        with torch.cuda.stream(lane.stream):
+            if b is not None:
+                g, out = lane.graphs[(k, b)]
+                g.replay()
+                self.graph_replays += 1
+            else:
+                with torch.no_grad():
+                    out = self.modules[k](lane.inputs[k][:n])
+                self.eager_runs += 1
+        lane.hold[k] = out  # keeps eager outputs alive until the boundary kernel has read them
+        if k == self.num_stages - 1:
+            ws.bind_outputs(k, probs=out.data_ptr())
+        else:
+            h, p, g_ = out
+            ws.bind_outputs(k, hidden=h.data_ptr(), probs=p.data_ptr(), gate=g_.data_ptr())

@@ -1,0 +1,258 @@
+"""Fakes for testing the CUDA runtime's host-side orchestration without a GPU.
+
+``FakeDriver`` implements the ``CudaDriver`` surface on host memory: "device" pointers are
+addresses of numpy buffers, copies run immediately, and a launch of the exit kernel runs
+``emulate_exit_kernel`` (numpy, with the decision taken by ``jei_edge.exit_rule.exit_mask``) on
+the argument struct the launcher packed. Every call is logged as ``(op, stream, ...)`` so tests can
+check stream/event ordering. ``MockExecutor`` is a row-independent numpy "model" with a reference
+of its own full forward pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+import pytest
+
+from jei_edge.exit_rule import exit_mask
+from jei_edge.runtime.cuda.kernel import ExitArgs, ExitKernel
+from jei_edge.runtime.cuda.nvrtc import CompiledKernel
+from jei_edge.runtime.loop import StageExecutor
+
+
+def view(ptr, dtype, count):
+    dtype = np.dtype(dtype)
+    raw = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(ptr)
+    return np.frombuffer(raw, dtype=dtype, count=count)
+
+
+def emulate_exit_kernel(a: ExitArgs) -> None:
+    """What exit_kernel.cu does, in numpy (exited rows -> original slots, survivors compacted)."""
+    n, C = a.n, a.num_classes
+    idx = view(a.idx_in, np.int32, n).copy()
+    probs = view(a.probs, np.float32, n * C).reshape(n, C)
+    if a.mode == 2:
+        survive = np.zeros(n, bool)
+    elif a.mode == 1:
+        survive = np.ones(n, bool)
+    else:
+        g = view(a.gate, np.float32, n)
+        s = view(a.s_in, np.float32, n)
+        survive = ~exit_mask(g, s, np.float32(a.delta))
+    slots = idx[~survive]
+    B = int(slots.max()) + 1 if slots.size else 0
+    if slots.size:
+        view(a.out_probs, np.float32, B * C).reshape(B, C)[slots] = probs[~survive]
+        view(a.out_class, np.int32, B)[slots] = np.argmax(probs[~survive], axis=1)
+        view(a.out_conf, np.float32, B)[slots] = np.max(probs[~survive], axis=1)
+        view(a.out_exit, np.int32, B)[slots] = a.exit_index
+    m = int(survive.sum())
+    if m:
+        rb = a.row_bytes
+        hid = view(a.hidden_in, np.uint8, n * rb).reshape(n, rb)[survive].copy()
+        view(a.hidden_out, np.uint8, m * rb).reshape(m, rb)[:] = hid
+        g = view(a.gate, np.float32, n)
+        s = view(a.s_in, np.float32, n)
+        view(a.s_out, np.float32, m)[:] = (s + g)[survive]
+        view(a.idx_out, np.int32, m)[:] = idx[survive]
+    view(a.survivors, np.int32, 1)[0] = m
+
+
+class FakeDriver:
+    """Host-memory stand-in for ``CudaDriver`` (see the module docstring)."""
+
+    arch = 90
+    name = "FakeGPU"
+    compute_capability = (9, 0)
+    multiprocessors = 4
+    integrated = False
+
+    def __init__(self, can_map_host_memory: bool = True):
+        self.can_map_host_memory = can_map_host_memory
+        self.mem = {}
+        self.host = {}
+        self.log = []
+        self._lock = threading.Lock()
+        self._handles = 100
+        self.current_threads = set()
+
+    def _new(self):
+        with self._lock:
+            self._handles += 1
+            return self._handles
+
+    def _alloc(self, table, nbytes):
+        buf = np.zeros(int(nbytes) + 256, np.uint8)
+        base = buf.ctypes.data
+        ptr = (base + 255) // 256 * 256
+        table[ptr] = (buf, int(nbytes))
+        return ptr
+
+    def _rec(self, *item):
+        with self._lock:
+            self.log.append(item)
+
+    def make_current(self):
+        self.current_threads.add(threading.get_ident())
+
+    def mem_alloc(self, nbytes):
+        self._rec("mem_alloc", None, nbytes)
+        return self._alloc(self.mem, nbytes)
+
+    def mem_free(self, ptr):
+        self.mem.pop(ptr)
+
+    def host_alloc(self, nbytes, mapped=False):
+        self._rec("host_alloc", None, nbytes, mapped)
+        return self._alloc(self.host, nbytes)
+
+    def host_free(self, ptr):
+        self.host.pop(ptr)
+
+    def host_device_pointer(self, host_ptr):
+        return host_ptr
+
+    def memset_async(self, ptr, value, nbytes, stream):
+        self._rec("memset", stream, ptr, nbytes)
+        ctypes.memset(ptr, value, nbytes)
+
+    def memcpy_htod_async(self, dst, src, nbytes, stream):
+        self._rec("htod", stream, dst, nbytes)
+        ctypes.memmove(dst, src, nbytes)
+
+    def memcpy_dtoh_async(self, dst, src, nbytes, stream):
+        self._rec("dtoh", stream, src, nbytes)
+        ctypes.memmove(dst, src, nbytes)
+
+    def memcpy_dtod_async(self, dst, src, nbytes, stream):
+        self._rec("dtod", stream, dst, nbytes)
+        ctypes.memmove(dst, src, nbytes)
+
+    def stream_create(self):
+        return self._new()
+
+    def stream_destroy(self, s):
+        pass
+
+    def stream_synchronize(self, s):
+        self._rec("stream_sync", s)
+
+    def stream_wait_event(self, s, e):
+        self._rec("wait_event", s, e)
+
+    def event_create(self, timing=False):
+        return self._new()
+
+    def event_destroy(self, e):
+        pass
+
+    def event_record(self, e, s):
+        self._rec("record", s, e)
+
+    def event_synchronize(self, e):
+        self._rec("event_sync", None, e)
+
+    def module_load(self, image):
+        return "module"
+
+    def module_function(self, module, name):
+        return name
+
+    def launch(self, function, grid, block, shared, stream, params_address):
+        addr = ctypes.c_void_p.from_address(params_address).value
+        args = ExitArgs.from_address(addr)
+        self._rec("launch", stream, grid, args.n, args.mode)
+        emulate_exit_kernel(args)
+
+
+FAKE_IMAGE = CompiledKernel(b"\x7fELF-fake", 90, "cubin", (13, 0))
+
+
+def fake_kernel(driver):
+    return ExitKernel(driver, compiled=FAKE_IMAGE)
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class MockExecutor(StageExecutor):
+    """A row-independent numpy model: stage k maps hidden rows h -> tanh(h * a_k + b_k); its exit
+    gives probs = softmax(h @ W_k) and gate = sigmoid(h @ v_k). Works on fake-driver memory.
+
+    ``binds`` = True: outputs live in the executor's own arrays and are bound by address
+    (the torch executor's way); False: written into the workspace's output buffers (TensorRT's).
+    """
+
+    def __init__(self, num_stages=4, row_shape=(3, 5), num_classes=6, seed=0, binds=False, gate_scale=3.0):
+        rng = np.random.default_rng(seed)
+        self.num_stages, self.row_shape, self.num_classes = num_stages, tuple(row_shape), num_classes
+        d = int(np.prod(row_shape))
+        self.a = rng.normal(1.0, 0.2, num_stages).astype(np.float32)
+        self.b = rng.normal(0.0, 0.3, num_stages).astype(np.float32)
+        self.W = rng.normal(0, 1, (num_stages, d, num_classes)).astype(np.float32)
+        self.v = (rng.normal(0, gate_scale / np.sqrt(d), (num_stages, d))).astype(np.float32)
+        self.binds_outputs = binds
+        self.calls = []
+        self._own = {}
+
+    def forward(self, k, h):
+        h2 = np.tanh(h.reshape(len(h), -1) * self.a[k] + self.b[k]).astype(np.float32)
+        probs = _softmax(h2 @ self.W[k])
+        gate = (1.0 / (1.0 + np.exp(-(h2 @ self.v[k])))).astype(np.float32)
+        return h2.reshape((len(h),) + self.row_shape), probs, gate
+
+    def reference(self, x, offsets=None):
+        """Exit index and probs of every row from a full forward pass + the numpy exit rule."""
+        from jei_edge.exit_rule import exit_levels
+
+        h, P, G = x.astype(np.float32), [], []
+        for k in range(self.num_stages):
+            h, p, g = self.forward(k, h)
+            P.append(p)
+            G.append(g)
+        gates = np.stack(G[:-1], axis=1) if self.num_stages > 1 else np.zeros((len(x), 0), np.float32)
+        levels = exit_levels(gates, offsets)
+        probs = np.stack(P, axis=1)[np.arange(len(x)), levels]
+        return levels, probs, gates
+
+    def execute(self, k, n, ws):
+        self.calls.append((k, n))
+        d = int(np.prod(self.row_shape))
+        h = view(ws.stage_input_ptr(k), np.float32, n * d).reshape((n,) + self.row_shape)
+        hid, probs, gate = self.forward(k, h)
+        last = k == self.num_stages - 1
+        if self.binds_outputs:
+            key = (id(ws), k)
+            if key not in self._own:
+                B = ws.max_batch
+                self._own[key] = (np.zeros((B,) + self.row_shape, np.float32), np.zeros((B, self.num_classes), np.float32),
+                                  np.zeros(B, np.float32))
+            H, P, G = self._own[key]
+            H[:n], P[:n], G[:n] = hid, probs, gate
+            if last:
+                ws.bind_outputs(k, probs=P.ctypes.data)
+            else:
+                ws.bind_outputs(k, hidden=H.ctypes.data, probs=P.ctypes.data, gate=G.ctypes.data)
+        else:
+            outs = ws.stage_outputs(k)
+            view(outs["probs"].ptr, np.float32, n * self.num_classes)[:] = probs.ravel()
+            if not last:
+                view(outs["hidden_out"].ptr, np.float32, n * d)[:] = hid.ravel()
+                view(outs["gate"].ptr, np.float32, n)[:] = gate
+
+
+def specs_for(ex):
+    from jei_edge.runtime.cuda.workspace import StageSpec
+
+    return [StageSpec(k, ex.row_shape, ex.row_shape if k < ex.num_stages - 1 else None, k)
+            for k in range(ex.num_stages)]
+
+
+@pytest.fixture
+def fake_driver():
+    return FakeDriver()
