@@ -1,12 +1,43 @@
-"""Placeholder: implemented by its work item."""
+"""``jei-edge build model.pt``: compile a checkpoint into a staged bundle NAME.jei/."""
+
+from __future__ import annotations
 
 import click
 
-from jei_edge.errors import JeiEdgeError
+from jei_edge.cli.options import emit_json, json_option, output_option, seed_option, target_option
 
 
-@click.command(name="build", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1)
-def build(args):
-    """(not implemented yet)"""
-    raise JeiEdgeError("this command is not implemented yet")
+@click.command(name="build")
+@click.argument("model", type=click.Path())
+@output_option
+@target_option
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Engine precision (default: the target's; the cpu target builds fp32).")
+@click.option("--data", "data", default=None,
+              help="Real inputs for the parity check (default: the data source recorded in the checkpoint).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
+@click.option("--no-model", "no_model", is_flag=True,
+              help="Do not carry model.pt in the bundle (the torch-cuda executor needs it).")
+@click.option("--parity-samples", type=int, default=10_000, show_default=True,
+              help="Inputs for the end-to-end exit-decision check (real + synthetic).")
+@seed_option
+@json_option
+def build(model, output, target, precision, data, force, no_model, parity_samples, seed, as_json):
+    """Compile MODEL (a model.pt from `jei-edge train`) into a bundle: one ONNX graph per stage
+    (split at the exits, gate in-graph, dynamic batch), the plain backbone, a manifest with sha256
+    of every file, and a build report with parity vs PyTorch. Written atomically: a failed or killed
+    build leaves nothing at the output path."""
+    from jei_edge.compile import BuildOptions, build_bundle
+
+    opts = BuildOptions(target=target, precision=precision, data=data, include_model=not no_model, force=force,
+                        parity_samples=parity_samples, seed=seed)
+    say = (lambda msg: click.echo(msg, err=True)) if not as_json else None
+    report = build_bundle(model, output, opts, progress=say)
+    if as_json:
+        emit_json(report)
+    else:
+        d = report["decisions"]
+        click.echo(f"built {report['bundle']}: {report['num_stages']} stages, target {report['target']} "
+                   f"({report['precision']}); parity ok on {d['samples']} inputs "
+                   f"(decision agreement {100 * d['agreement']:.3f}%, "
+                   f"max probs error {d['exit_probs_max_abs_error']:.1e}) in {report['seconds']['total']:.1f} s")

@@ -1,12 +1,51 @@
-"""Placeholder: implemented by its work item."""
+"""``jei-edge run BUNDLE INPUTS...``: run a compiled bundle with per-sample early exit."""
+
+from __future__ import annotations
+
+import time
 
 import click
 
-from jei_edge.errors import JeiEdgeError
+from jei_edge.cli.options import device_option, emit_json, json_option
 
 
-@click.command(name="run", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1)
-def run(args):
-    """(not implemented yet)"""
-    raise JeiEdgeError("this command is not implemented yet")
+@click.command(name="run")
+@click.argument("bundle", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True)
+@device_option
+@click.option("--mode", type=click.Choice(["exit", "full"]), default="exit", show_default=True,
+              help="exit: per-sample early termination; full: every sample runs every stage.")
+@click.option("--offsets", default=None,
+              help="Per-gate threshold offsets, comma separated (one value applies to every gate); "
+                   "negative exits earlier and cheaper.")
+@click.option("--alpha", type=float, default=0.05, show_default=True,
+              help="Conformal-set alpha (from the bundle's qhat table; ignored if not calibrated).")
+@click.option("--batch-size", type=int, default=None, help="Rows per run (default: the bundle's max batch).")
+@click.option("--preprocessed", is_flag=True, help="Inputs are model inputs already (skip the bundle's normalisation).")
+@click.option("--show", type=int, default=20, show_default=True, help="Table rows to print (-1: all).")
+@json_option
+def run(bundle, inputs, device, mode, offsets, alpha, batch_size, preprocessed, show, as_json):
+    """Run BUNDLE (a NAME.jei directory) on INPUTS: .npy/.npz files (raw values in [0, 1] unless
+    --preprocessed; uint8 = pixels), image files, or folders (one sub-folder per class gives labels
+    and accuracy). Prints the class, exit, confidence and conformal set of each sample and a summary."""
+    from jei_edge.errors import JeiEdgeError
+    from jei_edge.runtime.inputs import load_inputs
+    from jei_edge.runtime.output import expand_offsets, format_table, parse_offsets, records, summary
+    from jei_edge.runtime.runtime import Runtime
+
+    if batch_size is not None and batch_size < 1:
+        raise JeiEdgeError(f"--batch-size must be >= 1, got {batch_size}")
+    rt = Runtime.load(bundle, device=device, max_batch=batch_size)
+    offs = expand_offsets(parse_offsets(offsets), rt.num_gates)
+    if rt.qhat(alpha) is None:
+        alpha = None
+    batch = load_inputs(list(inputs), rt.preprocessing, preprocessed, rt.class_names)
+    t = time.perf_counter()
+    res = rt.run(batch.x, mode=mode, offsets=offs)
+    seconds = time.perf_counter() - t
+    recs = records(res, rt, batch.sources, alpha, batch.y)
+    summ = summary(res, rt, mode, seconds, batch.y, alpha)
+    if as_json:
+        emit_json({"bundle": str(bundle), "samples": recs, "summary": summ})
+    else:
+        click.echo(format_table(recs, summ, show))

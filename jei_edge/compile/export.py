@@ -1,0 +1,109 @@
+"""ONNX export of stages and of the plain backbone (dynamic batch, in-graph gate).
+
+Uses the TorchScript-based exporter (``dynamo=False``): it exports a stage in ~0.06 s against
+~2.3 s for the dynamo exporter. Every exported file is checked with ``onnx.checker`` and must
+hold its weights inline or in external data inside the bundle.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from jei_edge.compile.plan import StagePlan
+from jei_edge.errors import BuildError
+
+
+def _io_entry(name: str, shape: Sequence[int], dtype: str = "float32") -> Dict:
+    return {"name": name, "shape": ["batch"] + [int(d) for d in shape[1:]], "dtype": dtype}
+
+
+def _export(module, example, path: Path, input_name: str, output_names: Sequence[str], opset: int, what: str) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = {name: {0: "batch"} for name in [input_name, *output_names]}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name],
+                              output_names=list(output_names), dynamic_axes=axes, opset_version=opset,
+                              do_constant_folding=True, dynamo=False)
+    except Exception as exc:
+        raise BuildError(f"ONNX export of {what} failed: {str(exc).splitlines()[0][:300]}",
+                         hint="the backbone must use ONNX-exportable ops (opset >= 17)") from exc
+    check_onnx(path, what, input_name, output_names)
+
+
+def check_onnx(path: Path, what: str, input_name: str, output_names: Sequence[str]) -> None:
+    """``onnx.checker`` + I/O names + dynamic batch + no external data outside the file's folder."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise BuildError(f"exported {what} ('{path.name}') is not a valid ONNX model: {exc}") from exc
+    ins = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    outs = [o.name for o in model.graph.output]
+    if ins != [input_name] or outs != list(output_names):
+        raise BuildError(f"exported {what} has inputs {ins} / outputs {outs}, expected [{input_name}] / {list(output_names)}")
+    for vi in list(model.graph.input[:1]) + list(model.graph.output):
+        dim0 = vi.type.tensor_type.shape.dim[0]
+        if dim0.dim_param != "batch":
+            raise BuildError(f"exported {what}: tensor '{vi.name}' has no dynamic batch axis")
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            target = (path.parent / loc).resolve()
+            if not str(target).startswith(str(path.parent.resolve()) + "/"):
+                raise BuildError(f"exported {what}: external data '{loc}' of '{t.name}' is outside the bundle")
+
+
+def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: int) -> List[Dict]:
+    """Export every stage of ``model`` to ``out_dir / plan.file``.
+
+    Args:
+        model: the JEIModel (eval mode).
+        plans: from ``plan_stages``.
+        out_dir: the bundle's temp directory.
+        example: a small ``[b, C, H, W]`` float32 tensor (b >= 2) used for tracing.
+        opset: ONNX opset (>= 17).
+
+    Returns:
+        Per-stage manifest entries (index, file, blocks, exit, inputs, outputs, macs).
+    """
+    import torch
+
+    model.requires_grad_(False)  # IMs share frozen modules without owning them: trace them as constants
+    entries = []
+    h = example
+    with torch.no_grad():
+        for plan in plans:
+            module = model.stage(plan.index).eval()
+            outs = module(h)
+            outs = (outs,) if not isinstance(outs, tuple) else outs
+            _export(module, h, out_dir / plan.file, plan.input_name, plan.output_names, opset, f"stage {plan.index}")
+            entries.append({
+                "index": plan.index, "file": plan.file, "blocks": list(plan.blocks), "exit": plan.exit,
+                "gated": plan.gated, "macs": plan.macs,
+                "inputs": [_io_entry(plan.input_name, h.shape)],
+                "outputs": [_io_entry(n, o.shape) for n, o in zip(plan.output_names, outs)],
+            })
+            if plan.gated:
+                h = outs[0]
+    return entries
+
+
+def export_plain(model, out_dir: Path, example, opset: int, name: str = "plain.onnx") -> Dict:
+    """Export the plain backbone (no IMs, no gates) as one graph ``x -> probs``."""
+    import torch
+
+    model.requires_grad_(False)
+    module = model.plain_backbone().eval()
+    with torch.no_grad():
+        probs = module(example)
+    _export(module, example, out_dir / name, "x", ("probs",), opset, "the plain backbone")
+    return {"file": name, "inputs": [_io_entry("x", example.shape)], "outputs": [_io_entry("probs", probs.shape)]}

@@ -1,0 +1,105 @@
+"""``jei-edge-run``: the standalone on-device entry point (numpy + a backend; no torch, no click).
+
+Same run path as ``jei-edge run``, one JSON line per sample on stdout, so device applications can
+pipe arrays in and parse results out::
+
+    jei-edge-run model.jei images/ a.npy
+    python producer.py | jei-edge-run model.jei -        # a stream of .npy arrays on stdin
+
+Errors print one line on stderr (exit code 2); nothing else is written to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+from jei_edge.errors import JeiEdgeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jei-edge-run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="the compiled bundle directory NAME.jei")
+    p.add_argument("inputs", nargs="*", help=".npy/.npz files, images or folders; '-' or none: .npy arrays on stdin")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to execute (default cpu)")
+    p.add_argument("--mode", choices=["exit", "full"], default="exit", help="early exit (default) or every stage")
+    p.add_argument("--offsets", default=None, help="per-gate threshold offsets, comma separated (one value: all gates)")
+    p.add_argument("--alpha", type=float, default=None, help="conformal sets at this alpha (from the bundle's table)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per run (default: the bundle's max batch)")
+    p.add_argument("--preprocessed", action="store_true", help="inputs are model inputs already (no normalisation)")
+    p.add_argument("--probs", action="store_true", help="include the probability vector of each sample")
+    p.add_argument("--summary", action="store_true", help="end with one JSON line {\"summary\": ...}")
+    return p
+
+
+def _emit(rec) -> None:
+    sys.stdout.write(json.dumps(rec, separators=(",", ":")) + "\n")
+
+
+def run_stream(args) -> None:
+    import numpy as np
+
+    from jei_edge.runtime.inputs import concat, load_inputs, stream_npy
+    from jei_edge.runtime.output import expand_offsets, parse_offsets, records, summary
+    from jei_edge.runtime.runtime import Runtime
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise JeiEdgeError(f"--batch-size must be >= 1, got {args.batch_size}")
+    rt = Runtime.load(args.bundle, device=args.device, max_batch=args.batch_size)
+    offsets = expand_offsets(parse_offsets(args.offsets), rt.num_gates)
+    if args.alpha is not None:
+        rt.qhat(args.alpha)  # validate before any work
+    prep = rt.preprocessing
+    files = [p for p in args.inputs if p != "-"]
+    if files and len(files) != len(args.inputs):
+        raise JeiEdgeError("use either input paths or '-' (stdin), not both")
+    if files:
+        batches = iter([load_inputs(files, prep, args.preprocessed, rt.class_names)])
+    else:
+        batches = stream_npy(sys.stdin.buffer, prep, args.preprocessed)
+    done = []
+    seconds = 0.0
+    for batch in batches:
+        t = time.perf_counter()
+        res = rt.run(batch.x, mode=args.mode, offsets=offsets)
+        seconds += time.perf_counter() - t
+        for r in records(res, rt, batch.sources, args.alpha, batch.y, args.probs):
+            _emit(r)
+        sys.stdout.flush()
+        if args.summary:
+            done.append((batch, res))
+    if args.summary:
+        from jei_edge.runtime.loop import Results
+
+        if done:
+            allb = concat([b for b, _ in done])
+            res = Results(np.concatenate([r.probs for _, r in done]), np.concatenate([r.exit_index for _, r in done]),
+                          [])
+            _emit({"summary": summary(res, rt, args.mode, seconds, allb.y, args.alpha)})
+        else:
+            _emit({"summary": {"samples": 0}})
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        run_stream(args)
+    except JeiEdgeError as exc:
+        sys.stderr.write(f"error: {exc.message}\n")
+        if exc.hint:
+            sys.stderr.write(f"  hint: {exc.hint}\n")
+        return exc.exit_code
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""``jei-edge inspect BUNDLE``: stages, I/O, costs, precision, target and integrity status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+from jei_edge.runtime.bundle import Bundle
+
+
+def _io(entries) -> str:
+    return ", ".join(f"{e['name']} {e.get('dtype', 'float32')}[{', '.join(str(d) for d in e['shape'])}]" for e in entries)
+
+
+def describe_bundle(path) -> Dict[str, Any]:
+    """What a bundle holds, as plain data; ``integrity`` lists problems instead of raising.
+
+    Raises:
+        BundleError: when there is no readable manifest at all.
+    """
+    bundle = Bundle(Path(path), Bundle.read_manifest(path))
+    m = bundle.manifest
+    problems = bundle.verify()
+    ex = m["exits"]
+    stages = []
+    for st in m["stages"]:
+        k = st["exit"]
+        stages.append({"index": st["index"], "file": st["file"], "blocks": st["blocks"], "exit": k,
+                       "gated": st.get("gated", True), "macs": st.get("macs"),
+                       "exit_cost": ex["cost"][k], "exit_cost_vs_plain": ex["cost_vs_plain"][k],
+                       "inputs": st["inputs"], "outputs": st["outputs"]})
+    report = {}
+    try:
+        import json
+
+        report = json.loads(bundle.file(m["report"]).read_text()) if m.get("report") else {}
+    except Exception:  # the report is informative only; integrity problems are listed above
+        report = {}
+    return {
+        "kind": "bundle", "path": str(path), "name": m.get("name"), "schema_version": m["schema_version"],
+        "created": m.get("created"), "target": m["target"], "precision": m["precision"],
+        "backbone": m.get("backbone"), "input": m["input"], "num_classes": m["num_classes"],
+        "class_names": m.get("class_names"), "preprocessing": m.get("preprocessing"),
+        "stages": stages, "plain": m.get("plain"), "costs": m.get("costs"),
+        "exits": {"positions": ex["positions"], "cost": ex["cost"], "cost_vs_plain": ex["cost_vs_plain"],
+                  "alphas": ex.get("alphas", [])},
+        "model_file": m.get("model_file"), "toolchain": m["toolchain"],
+        "files": {k: v.get("size") for k, v in m["files"].items()},
+        "integrity": {"ok": not problems, "problems": problems},
+        "parity": report.get("decisions", {}).get("agreement"),
+    }
+
+
+def format_bundle(info: Dict[str, Any]) -> str:
+    bb = info.get("backbone") or {}
+    tc = info["toolchain"]
+    integ = info["integrity"]
+    lines = [
+        f"{info['path']}: jei-edge bundle (schema v{info['schema_version']}, built {info.get('created')})",
+        f"  target     {info['target']['name']} ({info['target'].get('backend')}), precision {info['precision']}",
+        f"  backbone   {bb.get('name')} ({bb.get('family')}), {bb.get('blocks')} blocks, "
+        f"{info['num_classes']} classes; input {_io([info['input']])}",
+        f"  toolchain  opset {tc.get('opset')}, onnxruntime {tc.get('onnxruntime')}, torch {tc.get('torch')}, "
+        f"onnx {tc.get('onnx')}",
+        "",
+        f"  {'stage':>5}  {'blocks':>7}  {'exit':>4}  {'MACs':>12}  {'cost':>6}  {'vs plain':>8}  I/O",
+    ]
+    for s in info["stages"]:
+        blocks = f"{s['blocks'][0]}-{s['blocks'][1] - 1}"
+        macs = f"{s['macs']:,}" if isinstance(s.get("macs"), int) else "?"
+        lines.append(f"  {s['index']:>5}  {blocks:>7}  {s['exit']:>4}  {macs:>12}  {s['exit_cost']:>6.3f}  "
+                     f"{s['exit_cost_vs_plain']:>8.3f}  {_io(s['inputs'])} -> {_io(s['outputs'])}")
+    if info.get("plain"):
+        lines.append(f"  plain backbone: {info['plain']['file']} ({_io(info['plain']['inputs'])} -> "
+                     f"{_io(info['plain']['outputs'])})")
+    if info.get("parity") is not None:
+        lines.append(f"  build parity: exit-decision agreement {100 * info['parity']:.3f}% (see report.txt)")
+    lines.append(f"  model.pt:  {'carried' if info.get('model_file') else 'not carried'}")
+    a = info["exits"]["alphas"]
+    lines.append(f"  conformal: {len(a)} alphas ({min(a):g}..{max(a):g})" if a else "  conformal: not calibrated")
+    total = sum(v or 0 for v in info["files"].values())
+    status = "ok (sha256 of every file matches the manifest)" if integ["ok"] else "FAILED"
+    lines.append(f"  integrity: {status}; {len(info['files'])} files, {total:,} bytes")
+    for p in integ["problems"]:
+        lines.append(f"    - {p}")
+    return "\n".join(lines)

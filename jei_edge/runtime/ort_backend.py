@@ -1,0 +1,162 @@
+"""The onnxruntime backend: session settings, session creation and the CPU stage executor.
+
+Several sessions share one CPU (one per stage, plus the plain backbone when benchmarking). Each
+session's intra-op pool spin-waits after a run by default, stealing the cores from the session
+that runs next; ``OrtSettings`` therefore turns spinning off (see ../shared/PLATFORM.md and
+``benchmarks/realized_speedup.py``, which measures the choice at batch 1 and 64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from jei_edge.errors import BundleError, DependencyError, JeiEdgeError
+from jei_edge.runtime.loop import StageExecutor
+
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """onnxruntime session settings shared by every stage session (defaults live here only).
+
+    Attributes:
+        intra_op_threads: threads per session; 0 = onnxruntime's default (one per core).
+        inter_op_threads: threads for parallel graph branches (sequential execution uses 1).
+        allow_spinning: let idle pool threads spin-wait after a run (steals cores from the next
+            stage's session when several sessions share the CPU; off by default).
+        global_thread_pool: all sessions share one process-wide pool (set once per process,
+            before the first session; later settings cannot change it).
+        graph_optimization: ``disable`` | ``basic`` | ``extended`` | ``all``.
+        io_binding: run through IOBinding on the workspace's preallocated buffers (no output
+            allocation per stage); False uses ``session.run`` and copies outputs.
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    allow_spinning: bool = False
+    global_thread_pool: bool = False
+    graph_optimization: str = "all"
+    io_binding: bool = True
+
+    @classmethod
+    def from_options(cls, options: Optional[Dict[str, Any]] = None, base: Optional["OrtSettings"] = None) -> "OrtSettings":
+        """Settings from a dict (a target's ``[onnxruntime]`` table or ``Runtime.load`` keywords)."""
+        base = base or cls()
+        options = dict(options or {})
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise JeiEdgeError(f"unknown onnxruntime option(s) {unknown}", hint=f"valid options: {sorted(names)}")
+        values = {}
+        for key, value in options.items():
+            default = getattr(cls(), key)
+            if isinstance(default, bool):
+                if not isinstance(value, (bool, np.bool_)):
+                    raise JeiEdgeError(f"onnxruntime option {key} must be true/false, got {value!r}")
+                value = bool(value)
+            elif isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                    raise JeiEdgeError(f"onnxruntime option {key} must be an integer >= 0, got {value!r}")
+                value = int(value)
+            elif key == "graph_optimization" and value not in _OPT_LEVELS:
+                raise JeiEdgeError(f"onnxruntime option graph_optimization must be one of {_OPT_LEVELS}, got {value!r}")
+            values[key] = value
+        return dataclasses.replace(base, **values)
+
+
+def import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise DependencyError(f"onnxruntime is needed to run a bundle on the CPU but could not be imported ({exc})",
+                              hint="pip install 'jei-edge[cpu]'") from exc
+    return ort
+
+
+_GLOBAL_POOL: Optional[tuple] = None
+
+
+def session_options(settings: OrtSettings):
+    """A fresh ``onnxruntime.SessionOptions`` for ``settings``."""
+    global _GLOBAL_POOL
+    ort = import_ort()
+    if settings.global_thread_pool:
+        sizes = (settings.intra_op_threads, settings.inter_op_threads)
+        if _GLOBAL_POOL is None:
+            from onnxruntime.capi import _pybind_state
+
+            _pybind_state.set_global_thread_pool_sizes(*sizes)
+            _GLOBAL_POOL = sizes
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[settings.graph_optimization]
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if settings.global_thread_pool:
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = settings.intra_op_threads
+        so.inter_op_num_threads = settings.inter_op_threads
+    spin = "1" if settings.allow_spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return so
+
+
+def create_session(path, settings: OrtSettings, what: str, built_with: Optional[Dict[str, Any]] = None):
+    """An InferenceSession on the CPU provider; load failures become a BundleError naming the file."""
+    ort = import_ort()
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(settings),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)
+        from jei_edge.runtime.onnx_scan import scan_onnx_file
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+        try:
+            info = scan_onnx_file(path)
+            graph = f"the file declares IR version {info.ir_version}, opset {info.opset}"
+        except Exception:  # the scan is only for the message
+            graph = "the file could not be scanned either"
+        tc = built_with or {}
+        raise BundleError(
+            f"{what} ('{path}') cannot be loaded by onnxruntime {ort.__version__}: {first}; {graph}; "
+            f"built with onnxruntime {tc.get('onnxruntime', '?')}, onnx {tc.get('onnx', '?')}",
+            hint="install an onnxruntime that supports that opset/IR version, or rebuild the bundle with the "
+                 "toolchain installed here (`jei-edge build ... --force`)") from exc
+
+
+class OrtStageExecutor(StageExecutor):
+    """Runs stage ``k`` on the first ``n`` rows of a ``NumpyWorkspace``'s buffers."""
+
+    def __init__(self, sessions: List[Any], settings: OrtSettings):
+        self.sessions = list(sessions)
+        self.num_stages = len(self.sessions)
+        self.settings = settings
+        self._in_names = [s.get_inputs()[0].name for s in self.sessions]
+        self._out_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
+        self._bindings = [s.io_binding() for s in self.sessions] if settings.io_binding else None
+
+    def execute(self, k: int, n: int, ws) -> None:
+        x = ws.stage_input(k)[:n]
+        outs = ws.stage_outputs(k)
+        if self._bindings is not None:
+            b = self._bindings[k]
+            b.bind_input(self._in_names[k], "cpu", 0, x.dtype, x.shape, x.ctypes.data)
+            for name, buf in outs:
+                v = buf[:n]
+                b.bind_output(name, "cpu", 0, v.dtype, v.shape, v.ctypes.data)
+            self.sessions[k].run_with_iobinding(b)
+        else:
+            res = self.sessions[k].run([name for name, _ in outs], {self._in_names[k]: x})
+            for (name, buf), r in zip(outs, res):
+                buf[:n] = r

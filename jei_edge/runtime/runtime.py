@@ -1,0 +1,177 @@
+"""``Runtime``: load a bundle (verified), pick the backend, run batches through the conditional loop.
+
+Example::
+
+    from jei_edge.runtime import Runtime
+    rt = Runtime.load("model.jei")                  # checks schema, sha256, paths; onnxruntime on CPU
+    res = rt.run(x)                                 # x: float32 [B, C, H, W] model input
+    res.pred, res.exit_index, res.confidence        # per sample, in input order
+    sets = rt.conformal_sets(res, alpha=0.05)       # [B, C] bool (None if not calibrated)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from jei_edge.errors import BundleError, DependencyError, InputError, JeiEdgeError
+from jei_edge.runtime.bundle import Bundle
+from jei_edge.runtime.loop import Results, StageExecutor, Workspace, run_conditional
+from jei_edge.runtime.validate import check_batch, check_mode, check_offsets
+
+DEVICES = ("cpu", "cuda")
+
+
+def _cpu_backend(bundle: Bundle, max_batch: int, options: Dict[str, Any]):
+    from jei_edge.runtime.ort_backend import OrtSettings, OrtStageExecutor, create_session
+    from jei_edge.runtime.workspace import NumpyWorkspace, StageSpec
+
+    target = bundle.manifest.get("target", {})
+    base = OrtSettings.from_options(target.get("backend_options", {})) if target.get("backend") == "onnxruntime" \
+        else OrtSettings()
+    settings = OrtSettings.from_options(options, base=base)
+    tc = bundle.manifest.get("toolchain", {})
+    sessions = []
+    for st in bundle.stages:
+        sess = create_session(bundle.file(st["file"]), settings, f"stage {st['index']}", built_with=tc)
+        names_in = [i.name for i in sess.get_inputs()]
+        names_out = {o.name for o in sess.get_outputs()}
+        want_in = [i["name"] for i in st["inputs"]]
+        want_out = {o["name"] for o in st["outputs"]}
+        if names_in != want_in or names_out != want_out:
+            raise BundleError(f"stage {st['index']} graph '{st['file']}' has inputs {names_in} / outputs "
+                              f"{sorted(names_out)}, manifest says {want_in} / {sorted(want_out)}",
+                              hint="rebuild the bundle")
+        sessions.append(sess)
+    specs = [StageSpec.from_manifest(st) for st in bundle.stages]
+    ws = NumpyWorkspace(specs, int(bundle.manifest["num_classes"]), max_batch)
+    return OrtStageExecutor(sessions, settings), ws
+
+
+def _cuda_backend(bundle: Bundle, max_batch: int, options: Dict[str, Any]):
+    try:
+        from jei_edge.runtime.cuda import make_backend
+    except ImportError as exc:
+        raise DependencyError(f"the CUDA backend is not available ({exc})",
+                              hint="install jei-edge[cuda] (and torch for the torch-cuda executor) or use --device cpu") from exc
+    return make_backend(bundle, max_batch=max_batch, **options)
+
+
+class Runtime:
+    """A loaded bundle with its executor and workspace. Use ``Runtime.load``."""
+
+    def __init__(self, bundle: Bundle, executor: StageExecutor, workspace: Workspace, max_batch: int, device: str):
+        self.bundle = bundle
+        self.executor = executor
+        self.workspace = workspace
+        self.max_batch = int(max_batch)
+        self.device = device
+        if executor.num_stages != bundle.num_stages:
+            raise BundleError(f"backend built {executor.num_stages} stages, the manifest has {bundle.num_stages}")
+
+    @classmethod
+    def load(cls, bundle: Union[str, Path, Bundle], device: str = "cpu", max_batch: Optional[int] = None,
+             verify: bool = True, **backend_options) -> "Runtime":
+        """Open and verify ``bundle`` (schema, sha256, paths) and set up the backend.
+
+        Args:
+            bundle: the ``NAME.jei`` directory or an opened ``Bundle``.
+            device: ``cpu`` (onnxruntime) or ``cuda`` (``jei_edge.runtime.cuda.make_backend``).
+            max_batch: rows the buffers are preallocated for (default: the target's); larger
+                batches run in chunks.
+            verify: check sha256 of every file (leave on; off only for trusted, already-verified copies).
+            backend_options: backend settings, e.g. ``OrtSettings`` fields for the CPU.
+        """
+        if device not in DEVICES:
+            raise JeiEdgeError(f"device must be one of {list(DEVICES)}, got {device!r}")
+        b = Bundle.open(bundle.path if isinstance(bundle, Bundle) else bundle, verify=verify)
+        if max_batch is None:
+            max_batch = int(b.manifest.get("target", {}).get("max_batch", 256))
+        if int(max_batch) < 1:
+            raise JeiEdgeError(f"max_batch must be >= 1, got {max_batch}")
+        make = _cpu_backend if device == "cpu" else _cuda_backend
+        executor, ws = make(b, int(max_batch), backend_options)
+        return cls(b, executor, ws, int(max_batch), device)
+
+    # -- metadata --------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> Dict[str, Any]:
+        return self.bundle.manifest
+
+    @property
+    def input_shape(self) -> List[int]:
+        return self.bundle.input_shape
+
+    @property
+    def num_gates(self) -> int:
+        return len(self.manifest["exits"]["positions"])
+
+    @property
+    def num_exits(self) -> int:
+        return self.num_gates + 1
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.manifest.get("class_names") or [str(i) for i in range(self.manifest["num_classes"])])
+
+    @property
+    def preprocessing(self) -> Dict[str, Any]:
+        return dict(self.manifest.get("preprocessing") or {})
+
+    # -- inference -------------------------------------------------------------------------------
+    def run(self, x, mode: str = "exit", offsets: Optional[Sequence[float]] = None) -> Results:
+        """Run a batch of model inputs; see ``jei_edge.runtime.validate`` for the input policy.
+
+        Args:
+            x: float ``[B, C, H, W]`` (already preprocessed).
+            mode: ``exit`` (per-sample early termination) or ``full`` (every stage, final head).
+            offsets: per-gate threshold offsets ``delta_l`` (``num_gates`` values; default 0).
+
+        Returns:
+            ``Results`` in input order (``reach`` summed over chunks).
+        """
+        check_mode(mode)
+        offs = check_offsets(offsets, self.num_gates)
+        x = check_batch(x, self.input_shape)
+        b = x.shape[0]
+        if b == 0:
+            return Results(probs=np.zeros((0, self.manifest["num_classes"]), np.float32),
+                           exit_index=np.zeros(0, np.int64), reach=[])
+        if b <= self.max_batch:
+            return run_conditional(self.executor, self.workspace, x, mode, offs)
+        parts = [run_conditional(self.executor, self.workspace, x[i:i + self.max_batch], mode, offs)
+                 for i in range(0, b, self.max_batch)]
+        reach = [0] * self.bundle.num_stages
+        for p in parts:
+            for k, r in enumerate(p.reach):
+                reach[k] += r
+        while reach and reach[-1] == 0:
+            reach.pop()
+        return Results(probs=np.concatenate([p.probs for p in parts]),
+                       exit_index=np.concatenate([p.exit_index for p in parts]), reach=reach)
+
+    # -- conformal sets --------------------------------------------------------------------------
+    @property
+    def alphas(self) -> List[float]:
+        return [float(a) for a in self.manifest["exits"].get("alphas") or []]
+
+    def qhat(self, alpha: float) -> Optional[List[float]]:
+        """Per-exit qhat for ``alpha`` from the bundle's table (None if the model was not calibrated)."""
+        alphas = self.alphas
+        table = self.manifest["exits"].get("qhat") or []
+        if not alphas or not table or not all(len(row) == len(alphas) for row in table):
+            return None
+        for j, a in enumerate(alphas):
+            if abs(a - float(alpha)) < 1e-9:
+                return [float(row[j]) for row in table]
+        raise InputError(f"alpha {alpha} is not in the bundle's conformal table",
+                         hint="choose one of " + ", ".join(f"{a:g}" for a in alphas))
+
+    def conformal_sets(self, results: Results, alpha: float) -> Optional[np.ndarray]:
+        """``[B, C]`` bool conformal-set membership for ``alpha`` (None without a calibrated table)."""
+        return results.conformal_sets(self.qhat(alpha))
+
+    def __repr__(self) -> str:
+        return f"Runtime({self.bundle!r}, device={self.device!r}, max_batch={self.max_batch})"

@@ -1,0 +1,79 @@
+"""Input validation: every bad batch becomes an ``InputError`` before it reaches a backend.
+
+Policy (also in docs/runtime.md):
+
+- ``x`` is the **model input** ``[B, C, H, W]`` (after the bundle's preprocessing).
+- float16/float32/float64 are accepted and cast to float32; integer, bool, complex and object
+  arrays are refused (raw pixels must be scaled and normalised first; ``jei-edge run`` does it).
+- A single sample ``[C, H, W]`` is refused with a hint to add the batch axis (``x[None]``).
+- NaN or +-inf anywhere is refused, naming the first bad rows.
+- An empty batch (``B = 0``) is valid and gives empty results.
+- Batches larger than the runtime's ``max_batch`` are run in chunks of ``max_batch``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from jei_edge.errors import InputError
+
+_FLOATS = (np.float16, np.float32, np.float64)
+
+
+def check_batch(x, input_shape: Sequence[int], what: str = "input") -> np.ndarray:
+    """Return ``x`` as a C-contiguous float32 ``[B, C, H, W]`` array or raise ``InputError``."""
+    expected = tuple(int(d) for d in input_shape)
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:
+            raise InputError(f"{what} cannot be converted to a numpy array ({exc})") from exc
+    if x.dtype.type not in _FLOATS:
+        raise InputError(
+            f"{what} has dtype {x.dtype}; the model takes floating-point input (float32)",
+            hint="scale raw pixels to [0, 1] and apply the bundle's preprocessing (`jei-edge run` does both)")
+    want = "[B, " + ", ".join(str(d) for d in expected) + "]"
+    if x.ndim != len(expected) + 1:
+        if x.shape == expected:
+            raise InputError(f"{what} has shape {list(x.shape)}: one sample without a batch axis; expected {want}",
+                             hint="add the batch axis, e.g. x[None]")
+        raise InputError(f"{what} has rank {x.ndim} (shape {list(x.shape)}); expected rank {len(expected) + 1}: {want}")
+    if tuple(x.shape[1:]) != expected:
+        raise InputError(f"{what} has shape {list(x.shape)}; the bundle expects {want}",
+                         hint="resize to the model's input size (see `jei-edge inspect BUNDLE`)")
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    if x.shape[0]:
+        finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            shown = ", ".join(str(int(i)) for i in bad[:5]) + (", ..." if bad.size > 5 else "")
+            raise InputError(f"{what} has NaN or infinite values in {bad.size} row(s) (rows {shown})",
+                             hint="drop or repair those samples before running")
+    return np.ascontiguousarray(x)
+
+
+def check_offsets(offsets: Optional[Sequence[float]], num_gates: int) -> Optional[np.ndarray]:
+    """Per-gate threshold offsets: ``None`` or ``num_gates`` finite numbers."""
+    if offsets is None:
+        return None
+    try:
+        arr = np.asarray(offsets, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"offsets {offsets!r} are not numbers") from exc
+    if arr.size != num_gates:
+        raise InputError(f"offsets must have one value per gated exit ({num_gates}), got {arr.size}",
+                         hint="e.g. --offsets " + ",".join(["0"] * num_gates))
+    if not np.isfinite(arr).all():
+        raise InputError(f"offsets must be finite, got {arr.tolist()}")
+    return arr
+
+
+def check_mode(mode: str) -> str:
+    from jei_edge.runtime.loop import MODES
+
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    return mode

@@ -1,0 +1,86 @@
+"""Tiny models with spread-out exits and bundles built from them (shared by tests/compile and tests/runtime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PREP_1CH = {"input_shape": [1, 8, 8], "mean": [0.5], "std": [0.25]}
+KWARGS = {
+    "vit": {"num_classes": 5, "in_chans": 1, "img_size": 8, "patch": 4, "embed_dim": 16, "depth": 4, "heads": 2},
+    "resnet": {"num_classes": 5, "in_chans": 1, "img_size": 8, "widths": [4, 8], "blocks_per_stage": [2, 1]},
+}
+ALPHAS = [0.05, 0.1]
+
+
+def spread_model(family: str = "vit", seed: int = 0, quantiles=(0.8, 0.7, 0.6)):
+    """An untrained JEIModel whose gates fire on a spread of inputs.
+
+    The IMs are sharpened (logits x 8) so p_max varies between inputs; gate l is
+    ``sigmoid(w (p_max - q_l))`` with ``q_l`` a quantile of p_max at exit l on random inputs.
+    """
+    import torch
+
+    from jei_edge.model.exits import gate_features
+    from jei_edge.model.jei import build_model
+
+    torch.manual_seed(seed)
+    model = build_model({"backbone": family, "backbone_kwargs": dict(KWARGS[family]), "exits": None}).eval()
+    with torch.no_grad():
+        for im in model.ims:
+            im.fc.weight.mul_(8.0)
+        x = torch.randn((512,) + tuple(model.input_shape))
+        logits, _ = model(x)
+        for j, gate in enumerate(model.gates):
+            pm = gate_features(logits[:, j])[:, 0]
+            w = 6.0 / float(pm.std().clamp_min(1e-3))
+            q = float(torch.quantile(pm, quantiles[min(j, len(quantiles) - 1)]))
+            gate.linear.weight.copy_(torch.tensor([[w, 0.0, 0.0, 0.0]]))
+            gate.linear.bias.fill_(-w * q)
+    return model
+
+
+def spread_checkpoint(family: str = "vit", seed: int = 0, calibrated: bool = True) -> dict:
+    from jei_edge.model.checkpoint import make_checkpoint
+
+    model = spread_model(family, seed)
+    calib = None
+    if calibrated:
+        qh = [[0.9 - 0.02 * l, 0.8 - 0.02 * l] for l in range(model.num_exits)]
+        calib = {"alphas": ALPHAS, "qhat": qh, "split_size": 100}
+    return make_checkpoint(model, calibration=calib, class_names=[f"c{i}" for i in range(model.num_classes)],
+                           preprocessing=dict(PREP_1CH))
+
+
+def save_spread(path: Path, family: str = "vit", **kw) -> Path:
+    from jei_edge.model.checkpoint import save_checkpoint
+
+    return save_checkpoint(path, checkpoint=spread_checkpoint(family, **kw))
+
+
+def build_spread_bundle(tmp: Path, family: str = "vit", parity_samples: int = 2000, **opts) -> Path:
+    from jei_edge.compile import BuildOptions, build_bundle
+
+    ckpt = save_spread(tmp / f"{family}.pt", family)
+    out = tmp / f"{family}.jei"
+    build_bundle(ckpt, out, BuildOptions(parity_samples=parity_samples, stage_samples=128, **opts))
+    return out
+
+
+def model_inputs(n: int, seed: int = 0, shape=(1, 8, 8)) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n,) + tuple(shape)).astype(np.float32)
+
+
+def reference(model, x: np.ndarray, offsets=None):
+    """PyTorch model + numpy exit rule: ``(levels [N], probs at exit [N, C], all probs [N, E, C])``."""
+    import torch
+
+    from jei_edge.exit_rule import exit_levels
+
+    with torch.no_grad():
+        logits, gl = model(torch.from_numpy(x))
+        g = torch.sigmoid(gl).numpy()
+        probs = torch.softmax(logits.float(), dim=-1).numpy()
+    levels = exit_levels(g, offsets)
+    return levels, probs[np.arange(len(x)), levels], probs
