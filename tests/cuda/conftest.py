@@ -39,8 +39,8 @@ def emulate_exit_kernel(a: ExitArgs) -> None:
         survive = np.ones(n, bool)
     else:
         g = view(a.gate, np.float32, n)
-        s = view(a.s_in, np.float32, n)
-        survive = ~exit_mask(g, s, np.float32(a.delta))
+        s = view(a.s_in, np.float64, n)
+        survive = ~exit_mask(g, s, a.delta)
     slots = idx[~survive]
     B = int(slots.max()) + 1 if slots.size else 0
     if slots.size:
@@ -54,8 +54,8 @@ def emulate_exit_kernel(a: ExitArgs) -> None:
         hid = view(a.hidden_in, np.uint8, n * rb).reshape(n, rb)[survive].copy()
         view(a.hidden_out, np.uint8, m * rb).reshape(m, rb)[:] = hid
         g = view(a.gate, np.float32, n)
-        s = view(a.s_in, np.float32, n)
-        view(a.s_out, np.float32, m)[:] = (s + g)[survive]
+        s = view(a.s_in, np.float64, n)
+        view(a.s_out, np.float64, m)[:] = (s + g)[survive]
         view(a.idx_out, np.int32, m)[:] = idx[survive]
     view(a.survivors, np.int32, 1)[0] = m
 

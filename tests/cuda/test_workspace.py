@@ -140,7 +140,7 @@ def test_stream_and_event_order_of_one_batch():
     launches = [i for i, o in enumerate(ops) if o[0] == "launch"]
     assert len(launches) == len(res.reach)
     assert all(ops[i][1] == ws.stream for i in launches)
-    for i in launches[:-1]:  # each boundary: launch -> record on the compute stream -> host waits
+    for i in launches[:-1]:  # each exit-mode boundary: launch -> record on the compute stream -> host waits
         assert ops[i + 1] == ("record", ws.stream) and ops[i + 2][0] == "event_sync"
     # copy-out on the copy stream after the compute stream's last launch, then one host wait
     dtoh = [i for i, o in enumerate(ops) if o[0] == "dtoh"]
@@ -162,8 +162,10 @@ def test_kernel_arguments_of_a_boundary():
     assert a.s_in == ws.s_init.ptr and a.idx_in == ws.idx_init.ptr
     assert a.s_out == ws.s_pp[0].ptr and a.hidden_out == ws.stage_input(1).ptr
     assert a.hidden_in == ws.stage_outputs(0)["hidden_out"].ptr and a.gate == ws.stage_outputs(0)["gate"].ptr
-    ws.exit_and_compact(0, 10, 0.0, False)
+    syncs = sum(1 for e in d.log if e[0] == "event_sync")
+    assert ws.exit_and_compact(0, 10, 0.0, False) == 10
     assert ws.launcher.args.mode == 1
+    assert sum(1 for e in d.log if e[0] == "event_sync") == syncs  # full mode: no host wait
 
 
 def test_no_mapped_host_memory_reads_the_count_through_a_copy():

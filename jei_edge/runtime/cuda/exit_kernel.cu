@@ -16,8 +16,10 @@
 // decisions), so a single launch needs no grid-wide synchronisation. The hidden-row copy is
 // coalesced: all threads of a block copy one row together, 16 bytes per thread when aligned.
 //
-// S, gate and probabilities are FP32 and the threshold uses round-to-nearest intrinsics (never
-// contracted), so decisions are bit-identical to numpy float32 arithmetic of jei_edge.exit_rule.
+// Gate and probabilities are FP32. The running sum S and the threshold are FP64, as in the numpy
+// reference (jei_edge.exit_rule) and the CPU runtime: with round-to-nearest intrinsics (never
+// contracted) every decision and every S is bit-identical to theirs for the same gate values.
+// (A handful of FP64 operations per row costs nothing measurable, even on GPUs with slow FP64.)
 // Self-contained on purpose: NVRTC compiles it without any include path.
 
 #define JEI_BLOCK 256
@@ -25,11 +27,11 @@
 
 struct ExitArgs {
     const float* gate;                 // [n]          gate of this stage's exit (modes 0, 1)
-    const float* s_in;                 // [n]          running gate sum before this gate
+    const double* s_in;                // [n]          running gate sum before this gate
     const int* idx_in;                 // [n]          original output slot of each live row
     const float* probs;                // [n, C]       this exit's probabilities
     const unsigned char* hidden_in;    // [n, row]     this stage's hidden output (modes 0, 1)
-    float* s_out;                      // [n]          next stage's S (compacted)
+    double* s_out;                     // [n]          next stage's S (compacted)
     int* idx_out;                      // [n]          next stage's original slots (compacted)
     unsigned char* hidden_out;         // [n, row]     next stage's hidden input (compacted)
     float* out_probs;                  // [B, C]       results, in input order
@@ -38,25 +40,26 @@ struct ExitArgs {
     int* out_exit;                     // [B]
     int* survivors;                    // [1]          mapped pinned host memory (device pointer)
     long long row_bytes;               // bytes of one hidden row (0 in mode 2)
+    double delta;                      // threshold offset of this gate
     int n;                             // live rows
     int num_classes;                   // C
     int mode;                          // 0: exit rule, 1: nobody exits, 2: everybody exits
     int exit_index;                    // index of this exit (0..G)
     int rows_per_block;
-    float delta;                       // threshold offset of this gate
 };
 
 // The host packs this struct with ctypes (jei_edge/runtime/cuda/kernel.py): keep both in step.
-static_assert(sizeof(ExitArgs) == 136, "ExitArgs size changed: update kernel.py");
+static_assert(sizeof(ExitArgs) == 144, "ExitArgs size changed: update kernel.py");
 static_assert(__builtin_offsetof(ExitArgs, row_bytes) == 104, "ExitArgs layout changed: update kernel.py");
-static_assert(__builtin_offsetof(ExitArgs, n) == 112, "ExitArgs layout changed: update kernel.py");
-static_assert(__builtin_offsetof(ExitArgs, delta) == 132, "ExitArgs layout changed: update kernel.py");
+static_assert(__builtin_offsetof(ExitArgs, delta) == 112, "ExitArgs layout changed: update kernel.py");
+static_assert(__builtin_offsetof(ExitArgs, n) == 120, "ExitArgs layout changed: update kernel.py");
+static_assert(__builtin_offsetof(ExitArgs, rows_per_block) == 136, "ExitArgs layout changed: update kernel.py");
 
 __device__ __forceinline__ int jei_survives(const ExitArgs& a, int r) {
     if (a.mode == 2) return 0;
     if (a.mode == 1) return 1;
-    const float thr = __fadd_rn(__fmul_rn(__fsub_rn(1.0f, a.s_in[r]), 0.5f), a.delta);
-    return !(a.gate[r] >= thr);  // a NaN gate never exits, as in numpy
+    const double thr = __dadd_rn(__dmul_rn(__dsub_rn(1.0, a.s_in[r]), 0.5), a.delta);
+    return !((double)a.gate[r] >= thr);  // a NaN gate never exits, as in numpy
 }
 
 __device__ __forceinline__ int jei_block_sum(int v, int* red) {
@@ -145,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(JEI_BLOCK) jei_exit_compact(const E
             jei_copy_row(a.hidden_in + (long long)r * a.row_bytes,
                          a.hidden_out + (long long)d * a.row_bytes, a.row_bytes);
             if (threadIdx.x == 0) {
-                a.s_out[d] = (a.mode == 0 || a.gate != 0) ? __fadd_rn(a.s_in[r], a.gate[r]) : a.s_in[r];
+                a.s_out[d] = __dadd_rn(a.s_in[r], (double)a.gate[r]);
                 a.idx_out[d] = a.idx_in[r];
             }
         } else {

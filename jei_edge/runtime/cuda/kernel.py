@@ -38,12 +38,12 @@ class ExitArgs(ctypes.Structure):
         ("out_exit", ctypes.c_uint64),
         ("survivors", ctypes.c_uint64),
         ("row_bytes", ctypes.c_int64),
+        ("delta", ctypes.c_double),
         ("n", ctypes.c_int32),
         ("num_classes", ctypes.c_int32),
         ("mode", ctypes.c_int32),
         ("exit_index", ctypes.c_int32),
         ("rows_per_block", ctypes.c_int32),
-        ("delta", ctypes.c_float),
     ]
 
 

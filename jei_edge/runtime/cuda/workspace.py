@@ -9,12 +9,13 @@ Buffers are allocated once, for ``max_batch`` rows, when the workspace is built:
   compacts the survivors of stage k - 1) and, for executors that write into workspace memory
   (TensorRT), its outputs ``hidden_out``/``probs``/``gate``. Executors that allocate their own
   outputs (torch, CUDA graphs) call ``bind_outputs`` instead;
-- running gate sum ``S`` and original indices: a constant initial pair and a ping-pong pair;
+- running gate sum ``S`` (FP64, as in the numpy exit rule) and original indices: a constant
+  initial pair and a ping-pong pair;
 - results (probs, class, confidence, exit index) in input order, and their pinned host mirrors;
 - the survivor count: one int of mapped pinned host memory the kernel writes directly.
 
 A boundary is: launch the kernel on the compute stream, record an event, wait for it, read the
-count (one small host sync per boundary). ``kernel_launches`` counts launches; ``boundaries``
+count (one small host sync per boundary; none in ``full`` mode, where the count is known). ``kernel_launches`` counts launches; ``boundaries``
 counts boundaries executed (every executed stage ends in one, the final head included).
 """
 
@@ -107,9 +108,9 @@ class CudaWorkspace(Workspace):
             self._bound.append([outs["hidden_out"].ptr if outs and "hidden_out" in outs else 0,
                                 outs["probs"].ptr if outs else 0,
                                 outs["gate"].ptr if outs and "gate" in outs else 0])
-        self.s_init = self._dev((B,), np.float32, "S0")
+        self.s_init = self._dev((B,), np.float64, "S0")
         self.idx_init = self._dev((B,), np.int32, "idx0")
-        self.s_pp = [self._dev((B,), np.float32, f"S{i}") for i in range(2)]
+        self.s_pp = [self._dev((B,), np.float64, f"S{i}") for i in range(2)]
         self.idx_pp = [self._dev((B,), np.int32, f"idx{i}") for i in range(2)]
         iota = self._host((B,), np.int32, False, "iota")
         iota.array[:] = np.arange(B, dtype=np.int32)
@@ -239,6 +240,8 @@ class CudaWorkspace(Workspace):
         if n <= 0:
             return 0
         self._launch(k, n, MODE_EXIT if early_exit else MODE_NONE_EXIT, float(delta))
+        if not early_exit:  # ``full``: every row survives, so the host need not wait for the count
+            return n
         d = self.driver
         if not self._map_count:
             d.memcpy_dtoh_async(self.survivors.ptr, self._survivors_dev, 4, self.stream)
