@@ -82,13 +82,20 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 
 
 def test_argument_struct_layout_matches_the_kernel_source():
+    """Field order, sizes and natural-alignment offsets of the C struct == the ctypes mirror."""
     src = nvrtc.kernel_source()
     assert int(re.search(r"sizeof\(ExitArgs\) == (\d+)", src).group(1)) == ctypes.sizeof(ExitArgs)
-    for field, off in re.findall(r"__builtin_offsetof\(ExitArgs, (\w+)\) == (\d+)", src):
-        assert getattr(ExitArgs, field).offset == int(off), field
     struct = re.search(r"struct ExitArgs \{(.*?)\};", src, re.S).group(1)
-    names = re.findall(r"(\w+);", struct)
-    assert names == [f[0] for f in ExitArgs._fields_]
+    fields = re.findall(r"^\s*(.+?)\s*\b(\w+);", struct, re.M)
+    assert [name for _, name in fields] == [f[0] for f in ExitArgs._fields_]
+    off = 0
+    for ctype, name in fields:
+        size = 8 if ("*" in ctype or ctype in ("long long", "double")) else 4
+        assert ctype.endswith("*") or ctype in ("long long", "double", "int", "float"), ctype
+        off = -(-off // size) * size
+        assert getattr(ExitArgs, name).offset == off and getattr(ExitArgs, name).size == size, name
+        off += size
+    assert -(-off // 8) * 8 == ctypes.sizeof(ExitArgs)
     assert int(re.search(r"#define JEI_BLOCK (\d+)", src).group(1)) == BLOCK
 
 

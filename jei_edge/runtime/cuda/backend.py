@@ -8,6 +8,7 @@ calls (see the cross-team contract); ``make_backend_from_model`` does the same f
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from jei_edge.errors import BundleError, InputError
@@ -84,8 +85,11 @@ def _bundle_model(bundle):
     return model
 
 
-def check_manifest(manifest: dict, specs: List[StageSpec], model, where: str) -> None:
-    """The bundle's stages must be the model's stages (same block ranges, shapes and classes)."""
+def check_manifest(manifest: dict, specs: List[StageSpec], model, where: str) -> List[StageSpec]:
+    """The bundle's stages must be the model's stages (same block ranges, shapes and classes).
+
+    Returns the specs with each stage's exit index taken from the manifest (``"exit"``, default k).
+    """
     stages = manifest.get("stages") or []
     if len(stages) != len(specs):
         raise BundleError(f"{where}: manifest has {len(stages)} stages but its model.pt has {len(specs)}",
@@ -106,6 +110,7 @@ def check_manifest(manifest: dict, specs: List[StageSpec], model, where: str) ->
                 if shape != tuple(expect[out["name"]]):
                     raise BundleError(f"{where}: stage {k} output '{out['name']}' has row shape {list(shape)} in the "
                                       f"manifest but {list(expect[out['name']])} from model.pt")
+    return [replace(spec, exit_index=int(st.get("exit", spec.exit_index))) for st, spec in zip(stages, specs)]
 
 
 def make_backend(bundle, max_batch: int = 256, **options):
@@ -123,8 +128,8 @@ def make_backend(bundle, max_batch: int = 256, **options):
     opts = CudaOptions.from_kwargs(**options)
     driver = CudaDriver.get(opts.device_index)
     executor = _make_executor(_bundle_model(bundle), opts)
-    specs = executor.stage_specs()
-    check_manifest(getattr(bundle, "manifest", {}) or {}, specs, executor.model, f"bundle '{getattr(bundle, 'path', '')}'")
+    specs = check_manifest(getattr(bundle, "manifest", {}) or {}, executor.stage_specs(), executor.model,
+                           f"bundle '{getattr(bundle, 'path', '')}'")
     return executor, build_workspace(executor, driver, max_batch, opts, specs)
 
 
@@ -141,6 +146,6 @@ def make_pipeline(bundle=None, max_batch: int = 256, *, model=None, driver=None,
     executor = _make_executor(model, opts)
     specs = executor.stage_specs()
     if bundle is not None:
-        check_manifest(getattr(bundle, "manifest", {}) or {}, specs, executor.model, f"bundle '{bundle.path}'")
+        specs = check_manifest(getattr(bundle, "manifest", {}) or {}, specs, executor.model, f"bundle '{bundle.path}'")
     lanes = [build_workspace(executor, drv, max_batch, opts, specs) for _ in range(opts.lanes)]
     return CudaPipeline(executor, lanes)
