@@ -84,3 +84,19 @@ def reference(model, x: np.ndarray, offsets=None):
         probs = torch.softmax(logits.float(), dim=-1).numpy()
     levels = exit_levels(g, offsets)
     return levels, probs[np.arange(len(x)), levels], probs
+
+
+def rehash(bundle: Path, exclude=frozenset()) -> None:
+    """Rewrite the manifest's file table after a deliberate edit (to test the checks below sha256)."""
+    import json
+
+    from jei_edge.runtime.bundle import MANIFEST, sha256_file
+
+    m = json.loads((bundle / MANIFEST).read_text())
+    files = {}
+    for p in sorted(bundle.rglob("*")):
+        rel = p.relative_to(bundle).as_posix()
+        if p.is_file() and rel != MANIFEST and rel not in exclude:
+            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    m["files"] = files
+    (bundle / MANIFEST).write_text(json.dumps(m))

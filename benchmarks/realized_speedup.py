@@ -1,0 +1,318 @@
+"""Realized early-exit speedup of the CPU runtime (onnxruntime), as defined in DESIGN.md.
+
+For each backbone family (a ViT and a ResNet, trained with JEI-DNN on the synthetic source so that
+at least 3 exits each take >= 5% of samples) and batch sizes 1 and 64, on the test split:
+
+- ``exit`` / ``full`` mode time of the runtime and the plain backbone graph (same session settings);
+- **ideal exit time** = sum over stages of t_k(n_k), t_k(n) = stage k run standalone on n rows
+  (same executor, buffers and session settings; median of repeats), n_k = the real reach counts;
+- **realized/ideal efficiency** = ideal / exit time; **realized speedup** = full / exit;
+  **speedup vs plain backbone** = plain / exit;
+- **per-boundary overhead** = (exit time - ideal) / boundaries crossed, in microseconds (and the
+  decide+compact time measured directly inside the loop).
+
+It also compares onnxruntime thread settings (spinning, global pool, 1 thread, IOBinding) at both
+batch sizes. Every measurement runs in a fresh subprocess that imports only the torch-free runtime.
+Times are medians over ``--repeats`` interleaved repeats. Usage::
+
+    python benchmarks/realized_speedup.py                 # train (if missing), build, measure, write results
+    python benchmarks/realized_speedup.py --quick         # fewer repeats/samples (smoke run)
+
+Results: ``benchmarks/results/realized_speedup.json`` and ``.md``. Models and bundles are cached in
+``--work`` (default ``runs/bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = "synthetic:size=32"
+LAMBDA = 0.7
+MODELS = {
+    "vit": {"backbone": "vit", "backbone_kwargs": {"embed_dim": 160, "depth": 7, "heads": 4, "patch": 4, "mlp_ratio": 2.0}},
+    "resnet": {"backbone": "resnet", "backbone_kwargs": {"widths": [32, 64, 128], "blocks_per_stage": [2, 2, 2]}},
+}
+VARIANTS = {
+    "default": {},  # the target's settings (jei_edge/targets/cpu.toml): spinning off, IOBinding
+    "spinning_on": {"allow_spinning": True},
+    "global_pool": {"global_thread_pool": True},
+    "one_thread": {"intra_op_threads": 1},
+    "no_iobinding": {"io_binding": False},
+}
+
+
+# -- preparation (needs torch) -------------------------------------------------------------------
+def ensure_model(family: str, work: Path, log) -> Path:
+    path = work / f"{family}.pt"
+    if path.exists():
+        return path
+    from jei_edge.data import load_data
+    from jei_edge.model.checkpoint import save_checkpoint
+    from jei_edge.train import TrainConfig, train_jei
+
+    log(f"training {family} on {DATA} (lambda {LAMBDA})")
+    data = load_data(DATA, seed=0)
+    spec = MODELS[family]
+    ckpt = train_jei(TrainConfig(backbone=spec["backbone"], backbone_kwargs=dict(spec["backbone_kwargs"]), lam=LAMBDA),
+                     data, progress=True)
+    save_checkpoint(path, checkpoint=ckpt)
+    return path
+
+
+def ensure_bundle(model: Path, log) -> Path:
+    out = model.with_suffix(".jei")
+    if out.exists() and out.stat().st_mtime >= model.stat().st_mtime:
+        return out
+    from jei_edge.compile import BuildOptions, build_bundle
+
+    log(f"building {out}")
+    build_bundle(model, out, BuildOptions(force=True), progress=log)
+    return out
+
+
+def test_inputs(model: Path, work: Path) -> Path:
+    """The test split (model inputs, labels) of the data the model was trained on."""
+    path = work / f"{model.stem}_test.npz"
+    if not path.exists():
+        from jei_edge.data import load_data
+        from jei_edge.model.checkpoint import read_checkpoint
+
+        ck = read_checkpoint(model)
+        rec = ck["training"]["data"]
+        d = load_data(rec["source"], preprocessing=ck["preprocessing"], seed=rec.get("split_seed", 0))
+        np.savez(path, x=d.test.x, y=d.test.y)
+    return path
+
+
+# -- measurement (child process: torch-free runtime only) ------------------------------------------
+def _median(v):
+    return float(np.median(np.asarray(v, dtype=np.float64)))
+
+
+def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, options: dict) -> dict:
+    from jei_edge.runtime import Runtime
+    from jei_edge.runtime.ort_backend import create_session
+
+    assert "torch" not in sys.modules
+    with np.load(inputs) as z:
+        x, y = z["x"], z["y"]
+    rt = Runtime.load(bundle, max_batch=max(batches), **options)
+    ex, ws = rt.executor, rt.workspace
+    plain = create_session(rt.bundle.file(rt.manifest["plain"]["file"]), ex.settings, "plain backbone")
+    num_stages = rt.bundle.num_stages
+    res_all = rt.run(x)
+    out = {"settings": vars(ex.settings) if hasattr(ex.settings, "__dict__") else str(ex.settings),
+           "test_samples": int(len(x)), "exit_histogram": res_all.exit_histogram(rt.num_exits),
+           "accuracy_exit": float(np.mean(res_all.pred == y)),
+           "accuracy_full": float(np.mean(rt.run(x, mode="full").pred == y)),
+           "mean_cost": float(np.mean(np.asarray(rt.manifest["exits"]["cost"])[res_all.exit_index])),
+           "mean_cost_vs_plain": float(np.mean(np.asarray(rt.manifest["exits"]["cost_vs_plain"])[res_all.exit_index]))}
+    for bsz in batches:
+        n = n1 if bsz == 1 else n64
+        xs = [np.ascontiguousarray(x[i:i + bsz]) for i in range(0, min(n, len(x)) // bsz * bsz, bsz)]
+        reaches = [rt.run(b).reach for b in xs]
+        boundaries = sum(len(r) - (1 if len(r) == num_stages else 0) for r in reaches)
+        pairs = sorted({(k, m) for r in reaches for k, m in enumerate(r)})
+        # valid stage inputs for standalone runs: a full pass over the largest batch fills every buffer
+        def prime():
+            ws.begin(xs[0])
+            for k in range(num_stages):
+                ex.execute(k, bsz, ws)
+                if k < num_stages - 1:
+                    ws.exit_and_compact(k, bsz, 0.0, False)
+
+        def t_exit():
+            t = time.perf_counter()
+            for b in xs:
+                rt.run(b)
+            return time.perf_counter() - t
+
+        def t_full():
+            t = time.perf_counter()
+            for b in xs:
+                rt.run(b, mode="full")
+            return time.perf_counter() - t
+
+        def t_plain():
+            t = time.perf_counter()
+            for b in xs:
+                plain.run(["probs"], {"x": b})
+            return time.perf_counter() - t
+
+        for _ in range(2):  # warm-up
+            t_exit(), t_full(), t_plain()
+        samples = {"exit": [], "full": [], "plain": []}
+        stage_t = {p: [] for p in pairs}
+        for _ in range(repeats):
+            samples["exit"].append(t_exit())
+            samples["full"].append(t_full())
+            samples["plain"].append(t_plain())
+            prime()
+            for (k, m) in pairs:
+                t = time.perf_counter()
+                ex.execute(k, m, ws)
+                stage_t[(k, m)].append(time.perf_counter() - t)
+        tk = {p: _median(v) for p, v in stage_t.items()}
+        ideal = sum(tk[(k, m)] for r in reaches for k, m in enumerate(r))
+        # decide + compact measured directly inside the loop (one extra, untimed pass)
+        acc = [0.0, 0]
+        orig = ws.exit_and_compact
+
+        def timed(*a):
+            t = time.perf_counter()
+            r = orig(*a)
+            acc[0] += time.perf_counter() - t
+            acc[1] += 1
+            return r
+
+        ws.exit_and_compact = timed
+        for b in xs:
+            rt.run(b)
+        del ws.exit_and_compact
+        te, tf, tp = (_median(samples[k]) for k in ("exit", "full", "plain"))
+        out[f"batch_{bsz}"] = {
+            "batches": len(xs), "samples": len(xs) * bsz, "boundaries": boundaries,
+            "reach_total": [int(v) for v in np.sum([r + [0] * (num_stages - len(r)) for r in reaches], axis=0)],
+            "exit_s": te, "full_s": tf, "plain_s": tp, "ideal_s": ideal,
+            "efficiency": ideal / te, "realized_speedup": tf / te, "speedup_vs_plain": tp / te,
+            "ideal_speedup_vs_full": tf / ideal,
+            "overhead_us_per_boundary": 1e6 * (te - ideal) / max(boundaries, 1),
+            "decide_compact_us_per_boundary": 1e6 * acc[0] / max(acc[1], 1),
+            "exit_ms_per_sample": 1e3 * te / (len(xs) * bsz), "full_ms_per_sample": 1e3 * tf / (len(xs) * bsz),
+            "plain_ms_per_sample": 1e3 * tp / (len(xs) * bsz),
+            "spread_exit_s": [min(samples["exit"]), max(samples["exit"])],
+        }
+    return out
+
+
+def run_child(bundle: Path, inputs: Path, variant: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(bundle), str(inputs), "--variant", variant,
+           "--repeats", str(args.repeats), "--n1", str(args.n1), "--n64", str(args.n64), "--batches", args.batches]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement of {bundle} ({variant}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "host": platform.node()}
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Realized speedup (CPU, onnxruntime {m['onnxruntime']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores; load average before/after {res['load_before']} / "
+             f"{res['load_after']}. Medians over {res['repeats']} repeats. Command: `{res['command']}`.", "",
+             "| family | batch | exit hist. (test) | efficiency (ideal/exit) | realized speedup (full/exit) | "
+             "speedup vs plain | overhead / boundary | decide+compact | exit ms/sample |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for fam, r in res["families"].items():
+        for key in sorted(k for k in r if k.startswith("batch_")):
+            b = r[key]
+            lines.append(f"| {fam} | {key[6:]} | {r['exit_histogram']} | {b['efficiency']:.3f} | "
+                         f"{b['realized_speedup']:.2f}x | {b['speedup_vs_plain']:.2f}x | "
+                         f"{b['overhead_us_per_boundary']:.1f} us | {b['decide_compact_us_per_boundary']:.1f} us | "
+                         f"{b['exit_ms_per_sample']:.3f} |")
+    if res.get("variants"):
+        lines += ["", f"Thread settings ({res['variants_family']}): efficiency / exit ms per sample", "",
+                  "| variant | settings | batch 1 | batch 64 |", "|---|---|---|---|"]
+        for name, r in res["variants"].items():
+            cells = [f"{r[k]['efficiency']:.3f} / {r[k]['exit_ms_per_sample']:.3f} ms" if k in r else "-"
+                     for k in ("batch_1", "batch_64")]
+            lines.append(f"| {name} | {VARIANTS[name] or 'target default'} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--families", default="vit,resnet")
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--n1", type=int, default=150, help="samples run one at a time (batch 1)")
+    p.add_argument("--n64", type=int, default=512, help="samples run in batches of 64")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="thread-setting variants to compare ('' = none)")
+    p.add_argument("--variants-family", default="vit")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "realized_speedup.json"))
+    p.add_argument("--prepare-only", action="store_true", help="train + build, no measurement")
+    p.add_argument("--quick", action="store_true", help="3 repeats, fewer samples (smoke run)")
+    p.add_argument("--child", nargs=2, metavar=("BUNDLE", "INPUTS"), help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.n1, args.n64 = 3, 40, 256
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.child:
+        r = measure(args.child[0], args.child[1], batches, args.repeats, args.n1, args.n64, VARIANTS[args.variant])
+        print(json.dumps(r))
+        return 0
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    families = [f for f in args.families.split(",") if f]
+    prepared = {}
+    for fam in families:
+        model = ensure_model(fam, work, log)
+        prepared[fam] = (model, ensure_bundle(model, log), test_inputs(model, work))
+    if args.prepare_only:
+        return 0
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    res = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix()] + (argv or sys.argv[1:])),
+           "machine": machine(), "repeats": args.repeats, "load_before": load_before, "data": DATA, "lambda": LAMBDA,
+           "definitions": "DESIGN.md 'Definitions'", "goal": "efficiency >= 0.95 at batch 1 and 64", "families": {}}
+    for fam, (model, bundle, inputs) in prepared.items():
+        log(f"measuring {fam} ({', '.join(map(str, batches))})")
+        r = run_child(bundle, inputs, "default", args)
+        man = json.loads((bundle / "manifest.json").read_text())
+        r["model"] = MODELS[fam]
+        r["stages"] = len(man["stages"])
+        r["exit_cost"] = man["exits"]["cost"]
+        res["families"][fam] = r
+        for key in (k for k in r if k.startswith("batch_")):
+            b = r[key]
+            log(f"  {fam} {key}: efficiency {b['efficiency']:.3f}, realized {b['realized_speedup']:.2f}x, vs plain "
+                f"{b['speedup_vs_plain']:.2f}x, overhead {b['overhead_us_per_boundary']:.1f} us/boundary")
+    variants = [v for v in args.variants.split(",") if v]
+    if variants and args.variants_family in prepared:
+        res["variants_family"] = args.variants_family
+        res["variants"] = {}
+        model, bundle, inputs = prepared[args.variants_family]
+        for v in variants:
+            log(f"variant {v}")
+            res["variants"][v] = run_child(bundle, inputs, v, args)
+    res["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    log(f"wrote {out} and {out.with_suffix('.md')}")
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

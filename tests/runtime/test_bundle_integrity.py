@@ -1,0 +1,204 @@
+"""Runtime.load refuses damaged, altered, escaping or incompatible bundles with a clear BundleError."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from jei_edge.errors import BundleError
+from jei_edge.runtime import Bundle, Runtime
+from jei_edge.runtime.bundle import MANIFEST
+from jei_edge.runtime.onnx_scan import scan_onnx_bytes, scan_onnx_file
+from tests.runtime.helpers import model_inputs, rehash
+
+
+@pytest.fixture
+def copy(vit_bundle, tmp_path):
+    dst = tmp_path / "b.jei"
+    shutil.copytree(vit_bundle, dst)
+    return dst
+
+
+def _manifest(b):
+    return json.loads((b / MANIFEST).read_text())
+
+
+def _write_manifest(b, m):
+    (b / MANIFEST).write_text(json.dumps(m))
+
+
+def test_intact_copy_loads_and_runs(copy):
+    rt = Runtime.load(copy)
+    assert rt.run(model_inputs(3)).probs.shape == (3, 5)
+    assert Bundle.open(copy).verify() == []
+
+
+def test_altered_file(copy):
+    p = copy / "stages" / "stage1.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"stages/stage1.onnx' does not match its sha256"):
+        Runtime.load(copy)
+
+
+def test_truncated_missing_and_extra_files(copy):
+    (copy / "plain.onnx").write_bytes(b"")
+    with pytest.raises(BundleError, match="plain.onnx' has size 0"):
+        Runtime.load(copy)
+    (copy / "plain.onnx").unlink()
+    with pytest.raises(BundleError, match="plain.onnx' listed in the manifest is missing"):
+        Runtime.load(copy)
+
+
+def test_unlisted_file(copy):
+    (copy / "stages" / "evil.onnx").write_bytes(b"x")
+    with pytest.raises(BundleError, match="evil.onnx' is in the bundle but not in its manifest"):
+        Runtime.load(copy)
+
+
+@pytest.mark.parametrize("version,match", [(99, "schema version 99; this jei-edge reads up to 1"),
+                                           (0, "invalid schema_version"), ("1", "invalid schema_version")])
+def test_schema_version(copy, version, match):
+    m = _manifest(copy)
+    m["schema_version"] = version
+    _write_manifest(copy, m)
+    with pytest.raises(BundleError, match=match):
+        Runtime.load(copy)
+
+
+def test_not_a_bundle(tmp_path, copy):
+    with pytest.raises(BundleError, match="does not exist"):
+        Runtime.load(tmp_path / "nope.jei")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleError, match="not a directory"):
+        Runtime.load(tmp_path / "file")
+    (copy / MANIFEST).write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Runtime.load(copy)
+    (copy / MANIFEST).write_text(json.dumps({"schema": "other"}))
+    with pytest.raises(BundleError, match="schema tag missing"):
+        Runtime.load(copy)
+    (copy / MANIFEST).unlink()
+    with pytest.raises(BundleError, match="has no manifest.json"):
+        Runtime.load(copy)
+
+
+@pytest.mark.parametrize("bad", ["../outside.onnx", "/etc/passwd", "stages/../../x", "a\\b", "./plain.onnx", ""])
+def test_paths_escaping_the_bundle(copy, bad):
+    m = _manifest(copy)
+    m["files"][bad] = {"sha256": "0" * 64, "size": 1}
+    _write_manifest(copy, m)
+    with pytest.raises(BundleError, match="path|leaves the bundle|absolute"):
+        Runtime.load(copy)
+
+
+def test_stage_reference_not_listed(copy):
+    m = _manifest(copy)
+    m["stages"][0]["file"] = "stages/other.onnx"
+    _write_manifest(copy, m)
+    with pytest.raises(BundleError, match="refers to 'stages/other.onnx', which is not in its file list"):
+        Runtime.load(copy)
+
+
+def test_symlink_out_of_the_bundle(copy, tmp_path):
+    outside = tmp_path / "outside.onnx"
+    shutil.copyfile(copy / "stages" / "stage2.onnx", outside)
+    (copy / "stages" / "stage2.onnx").unlink()
+    os.symlink(outside, copy / "stages" / "stage2.onnx")
+    with pytest.raises(BundleError, match="outside the bundle"):
+        Runtime.load(copy)
+
+
+def _with_external_data(copy, location):
+    """Rewrite stage 0 so its largest initializer lives in external data at ``location``."""
+    import onnx
+
+    path = copy / "stages" / "stage0.onnx"
+    model = onnx.load(str(path))
+    big = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    data = big.raw_data
+    big.ClearField("raw_data")
+    big.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", str(len(data)))):
+        e = big.external_data.add()
+        e.key, e.value = k, v
+    onnx.save(model, str(path))
+    return data
+
+
+def test_external_data_outside_the_bundle(copy, tmp_path):
+    data = _with_external_data(copy, "../../leak.bin")
+    (tmp_path / "leak.bin").write_bytes(data)
+    rehash(copy)
+    with pytest.raises(BundleError, match=r"external data of 'stages/stage0.onnx'.*leaves the bundle"):
+        Runtime.load(copy)
+
+
+def test_external_data_inside_the_bundle_must_be_listed(copy):
+    data = _with_external_data(copy, "weights.bin")
+    (copy / "stages" / "weights.bin").write_bytes(data)
+    m = _manifest(copy)
+    rehash(copy, exclude={"stages/weights.bin"})
+    with pytest.raises(BundleError):
+        Runtime.load(copy)
+    rehash(copy)
+    rt = Runtime.load(copy)  # listed and hashed: fine
+    assert rt.run(model_inputs(2)).probs.shape == (2, 5)
+    assert m["schema"]
+
+
+def test_unloadable_opset_gives_a_clear_error(copy):
+    import onnx
+
+    path = copy / "stages" / "stage1.onnx"
+    model = onnx.load(str(path))
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 99
+    onnx.save(model, str(path))
+    rehash(copy)
+    with pytest.raises(BundleError, match=r"stage 1 .*cannot be loaded by onnxruntime .*opset 99.*built with onnxruntime"):
+        Runtime.load(copy)
+
+
+def test_onnx_scan_matches_onnx(vit_bundle, copy, tmp_path):
+    import onnx
+
+    p = vit_bundle / "stages" / "stage0.onnx"
+    info = scan_onnx_file(p)
+    model = onnx.load(str(p))
+    assert info.ir_version == model.ir_version
+    assert info.opset == {o.domain: o.version for o in model.opset_import}[""]
+    assert info.external_locations == []
+    _with_external_data(copy, "w.bin")
+    assert scan_onnx_file(copy / "stages" / "stage0.onnx").external_locations == ["w.bin"]
+    with pytest.raises(ValueError):
+        scan_onnx_bytes(b"\x0a\xff\xff\xff")  # a length running past the end
+
+
+def test_verify_lists_every_problem(copy):
+    (copy / "report.txt").write_text("edited")
+    (copy / "extra").write_text("x")
+    problems = Bundle(copy, _manifest(copy)).verify()
+    assert any("report.txt" in p for p in problems) and any("'extra'" in p for p in problems)
+    with pytest.raises(BundleError, match=r"and 1 more problem"):
+        Bundle.open(copy)
+
+
+def test_runtime_settings_from_options(vit_bundle):
+    from jei_edge.errors import JeiEdgeError
+
+    x = model_inputs(20)
+    ref = Runtime.load(vit_bundle).run(x)
+    for opts in ({"io_binding": False}, {"allow_spinning": True}, {"intra_op_threads": 1}):
+        res = Runtime.load(vit_bundle, **opts).run(x)
+        assert np.array_equal(res.exit_index, ref.exit_index) and np.abs(res.probs - ref.probs).max() < 1e-6
+    with pytest.raises(JeiEdgeError, match="unknown onnxruntime option"):
+        Runtime.load(vit_bundle, threads=2)
+    with pytest.raises(JeiEdgeError, match="must be true/false"):
+        Runtime.load(vit_bundle, io_binding="yes")
+    with pytest.raises(JeiEdgeError, match="device must be"):
+        Runtime.load(vit_bundle, device="tpu")

@@ -1,0 +1,144 @@
+"""The CPU runtime (onnxruntime + numpy workspace) against PyTorch + the numpy exit rule."""
+
+import numpy as np
+import pytest
+
+from jei_edge.exit_rule import conformal_sets, exit_levels
+from jei_edge.model.checkpoint import load_checkpoint
+from jei_edge.runtime import Runtime
+from jei_edge.runtime.loop import StageExecutor, run_conditional
+from jei_edge.runtime.workspace import NumpyWorkspace, StageSpec, TensorSpec
+from tests.runtime.helpers import model_inputs, reference
+
+
+@pytest.fixture(params=["vit", "resnet"])
+def bundle(request, vit_bundle, resnet_bundle):
+    return {"vit": vit_bundle, "resnet": resnet_bundle}[request.param]
+
+
+def _model(bundle):
+    return load_checkpoint(bundle / "model.pt")[0]
+
+
+def test_exit_mode_matches_pytorch(bundle):
+    rt = Runtime.load(bundle)
+    x = model_inputs(400, seed=1)
+    levels, probs, _ = reference(_model(bundle), x)
+    res = rt.run(x)
+    assert np.array_equal(res.exit_index, levels)
+    assert np.abs(res.probs - probs).max() <= 1e-5
+    assert sum(np.bincount(levels) > 0) >= 3  # the model really spreads its exits
+    # reach: rows entering each stage = rows not yet exited
+    expect = [int((levels >= k).sum()) for k in range(len(res.reach))]
+    assert res.reach == expect and res.reach[0] == 400
+
+
+def test_full_mode_is_the_final_head(bundle):
+    rt = Runtime.load(bundle)
+    x = model_inputs(50, seed=2)
+    _, _, allp = reference(_model(bundle), x)
+    res = rt.run(x, mode="full")
+    assert (res.exit_index == rt.num_exits - 1).all()
+    assert res.reach == [50] * rt.bundle.num_stages
+    assert np.abs(res.probs - allp[:, -1]).max() <= 1e-5
+
+
+def test_offsets_batch_one_and_chunking(vit_bundle):
+    model = _model(vit_bundle)
+    rt = Runtime.load(vit_bundle, max_batch=16)
+    x = model_inputs(70, seed=3)
+    offs = [-0.15, 0.1, 0.05]
+    levels, probs, _ = reference(model, x, offs)
+    res = rt.run(x, offsets=offs)  # 70 rows in chunks of 16
+    assert np.array_equal(res.exit_index, levels) and np.abs(res.probs - probs).max() <= 1e-5
+    assert res.reach[0] == 70
+    one = [rt.run(x[i:i + 1], offsets=offs) for i in range(len(x))]
+    assert [int(r.exit_index[0]) for r in one] == levels.tolist()
+    assert np.abs(np.concatenate([r.probs for r in one]) - probs).max() <= 1e-5
+    assert all(r.reach == [1] * (int(levels[i]) + 1) for i, r in enumerate(one))
+
+
+def test_everyone_exits_at_stage_zero_or_nobody_exits(vit_bundle):
+    rt = Runtime.load(vit_bundle)
+    x = model_inputs(33, seed=4)
+    first = rt.run(x, offsets=[-10.0] * rt.num_gates)
+    assert (first.exit_index == 0).all() and first.reach == [33]
+    nobody = rt.run(x, offsets=[10.0] * rt.num_gates)
+    full = rt.run(x, mode="full")
+    assert (nobody.exit_index == rt.num_exits - 1).all() and nobody.reach == [33] * rt.bundle.num_stages
+    assert np.array_equal(nobody.probs, full.probs)
+
+
+def test_conformal_sets_from_the_manifest_table(vit_bundle):
+    rt = Runtime.load(vit_bundle)
+    res = rt.run(model_inputs(40, seed=5))
+    for j, alpha in enumerate(rt.alphas):
+        qhat = [row[j] for row in rt.manifest["exits"]["qhat"]]
+        expect = conformal_sets(res.probs, np.asarray(qhat)[res.exit_index])
+        assert np.array_equal(rt.conformal_sets(res, alpha), expect)
+
+
+def test_results_are_independent_of_previous_batches(vit_bundle):
+    rt = Runtime.load(vit_bundle)
+    a, b = model_inputs(64, seed=6), model_inputs(5, seed=7)
+    ra = rt.run(a)
+    rt.run(b)
+    again = rt.run(a)
+    assert np.array_equal(ra.exit_index, again.exit_index) and np.array_equal(ra.probs, again.probs)
+    ra.probs[:] = -1  # results own their arrays
+    assert (rt.run(b).probs >= 0).all()
+
+
+# -- the loop + workspace with a scripted executor: exact agreement with the numpy exit rule ---------
+class ScriptedExecutor(StageExecutor):
+    """Stage k sets gate = G[row, k] and probs = P[row, k], where the row id travels in the hidden state."""
+
+    def __init__(self, G, P):
+        self.G, self.P = G, P
+        self.num_stages = G.shape[1] + 1
+        self.calls = []
+
+    def execute(self, k, n, ws):
+        rows = ws.stage_input(k)[:n, 0].astype(np.int64)
+        self.calls.append((k, n))
+        outs = dict(ws.stage_outputs(k))
+        outs["probs"][:n] = self.P[rows, k]
+        if k < self.num_stages - 1:
+            outs["hidden_out"][:n, 0] = rows
+            outs["gate"][:n] = self.G[rows, k]
+
+
+def _scripted(n=500, gates=4, classes=3, seed=0, max_batch=512):
+    rng = np.random.default_rng(seed)
+    G = rng.random((n, gates)).astype(np.float32)
+    G[::11, 0] = 0.5  # exact ties at the first threshold (S = 0 -> 0.5): g >= threshold exits
+    P = rng.random((n, gates + 1, classes)).astype(np.float32)
+    P /= P.sum(-1, keepdims=True)
+    spec = lambda name: TensorSpec(name, (1,))  # noqa: E731
+    stages = [StageSpec(k, k, spec("x" if k == 0 else "hidden_in"),
+                        (spec("hidden_out"), TensorSpec("probs", (classes,)), TensorSpec("gate", ())))
+              for k in range(gates)]
+    stages.append(StageSpec(gates, gates, spec("hidden_in"), (TensorSpec("probs", (classes,)),)))
+    return G, P, NumpyWorkspace(stages, classes, max_batch)
+
+
+@pytest.mark.parametrize("offsets", [None, [0.1, -0.2, 0.0, 0.3], [-1, -1, -1, -1], [1, 1, 1, 1]])
+def test_workspace_matches_exit_levels_exactly(offsets):
+    G, P, ws = _scripted()
+    ex = ScriptedExecutor(G, P)
+    x = np.arange(len(G), dtype=np.float32)[:, None]
+    res = run_conditional(ex, ws, x, "exit", offsets)
+    levels = exit_levels(G, offsets)
+    assert np.array_equal(res.exit_index, levels)
+    assert np.array_equal(res.probs, P[np.arange(len(G)), levels])
+    assert res.reach == [int((levels >= k).sum()) for k in range(len(res.reach))]
+    assert [n for _, n in ex.calls] == res.reach  # each stage ran on the live rows only
+    full = run_conditional(ScriptedExecutor(G, P), ws, x, "full")
+    assert (full.exit_index == G.shape[1]).all() and np.array_equal(full.probs, P[:, -1])
+
+
+def test_workspace_copies_a_non_contiguous_input():
+    G, P, ws = _scripted(n=50, max_batch=64)
+    x = np.arange(100, dtype=np.float32)[::2, None] / 2  # a strided view
+    res = run_conditional(ScriptedExecutor(G, P), ws, x, "exit")
+    assert np.array_equal(res.exit_index, exit_levels(G))
