@@ -132,6 +132,23 @@ def _folder(path: Path, input_shape) -> RawData:
     return RawData(transforms.load_images(paths, input_shape), labels, names, str(path))
 
 
+def default_input_shape(source: str) -> Tuple[int, int, int]:
+    """The input shape ``load_raw(source)`` gives when none is requested."""
+    source = (source or "").strip()
+    if source == "digits":
+        return DIGITS_SHAPE
+    if source == "synthetic" or source.startswith("synthetic:"):
+        from jei_edge.data.synthetic import parse_synthetic
+
+        spec = parse_synthetic(source.partition(":")[2])
+        return (spec.channels, spec.size, spec.size)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        paths, _, _ = transforms.list_image_folder(path)
+        return (transforms.image_channels(paths[0]), FOLDER_SIZE, FOLDER_SIZE)
+    return tuple(int(v) for v in load_raw(source).x.shape[1:])
+
+
 def load_raw(source: str, input_shape: Optional[Sequence[int]] = None) -> RawData:
     """Load a data source (see the module docstring) as raw [0, 1] arrays at ``input_shape``."""
     if not isinstance(source, str) or not source.strip():

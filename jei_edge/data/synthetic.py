@@ -2,15 +2,15 @@
 
 Each class has a smooth prototype pattern (a few Gaussian blobs of random sign). A sample is its
 class prototype, randomly shifted, blended with the prototype of a random *other* class and
-covered in pixel noise::
+covered in pixel noise, both scaled by a per-sample difficulty ``d ~ U(0, 1)``::
 
-    x = 0.5 + contrast * ((1 - h) * P_y + h * P_z) + noise * N(0, 1),   clipped to [0, 1]
+    x = 0.5 + contrast * ((1 - hard*d) * P_y + hard*d * P_z) + noise*d * N(0, 1),   clipped to [0, 1]
 
-``h`` (the per-sample hardness) is drawn uniformly from ``[0, hard]``: samples with small ``h``
-are easy (an early exit gets them right), those near ``hard`` are ambiguous and need the deeper
-blocks, so exits spread over depth. Options (``synthetic:key=value,...``):
+Samples with small ``d`` are clean (an early exit gets them right), those with ``d`` near 1 are
+noisy and ambiguous and need the deeper blocks, so exits spread over depth. Options
+(``synthetic:key=value,...``)::
 
-    n=4000 classes=10 size=16 channels=1 hard=0.45 noise=0.25 contrast=0.25 shift=2 blobs=4 seed=0
+    n=4000 classes=10 size=16 channels=1 hard=0.3 noise=0.25 contrast=0.25 shift=2 blobs=4 seed=0
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class SyntheticSpec:
     classes: int = 10
     size: int = 16
     channels: int = 1
-    hard: float = 0.45
+    hard: float = 0.3
     noise: float = 0.25
     contrast: float = 0.25
     shift: int = 2
@@ -91,19 +91,21 @@ def _prototypes(spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_synthetic(spec: SyntheticSpec) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Generate ``(x01 [n, C, size, size] float32, y [n] int64, hardness [n] float32)``, deterministic in seed."""
+    """Generate ``(x01 [n, C, size, size] float32, y [n] int64, difficulty [n] float32)``, deterministic in seed."""
     rng = np.random.default_rng(spec.seed)
     protos = _prototypes(spec, rng)
     n = spec.n
     y = np.arange(n) % spec.classes
     rng.shuffle(y)
     other = (y + rng.integers(1, spec.classes, size=n)) % spec.classes
-    h = rng.uniform(0.0, spec.hard, size=n) if spec.hard > 0 else np.zeros(n)
+    d = rng.uniform(0.0, 1.0, size=n)
+    h = spec.hard * d
     sig = (1.0 - h)[:, None, None, None] * protos[y] + h[:, None, None, None] * protos[other]
     if spec.shift:
         dy = rng.integers(-spec.shift, spec.shift + 1, size=n)
         dx = rng.integers(-spec.shift, spec.shift + 1, size=n)
         for i in range(n):
             sig[i] = np.roll(sig[i], (dy[i], dx[i]), axis=(1, 2))
-    x = 0.5 + spec.contrast * sig + spec.noise * rng.standard_normal(sig.shape)
-    return np.clip(x, 0.0, 1.0).astype(np.float32), y.astype(np.int64), h.astype(np.float32)
+    noise = (spec.noise * d)[:, None, None, None] * rng.standard_normal(sig.shape)
+    x = 0.5 + spec.contrast * sig + noise
+    return np.clip(x, 0.0, 1.0).astype(np.float32), y.astype(np.int64), d.astype(np.float32)

@@ -4,9 +4,15 @@ JEI-DNN reference defaults (../shared/JEI-DNN.md) are used where it names one: I
 patience 2 and at most 6 epochs; bi-level phase with SGD lr 0.01, momentum 0.9, weight decay 5e-4,
 cosine to 2e-4, batch 64, lambda 0.7, pos_weight cap 5, plain mean-CE classifier loss. The
 reference fine-tunes an ImageNet-pretrained backbone; here the backbone trains from scratch
-(AdamW + cosine, the usual recipe for a small ViT/CNN) unless ``backbone_weights`` is given.
+(AdamW + cosine and random-translation augmentation, the usual recipe for a small ViT/CNN; on
+small data sets a backbone trained without augmentation memorises the training split, and its IMs
+then look far more confident on training data than anywhere else) unless ``backbone_weights``
+is given.
 The reference switches GATE/CLASSIFIER every 200 batches; a small data set has far fewer batches
-an epoch, so the default switches every half epoch (capped at 200 batches).
+an epoch, so the default switches every half epoch (capped at 200 batches). The reference's 10-20
+CIFAR epochs are 7,000-14,000 batches; 15 epochs of a small data set are a few hundred, too few
+for the gates to converge (measured: they stay near their initialisation and send almost every
+sample to one exit), so the bi-level phase runs at least ``min_steps`` batches.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ class TrainConfig:
     backbone_epochs: int = 40
     backbone_lr: float = 2e-3
     backbone_weight_decay: float = 0.05
+    augment_shift: int = 1  # random translation (pixels) of backbone training images; 0 = none
     # phase 2: IM warm-up (weighted CE, per-IM early stopping on validation accuracy)
     im_epochs: int = 6
     im_patience: int = 2
     im_lr: float = 0.01
     # phase 3: bi-level GATE / CLASSIFIER alternation
     epochs: int = 15
+    min_steps: int = 6000  # at least this many bi-level batches (more epochs on small data sets)
     lr: float = 0.01
     lr_min: float = 2e-4
     momentum: float = 0.9
@@ -59,7 +67,7 @@ class TrainConfig:
         for name in ("batch_size", "im_patience"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
-        for name in ("backbone_epochs", "im_epochs", "epochs"):
+        for name in ("backbone_epochs", "im_epochs", "epochs", "min_steps", "augment_shift"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         for name in ("backbone_lr", "im_lr", "lr"):

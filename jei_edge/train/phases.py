@@ -76,8 +76,8 @@ def train_backbone(model, cfg: TrainConfig, xtr, ytr, xval, yval, gen: torch.Gen
         for idx in _order(len(x), gen, cfg.batch_size):
             set_lr(step)
             step += 1
-            probs_logits = plain.head(_blocks(plain, x[idx]))
-            loss = F.cross_entropy(probs_logits, y[idx])
+            logits = plain.head(_blocks(plain, random_shift(x[idx], cfg.augment_shift, gen)))
+            loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -91,6 +91,19 @@ def train_backbone(model, cfg: TrainConfig, xtr, ytr, xval, yval, gen: torch.Gen
     model.load_state_dict(best_state)
     record["best_val_accuracy"] = best_acc
     return record
+
+
+def random_shift(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by a random integer offset in ``[-shift, shift]`` (edge pixels repeated)."""
+    if shift <= 0:
+        return x
+    b, _, h, w = x.shape
+    xp = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    oy = torch.randint(0, 2 * shift + 1, (b,), generator=gen)
+    ox = torch.randint(0, 2 * shift + 1, (b,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h)[None, :])[:, :, None]
+    cols = (ox[:, None] + torch.arange(w)[None, :])[:, None, :]
+    return xp[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def _blocks(plain, x):
@@ -192,18 +205,19 @@ def bilevel(model, cfg: TrainConfig, ftr: FrozenFeatures, ytr, fval: FrozenFeatu
     costs_t = torch.tensor(costs["cost"], dtype=torch.float32)
     val = validation_pass(model, fval, yval, costs, cfg.lam, cfg.pos_weight_cap)
     record: Dict = {"validation": [val], "switch_every": None}
-    if G == 0 or cfg.epochs == 0:
+    if G == 0 or (cfg.epochs == 0 and cfg.min_steps == 0):
         return record
     steps = math.ceil(ftr.n / cfg.batch_size)
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps))
     switch = cfg.switch_every or max(1, min(200, steps // 2))
-    record["switch_every"] = switch
+    record["switch_every"], record["epochs"] = switch, epochs
     params = list(model.ims.parameters()) + list(model.gates.parameters())
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    set_lr = _cosine(opt, cfg.epochs * steps, cfg.lr_min)
-    bar = _bar(cfg.epochs * steps, f"bi-level (lambda={cfg.lam:g})", progress)
+    set_lr = _cosine(opt, epochs * steps, cfg.lr_min)
+    bar = _bar(epochs * steps, f"bi-level (lambda={cfg.lam:g})", progress)
     step = 0
     losses = {"gate": float("nan"), "clf": float("nan")}
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         heads_train_mode(model, True)
         pw = torch.tensor(val["pos_weights"], dtype=torch.float32)
         for b, idx in enumerate(_order(ftr.n, gen, cfg.batch_size)):
@@ -230,6 +244,10 @@ def bilevel(model, cfg: TrainConfig, ftr: FrozenFeatures, ytr, fval: FrozenFeatu
             bar.set_postfix(epoch=epoch + 1, gate=f"{losses['gate']:.3f}", clf=f"{losses['clf']:.3f}",
                             val_acc=f"{val['accuracy']:.3f}", cost=f"{val['mean_cost']:.3f}")
         val = validation_pass(model, fval, yval, costs, cfg.lam, cfg.pos_weight_cap)
+        val["epoch"] = epoch + 1
         record["validation"].append(val)
     bar.close()
+    hist = record["validation"]  # keep ~20 evenly spaced passes (always the first and the last)
+    keep = sorted(set(np.linspace(0, len(hist) - 1, min(len(hist), 20)).round().astype(int).tolist()))
+    record["validation"] = [hist[i] for i in keep]
     return record
