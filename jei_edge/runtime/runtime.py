@@ -68,6 +68,7 @@ class Runtime:
         self.workspace = workspace
         self.max_batch = int(max_batch)
         self.device = device
+        self._input_shape = tuple(bundle.input_shape)
         if executor.num_stages != bundle.num_stages:
             raise BundleError(f"backend built {executor.num_stages} stages, the manifest has {bundle.num_stages}")
 
@@ -134,7 +135,7 @@ class Runtime:
         """
         check_mode(mode)
         offs = check_offsets(offsets, self.num_gates)
-        x = check_batch(x, self.input_shape)
+        x = check_batch(x, self._input_shape)
         b = x.shape[0]
         if b == 0:
             return Results(probs=np.zeros((0, self.manifest["num_classes"]), np.float32),

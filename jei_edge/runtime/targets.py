@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Tuple
 from jei_edge.errors import JeiEdgeError
 
 try:  # Python >= 3.11
-    import tomllib as _toml
+    import tomllib as _toml  # novermin (tomli below on 3.10)
 except ImportError:  # pragma: no cover - Python 3.10
     import tomli as _toml  # type: ignore[no-redef]
 

@@ -24,7 +24,11 @@ _FLOATS = (np.float16, np.float32, np.float64)
 
 def check_batch(x, input_shape: Sequence[int], what: str = "input") -> np.ndarray:
     """Return ``x`` as a C-contiguous float32 ``[B, C, H, W]`` array or raise ``InputError``."""
-    expected = tuple(int(d) for d in input_shape)
+    expected = tuple(input_shape)
+    if (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape[1:] == expected and x.ndim == len(expected) + 1
+            and x.flags.c_contiguous and np.isfinite(x).all()):
+        return x  # the common case, checked cheaply (batch-1 streaming calls this per sample)
+    expected = tuple(int(d) for d in expected)
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)
@@ -45,7 +49,7 @@ def check_batch(x, input_shape: Sequence[int], what: str = "input") -> np.ndarra
                          hint="resize to the model's input size (see `jei-edge inspect BUNDLE`)")
     if x.dtype != np.float32:
         x = x.astype(np.float32)
-    if x.shape[0]:
+    if x.shape[0] and not np.isfinite(x).all():
         finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
         if not finite.all():
             bad = np.flatnonzero(~finite)

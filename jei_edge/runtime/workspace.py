@@ -102,9 +102,19 @@ class NumpyWorkspace(Workspace):
 
     def exit_and_compact(self, k: int, n: int, delta: float, early_exit: bool) -> int:
         out = self._out[k]
-        g = out["gate"][:n]
-        S = self._S[:n]
+        g = out["gate"]
         hidden = out["hidden_out"]
+        if early_exit and n == 1:  # batch-1 streaming: scalar decision, no index arrays
+            if exit_mask(g[0], self._S[0], delta):
+                row = 0 if self._identity else int(self._idx[0])
+                self._probs[row] = out["probs"][0]
+                self._exit[row] = self.stages[k].exit
+                return 0
+            self._S[0] += g[0]
+            self._in[k + 1] = hidden
+            return 1
+        g = g[:n]
+        S = self._S[:n]
         if early_exit:
             mask = exit_mask(g, S, delta)
             if mask.any():
@@ -115,13 +125,14 @@ class NumpyWorkspace(Workspace):
                 keep = np.flatnonzero(~mask)
                 m = int(keep.size)
                 if m:
+                    # mode="clip": indices are valid, and numpy buffers `out` for the default "raise"
                     np.add(S, g, out=self._S_tmp[:n])
-                    np.take(self._S_tmp[:n], keep, out=self._S_alt[:m])
-                    np.take(self._idx[:n], keep, out=self._idx_alt[:m])
+                    np.take(self._S_tmp[:n], keep, out=self._S_alt[:m], mode="clip")
+                    np.take(self._idx[:n], keep, out=self._idx_alt[:m], mode="clip")
                     self._S, self._S_alt = self._S_alt, self._S
                     self._idx, self._idx_alt = self._idx_alt, self._idx
                     nxt = self._own_in[k + 1]
-                    np.take(hidden[:n], keep, axis=0, out=nxt[:m])
+                    np.take(hidden[:n], keep, axis=0, out=nxt[:m], mode="clip")
                     self._in[k + 1] = nxt
                     self._identity = False
                 return m

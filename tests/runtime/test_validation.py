@@ -1,0 +1,63 @@
+"""Runtime.run input policy: clear InputErrors, never a crash inside onnxruntime."""
+
+import numpy as np
+import pytest
+
+from jei_edge.errors import InputError
+from jei_edge.runtime import Runtime
+from tests.runtime.helpers import model_inputs
+
+
+@pytest.fixture(scope="module")
+def rt(vit_bundle):
+    return Runtime.load(vit_bundle)
+
+
+@pytest.mark.parametrize("x,match", [
+    (np.zeros((1, 8, 8), np.float32), r"one sample without a batch axis.*x\[None\]"),
+    (np.zeros((2, 1, 8), np.float32), "rank 3"),
+    (np.zeros((2, 1, 8, 8, 1), np.float32), "rank 5"),
+    (np.zeros((2, 1, 9, 8), np.float32), r"expects \[B, 1, 8, 8\]"),
+    (np.zeros((2, 3, 8, 8), np.float32), r"expects \[B, 1, 8, 8\]"),
+    (np.zeros((2, 1, 8, 8), np.int64), "dtype int64"),
+    (np.zeros((2, 1, 8, 8), bool), "dtype bool"),
+    (np.array([["a"]]), "dtype <U1"),
+])
+def test_bad_shapes_and_dtypes(rt, x, match):
+    with pytest.raises(InputError, match=match):
+        rt.run(x)
+
+
+def test_non_finite_rows_are_named(rt):
+    x = model_inputs(10)
+    x[3, 0, 1, 1] = np.nan
+    x[7, 0, 0, 0] = np.inf
+    with pytest.raises(InputError, match=r"2 row\(s\) \(rows 3, 7\)"):
+        rt.run(x)
+
+
+def test_empty_batch_gives_empty_results(rt):
+    res = rt.run(np.zeros((0, 1, 8, 8), np.float32))
+    assert res.probs.shape == (0, 5) and res.exit_index.shape == (0,) and res.reach == []
+
+
+def test_float64_lists_and_views_are_accepted(rt):
+    x = model_inputs(6)
+    ref = rt.run(x)
+    for variant in (x.astype(np.float64), x.astype(np.float16).astype(np.float32), x.tolist()):
+        res = rt.run(variant)
+        assert res.exit_index.shape == (6,)
+    res = rt.run(np.asfortranarray(x))
+    assert np.array_equal(res.exit_index, ref.exit_index)
+
+
+@pytest.mark.parametrize("offsets,match", [([0.1], "one value per gated exit \\(3\\)"),
+                                           ([0, np.nan, 0], "finite"), ("abc", "not numbers")])
+def test_bad_offsets(rt, offsets, match):
+    with pytest.raises(InputError, match=match):
+        rt.run(model_inputs(2), offsets=offsets)
+
+
+def test_bad_mode(rt):
+    with pytest.raises(InputError, match="mode must be one of"):
+        rt.run(model_inputs(2), mode="fast")
