@@ -57,11 +57,15 @@ def _summary(ckpt: dict, path) -> str:
 @click.option("--lambda", "lam", type=float, default=0.7, show_default=True,
               help="Accuracy/cost trade-off of the gate targets (larger: cheaper, earlier exits).")
 @click.option("--epochs", type=int, default=None, help="Bi-level GATE/CLASSIFIER epochs (default 15).")
+@click.option("--min-steps", type=int, default=None,
+              help="At least this many bi-level batches (default 6000; small data sets get more epochs).")
 @click.option("--backbone-epochs", type=int, default=None, help="Backbone epochs (default 40; 0 keeps the weights).")
 @click.option("--im-epochs", type=int, default=None, help="Max IM warm-up epochs (default 6).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (default 64).")
 @click.option("--classifier-loss", type=click.Choice(["mean", "gate_weighted"]), default=None,
               help="CLASSIFIER-phase loss (default mean, the reference's effective loss).")
+@click.option("--threads", type=int, default=None,
+              help="torch CPU threads while training (default: torch's; 1 is best on a busy machine).")
 @click.option("--img-size", type=int, default=None,
               help="Resize inputs to this square size (default: the data's own; digits 16).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="model.pt", show_default=True,
@@ -69,8 +73,8 @@ def _summary(ckpt: dict, path) -> str:
 @seed_option
 @json_option
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def train(data, backbone, backbone_opts, backbone_weights, exits, lam, epochs, backbone_epochs, im_epochs,
-          batch_size, classifier_loss, img_size, output, seed, as_json, no_progress):
+def train(data, backbone, backbone_opts, backbone_weights, exits, lam, epochs, min_steps, backbone_epochs, im_epochs,
+          batch_size, classifier_loss, threads, img_size, output, seed, as_json, no_progress):
     """Train a JEI-DNN (backbone, IM warm-up, bi-level gates/IMs) and calibrate its conformal sets.
 
     \b
@@ -93,8 +97,8 @@ def train(data, backbone, backbone_opts, backbone_weights, exits, lam, epochs, b
             raise JeiEdgeError(f"--exits '{exits}' is not a comma-separated list of block indices") from exc
     cfg = with_overrides(TrainConfig(backbone=backbone, backbone_kwargs=kwargs, exits=exit_list, lam=lam, seed=seed,
                                      backbone_weights=backbone_weights),
-                         epochs=epochs, backbone_epochs=backbone_epochs, im_epochs=im_epochs, batch_size=batch_size,
-                         classifier_loss=classifier_loss).validate()
+                         epochs=epochs, min_steps=min_steps, backbone_epochs=backbone_epochs, im_epochs=im_epochs, batch_size=batch_size,
+                         classifier_loss=classifier_loss, threads=threads).validate()
     shape = None
     size = img_size or kwargs.get("img_size")
     if size is not None or "in_chans" in kwargs:

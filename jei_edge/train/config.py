@@ -55,6 +55,9 @@ class TrainConfig:
     switch_every: Optional[int] = None  # batches per phase; None = half an epoch (<= 200)
     classifier_loss: str = "mean"
     pos_weight_cap: float = 5.0
+    # torch intra-op threads while training (None: torch's default). Small models gain little from
+    # several threads, and on a busy machine spinning threads make training many times slower.
+    threads: Optional[int] = None
     # frozen-backbone feature cache for phases 2-3 (recomputed per batch above this size)
     cache_limit_mb: int = 1024
 
@@ -75,6 +78,8 @@ class TrainConfig:
                 problems.append(f"{name} must be > 0")
         if self.classifier_loss not in CLASSIFIER_LOSSES:
             problems.append(f"classifier_loss must be one of {CLASSIFIER_LOSSES}")
+        if self.threads is not None and self.threads < 1:
+            problems.append("threads must be >= 1")
         if self.switch_every is not None and self.switch_every < 1:
             problems.append("switch_every must be >= 1")
         if problems:

@@ -8,6 +8,7 @@ measured histograms); on ``digits`` most samples leave at the first exits for la
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict
@@ -87,6 +88,20 @@ def calibrate(model, data: DataSplits, batch_size: int = 512, alphas=ALPHAS) -> 
             "split_size": int(len(data.calib))}
 
 
+@contextmanager
+def torch_threads(n):
+    """Temporarily run torch with ``n`` intra-op threads (no-op for None)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_jei(cfg: TrainConfig, data: DataSplits, progress: bool = True) -> Dict:
     """Train a JEI-DNN on ``data`` and return its calibrated checkpoint dict.
 
@@ -99,6 +114,12 @@ def train_jei(cfg: TrainConfig, data: DataSplits, progress: bool = True) -> Dict
     Returns:
         ``make_checkpoint(...)`` dict, ready for ``save_checkpoint(path, checkpoint=ckpt)``.
     """
+    cfg = cfg.validate()
+    with torch_threads(cfg.threads):
+        return _train(cfg, data, progress)
+
+
+def _train(cfg: TrainConfig, data: DataSplits, progress: bool) -> Dict:
     import torch
 
     from jei_edge.model.checkpoint import make_checkpoint
@@ -106,7 +127,6 @@ def train_jei(cfg: TrainConfig, data: DataSplits, progress: bool = True) -> Dict
     from jei_edge.train import phases
     from jei_edge.train.features import FrozenFeatures, freeze_backbone
 
-    cfg = cfg.validate()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
