@@ -67,6 +67,9 @@ def eval_command(model, data, seed, split, offsets, batch_size, as_json):
         raise JeiEdgeError(f"'{model}' does not record its training data", hint="pass --data SOURCE")
     split_seed = seed if seed is not None else int(record.get("split_seed", 0))
     splits = load_data(source, seed=split_seed, preprocessing=ckpt["preprocessing"])
+    if splits.class_names != [str(c) for c in ckpt["class_names"]]:
+        raise JeiEdgeError(f"data '{source}' has classes {splits.class_names[:10]}, the model was trained on "
+                           f"{ckpt['class_names'][:10]}", hint="evaluate on data with the same classes")
     if split != "test":
         splits = replace(splits, test=splits.split(split))
     n_gates = len(ckpt["exits"]["positions"])

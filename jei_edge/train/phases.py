@@ -82,7 +82,7 @@ def train_backbone(model, cfg: TrainConfig, xtr, ytr, xval, yval, gen: torch.Gen
             loss.backward()
             opt.step()
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", val_acc=f"{best_acc:.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", val_acc=f"{best_acc:.3f}", refresh=False)
         acc = _plain_accuracy(model, xv, yv)
         record["val_accuracy"].append(acc)
         if acc > best_acc:
@@ -142,7 +142,7 @@ def warmup_ims(model, cfg: TrainConfig, ftr: FrozenFeatures, ytr, fval: FrozenFe
             loss.backward()
             opt.step()
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", active=sum(active))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", active=sum(active), refresh=False)
         logits, _ = exit_outputs(model, fval)
         accs = (logits[:, :G].argmax(-1) == yval[:, None]).mean(0).tolist()
         record["val_accuracy"].append(accs)
@@ -242,7 +242,7 @@ def bilevel(model, cfg: TrainConfig, ftr: FrozenFeatures, ytr, fval: FrozenFeatu
             losses["gate" if gate_phase else "clf"] = loss.item()
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, gate=f"{losses['gate']:.3f}", clf=f"{losses['clf']:.3f}",
-                            val_acc=f"{val['accuracy']:.3f}", cost=f"{val['mean_cost']:.3f}")
+                            val_acc=f"{val['accuracy']:.3f}", cost=f"{val['mean_cost']:.3f}", refresh=False)
         val = validation_pass(model, fval, yval, costs, cfg.lam, cfg.pos_weight_cap)
         val["epoch"] = epoch + 1
         record["validation"].append(val)

@@ -40,7 +40,11 @@ def build_jei_model(cfg: TrainConfig, data: DataSplits):
 
     config = {"backbone": cfg.backbone, "backbone_kwargs": _backbone_kwargs(cfg, data),
               "exits": list(cfg.exits) if cfg.exits is not None else None}
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except ValueError as exc:  # a factory rejecting its options (e.g. img_size not a multiple of patch)
+        raise JeiEdgeError(f"backbone '{cfg.backbone}' with {config['backbone_kwargs']}: {exc}",
+                           hint="adjust --backbone-opt / --img-size") from exc
     if tuple(model.input_shape) != tuple(data.input_shape):
         raise JeiEdgeError(f"backbone '{cfg.backbone}' expects inputs {model.input_shape}, the data gives "
                            f"{data.input_shape}", hint="load the data at the backbone's input shape")

@@ -106,3 +106,10 @@ def test_eval_errors(tmp_path, capsys):
     bad.write_bytes(b"garbage")
     assert main(["eval", str(bad)]) == 2
     assert "cannot be loaded" in capsys.readouterr().err
+
+
+def test_bad_backbone_options_and_class_mismatch(tmp_path, trained, capsys):
+    assert main(["train", *TINY, "--img-size", "10", "-o", str(tmp_path / "m.pt")]) == 2
+    assert "multiple of patch" in capsys.readouterr().err
+    assert main(["eval", str(trained), "--data", "digits"]) == 2
+    assert "same classes" in capsys.readouterr().err
