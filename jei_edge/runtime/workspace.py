@@ -2,10 +2,12 @@
 
 Buffers are allocated once for ``max_batch`` rows; a batch uses the first rows of each. At each
 boundary the exit rule (``jei_edge.exit_rule.exit_mask``, the one implementation) picks the rows
-that leave; they are written to their original output slots and the survivors' hidden state,
-running gate sum ``S`` and original index are compacted with ``np.take(..., out=)`` into the next
-stage's input buffer. When nobody exits (always in ``full`` mode) nothing is copied: the next
-stage reads the previous stage's ``hidden_out`` buffer directly.
+that leave; they are written to their original output slots, and the survivors are compacted **in
+place** in the stage's ``hidden_out`` buffer, which the next stage then reads as its input: the
+survivors found after row ``m`` (the survivor count) move into the holes the exited rows left in
+the first ``m`` rows, together with their running gate sum ``S`` and original index. At most
+``min(exited, survivors)`` rows move (none when nobody exits, always the case in ``full`` mode),
+instead of every survivor as an order-preserving gather would.
 """
 
 from __future__ import annotations
@@ -59,16 +61,14 @@ class NumpyWorkspace(Workspace):
         self.max_batch = int(max_batch)
         self.num_classes = int(num_classes)
         mb = self.max_batch
-        self._own_in = [np.empty((mb,) + s.input.shape, dtype=s.input.dtype) for s in self.stages]
+        # stage 0 reads the caller's array (or this copy of it); stage k > 0 reads stage k-1's hidden_out
+        self._x = np.empty((mb,) + self.stages[0].input.shape, dtype=self.stages[0].input.dtype)
         self._out: List[Dict[str, np.ndarray]] = [
             {o.name: np.empty((mb,) + o.shape, dtype=o.dtype) for o in s.outputs} for s in self.stages]
         self._out_list = [[(o.name, self._out[k][o.name]) for o in s.outputs] for k, s in enumerate(self.stages)]
-        self._in: List[np.ndarray] = list(self._own_in)  # current input array of each stage
+        self._in: List[np.ndarray] = [self._x] + [self._out[k]["hidden_out"] for k in range(len(self.stages) - 1)]
         self._S = np.zeros(mb, dtype=np.float64)
-        self._S_tmp = np.zeros(mb, dtype=np.float64)
-        self._S_alt = np.zeros(mb, dtype=np.float64)
         self._idx = np.zeros(mb, dtype=np.int64)
-        self._idx_alt = np.zeros(mb, dtype=np.int64)
         self._arange = np.arange(mb, dtype=np.int64)
         self._probs = np.zeros((mb, self.num_classes), dtype=np.float32)
         self._exit = np.zeros(mb, dtype=np.int64)
@@ -89,11 +89,11 @@ class NumpyWorkspace(Workspace):
         b = int(x.shape[0])
         if b > self.max_batch:
             raise ValueError(f"batch {b} > workspace max_batch {self.max_batch}")
-        if x.dtype == self._own_in[0].dtype and x.flags.c_contiguous:
+        if x.dtype == self._x.dtype and x.flags.c_contiguous:
             self._in[0] = x  # zero-copy: the caller keeps x alive for the call
         else:
-            self._own_in[0][:b] = x
-            self._in[0] = self._own_in[0]
+            self._x[:b] = x
+            self._in[0] = self._x
         self._S[:b] = 0.0
         self._idx[:b] = self._arange[:b]
         self._B = b
@@ -111,34 +111,33 @@ class NumpyWorkspace(Workspace):
                 self._exit[row] = self.stages[k].exit
                 return 0
             self._S[0] += g[0]
-            self._in[k + 1] = hidden
             return 1
         g = g[:n]
         S = self._S[:n]
-        if early_exit:
-            mask = exit_mask(g, S, delta)
-            if mask.any():
-                ex = np.flatnonzero(mask)
-                rows = ex if self._identity else self._idx[ex]
-                self._probs[rows] = out["probs"][ex]
-                self._exit[rows] = self.stages[k].exit
-                keep = np.flatnonzero(~mask)
-                m = int(keep.size)
-                if m:
-                    # mode="clip": indices are valid, and numpy buffers `out` for the default "raise"
-                    np.add(S, g, out=self._S_tmp[:n])
-                    np.take(self._S_tmp[:n], keep, out=self._S_alt[:m], mode="clip")
-                    np.take(self._idx[:n], keep, out=self._idx_alt[:m], mode="clip")
-                    self._S, self._S_alt = self._S_alt, self._S
-                    self._idx, self._idx_alt = self._idx_alt, self._idx
-                    nxt = self._own_in[k + 1]
-                    np.take(hidden[:n], keep, axis=0, out=nxt[:m], mode="clip")
-                    self._in[k + 1] = nxt
-                    self._identity = False
-                return m
-        np.add(S, g, out=S)
-        self._in[k + 1] = hidden  # nobody left: the next stage reads hidden_out as is
-        return n
+        if not early_exit:
+            np.add(S, g, out=S)
+            return n
+        mask = exit_mask(g, S, delta)
+        np.add(S, g, out=S)  # after the decision; S of exited rows is not used again
+        if not mask.any():
+            return n
+        ex = np.flatnonzero(mask)
+        rows = ex if self._identity else self._idx[ex]
+        self._probs[rows] = out["probs"][ex]
+        self._exit[rows] = self.stages[k].exit
+        m = n - int(ex.size)
+        if m:
+            # Compact by filling the holes that exited rows leave in the first m rows with the
+            # survivors found after row m: at most min(exited, survivors) rows move, and the
+            # original index travels with each row, so results still land in input order.
+            holes = ex[:np.searchsorted(ex, m)]
+            if holes.size:
+                fill = np.flatnonzero(~mask[m:]) + m
+                hidden[holes] = hidden[fill]
+                S[holes] = S[fill]
+                self._idx[holes] = self._idx[fill]  # begin() set idx = arange, so this is valid
+                self._identity = False
+        return m
 
     def finish(self, k: int, n: int) -> None:
         probs = self._out[k]["probs"][:n]
@@ -152,5 +151,5 @@ class NumpyWorkspace(Workspace):
 
     def collect(self, reach: List[int]) -> Results:
         b = self._B
-        self._in[0] = self._own_in[0]  # drop the reference to the caller's array
+        self._in[0] = self._x  # drop the reference to the caller's array
         return Results(probs=self._probs[:b].copy(), exit_index=self._exit[:b].copy(), reach=list(reach))
