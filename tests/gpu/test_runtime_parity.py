@@ -22,7 +22,6 @@ def bundle(torch_cuda, tmp_path_factory):
 
 
 def test_cuda_runtime_matches_cpu_runtime(bundle):
-    from jei_edge.exit_rule import exit_levels
     from jei_edge.runtime import Runtime
 
     cpu = Runtime.load(bundle, device="cpu", max_batch=128)

@@ -55,7 +55,7 @@ def set_tf32(torch, enabled: bool) -> None:
 class _Contiguous:
     """A stage module whose outputs are contiguous (the exit kernel reads rows by address)."""
 
-    def __init__(self, torch, module):
+    def __init__(self, module):
         self.module = module
 
     def __call__(self, x):
@@ -105,7 +105,7 @@ class TorchCudaExecutor(StageExecutor):
         self.device = torch.device("cuda", device_index)
         self.model = model.eval().to(self.device)
         self.num_stages = len(model.stage_ranges())
-        self.modules = [_Contiguous(torch, model.stage(k).eval()) for k in range(self.num_stages)]
+        self.modules = [_Contiguous(model.stage(k).eval()) for k in range(self.num_stages)]
         self.graphs_enabled = bool(graphs)
         self.graph_max_batch = int(graph_max_batch)
         self._buckets = tuple(sorted(set(int(b) for b in buckets))) if buckets else None
