@@ -145,18 +145,26 @@ class OrtStageExecutor(StageExecutor):
         self._in_names = [s.get_inputs()[0].name for s in self.sessions]
         self._out_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
         self._bindings = [s.io_binding() for s in self.sessions] if settings.io_binding else None
+        # what each binding points at now: bindings persist across runs, so unchanged ones are kept
+        self._bound_in: List[Optional[tuple]] = [None] * self.num_stages
+        self._bound_out: List[Optional[tuple]] = [None] * self.num_stages
 
     def execute(self, k: int, n: int, ws) -> None:
-        x = ws.stage_input(k)[:n]
+        x = ws.stage_input(k)
         outs = ws.stage_outputs(k)
         if self._bindings is not None:
             b = self._bindings[k]
-            b.bind_input(self._in_names[k], "cpu", 0, x.dtype, x.shape, x.ctypes.data)
-            for name, buf in outs:
-                v = buf[:n]
-                b.bind_output(name, "cpu", 0, v.dtype, v.shape, v.ctypes.data)
+            key = (x.ctypes.data, n)
+            if self._bound_in[k] != key:
+                b.bind_input(self._in_names[k], "cpu", 0, x.dtype, (n,) + x.shape[1:], key[0])
+                self._bound_in[k] = key
+            key = (tuple(buf.ctypes.data for _, buf in outs), n)
+            if self._bound_out[k] != key:
+                for name, buf in outs:
+                    b.bind_output(name, "cpu", 0, buf.dtype, (n,) + buf.shape[1:], buf.ctypes.data)
+                self._bound_out[k] = key
             self.sessions[k].run_with_iobinding(b)
         else:
-            res = self.sessions[k].run([name for name, _ in outs], {self._in_names[k]: x})
+            res = self.sessions[k].run([name for name, _ in outs], {self._in_names[k]: x[:n]})
             for (name, buf), r in zip(outs, res):
                 buf[:n] = r

@@ -101,8 +101,10 @@ def parse_offsets(text: Optional[str]) -> Optional[List[float]]:
         raise InputError(f"--offsets {text!r} must be comma-separated numbers, one per gated exit") from exc
 
 
-def expand_offsets(offsets: Optional[List[float]], num_gates: int) -> Optional[List[float]]:
-    """One value means "the same offset at every gate"."""
-    if offsets is not None and len(offsets) == 1 and num_gates != 1:
-        return offsets * num_gates
-    return offsets
+def expand_offsets(offsets: Optional[List[float]], num_gates: int) -> Optional[tuple]:
+    """One value means "the same offset at every gate"; a tuple (``Runtime.run`` checks it once)."""
+    if offsets is None:
+        return None
+    if len(offsets) == 1 and num_gates != 1:
+        offsets = offsets * num_gates
+    return tuple(offsets)

@@ -61,3 +61,17 @@ def test_bad_offsets(rt, offsets, match):
 def test_bad_mode(rt):
     with pytest.raises(InputError, match="mode must be one of"):
         rt.run(model_inputs(2), mode="fast")
+
+
+def test_offsets_tuple_checked_once_lists_every_time(rt):
+    x = model_inputs(8)
+    good = (0.0, 0.0, 0.0)
+    a = rt.run(x, offsets=good)
+    assert np.array_equal(rt.run(x, offsets=good).exit_index, a.exit_index)
+    with pytest.raises(InputError):
+        rt.run(x, offsets=(0.0, 0.0))  # another tuple: checked
+    lst = [0.0, 0.0, 0.0]
+    rt.run(x, offsets=lst)
+    lst.append(1.0)  # a list may change between calls: always checked
+    with pytest.raises(InputError):
+        rt.run(x, offsets=lst)
