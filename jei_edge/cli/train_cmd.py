@@ -80,7 +80,7 @@ def train(data, backbone, backbone_opts, backbone_weights, exits, lam, epochs, m
     \b
     Example (a minute or two on 2 CPU cores):
       jei-edge train --data digits --lambda 0.1 -o model.pt
-      jei-edge train --data synthetic --lambda 0.7 --backbone resnet -o synth.pt
+      jei-edge train --data synthetic --lambda 0.3 -o synth.pt   (exits spread over depth)
     """
     from jei_edge.data import load_data
     from jei_edge.model.backbone import get_backbone

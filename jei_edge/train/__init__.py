@@ -10,8 +10,8 @@ Example::
     ckpt = train_jei(TrainConfig(backbone="vit", lam=0.7), data)
     save_checkpoint("model.pt", checkpoint=ckpt)
 
-Operating points: ``lam`` (lambda) trades accuracy for cost; ``synthetic`` with lambda 0.5-1.0
-gives exits spread over depth (>= 3 exits with >= 5% of samples each), see docs/training.md.
+Operating points: ``lam`` (lambda) trades accuracy for cost; ``synthetic`` with the ViT and lambda
+0.3-1.0 gives exits spread over depth (>= 3 exits with >= 5% of samples each), see docs/training.md.
 """
 
 from jei_edge.train.config import ALPHAS, TrainConfig
