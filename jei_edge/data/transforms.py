@@ -109,7 +109,10 @@ def to_input_shape(x01: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
 def _pil():
     from jei_edge._deps import require
 
-    return require("PIL.Image", purpose="reading image files")
+    require("PIL", purpose="reading image files")  # a missing Pillow names the [images] extra
+    from PIL import Image
+
+    return Image
 
 
 def image_channels(path) -> int:
