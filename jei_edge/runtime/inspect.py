@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict
 
+from jei_edge.errors import JeiEdgeError
 from jei_edge.runtime.bundle import Bundle
 
 
@@ -31,10 +33,8 @@ def describe_bundle(path) -> Dict[str, Any]:
                        "inputs": st["inputs"], "outputs": st["outputs"]})
     report = {}
     try:
-        import json
-
         report = json.loads(bundle.file(m["report"]).read_text()) if m.get("report") else {}
-    except Exception:  # the report is informative only; integrity problems are listed above
+    except (OSError, ValueError, JeiEdgeError):  # informative only; integrity problems are listed above
         report = {}
     return {
         "kind": "bundle", "path": str(path), "name": m.get("name"), "schema_version": m["schema_version"],
