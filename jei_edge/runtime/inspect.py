@@ -14,6 +14,10 @@ def _io(entries) -> str:
     return ", ".join(f"{e['name']} {e.get('dtype', 'float32')}[{', '.join(str(d) for d in e['shape'])}]" for e in entries)
 
 
+def _io_short(entries) -> str:
+    return ", ".join(f"{e['name']}[{','.join(str(d) for d in e['shape'][1:])}]" for e in entries)
+
+
 def describe_bundle(path) -> Dict[str, Any]:
     """What a bundle holds, as plain data; ``integrity`` lists problems instead of raising.
 
@@ -63,13 +67,13 @@ def format_bundle(info: Dict[str, Any]) -> str:
         f"  toolchain  opset {tc.get('opset')}, onnxruntime {tc.get('onnxruntime')}, torch {tc.get('torch')}, "
         f"onnx {tc.get('onnx')}",
         "",
-        f"  {'stage':>5}  {'blocks':>7}  {'exit':>4}  {'MACs':>12}  {'cost':>6}  {'vs plain':>8}  I/O",
+        f"  {'stage':>5}  {'blocks':>6}  {'exit':>4}  {'MACs':>12}  {'cost':>6}  {'vs plain':>8}  I/O (per row; dim 0 = batch)",
     ]
     for s in info["stages"]:
         blocks = f"{s['blocks'][0]}-{s['blocks'][1] - 1}"
         macs = f"{s['macs']:,}" if isinstance(s.get("macs"), int) else "?"
-        lines.append(f"  {s['index']:>5}  {blocks:>7}  {s['exit']:>4}  {macs:>12}  {s['exit_cost']:>6.3f}  "
-                     f"{s['exit_cost_vs_plain']:>8.3f}  {_io(s['inputs'])} -> {_io(s['outputs'])}")
+        lines.append(f"  {s['index']:>5}  {blocks:>6}  {s['exit']:>4}  {macs:>12}  {s['exit_cost']:>6.3f}  "
+                     f"{s['exit_cost_vs_plain']:>8.3f}  {_io_short(s['inputs'])} -> {_io_short(s['outputs'])}")
     if info.get("plain"):
         lines.append(f"  plain backbone: {info['plain']['file']} ({_io(info['plain']['inputs'])} -> "
                      f"{_io(info['plain']['outputs'])})")
