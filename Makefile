@@ -22,12 +22,13 @@ test-all: setup        ## include slow tests
 	$(PY) -m pytest -m "not gpu or gpu"
 
 demo: setup            ## train a small JEI-DNN on digits, evaluate, build the CPU bundle, run and inspect it
-	$(JEI) train --data digits --backbone vit --lambda 0.7 -o $(DEMO)/model.pt
+	$(JEI) train --data digits --lambda 0.1 -o $(DEMO)/model.pt
 	$(JEI) eval $(DEMO)/model.pt --data digits
 	$(JEI) build $(DEMO)/model.pt --target cpu -o $(DEMO)/model.jei --force
 	$(JEI) inspect $(DEMO)/model.jei
-	$(PY) -c "from jei_edge.data import load_data; import numpy as np; d = load_data('digits'); np.save('$(DEMO)/test_inputs.npy', d.test.x[:64])"
-	$(JEI) run $(DEMO)/model.jei $(DEMO)/test_inputs.npy --preprocessed | tail -n 25
+	$(PY) -c "from jei_edge.data import load_data; import numpy as np; d = load_data('digits'); np.savez('$(DEMO)/test.npz', x=d.raw_test, y=d.test.y)"
+	$(JEI) run $(DEMO)/model.jei $(DEMO)/test.npz --show 8
+	$(JEI) run $(DEMO)/model.jei $(DEMO)/test.npz --mode full --show 0
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info
