@@ -61,3 +61,22 @@ def test_bad_checkpoint_one_line_error(tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.startswith("error: checkpoint") and str(bad) in r.stderr
+
+
+def test_plugin_flag_trusts_a_backbone(tmp_path):
+    from jei_edge.cli import PLUGIN_ENV as CLI_ENV
+    from jei_edge.model.backbone import PLUGIN_ENV
+
+    assert CLI_ENV == PLUGIN_ENV
+    spec = "tests.model.plugin_backbone:tiny_mlp"
+    code = ("import os, torch; os.environ['JEI_EDGE_PLUGINS'] = %r; from jei_edge.model import build_model, save_checkpoint; "
+            "save_checkpoint(%r, build_model({'backbone': %r, 'backbone_kwargs': {'depth': 3}}))") % (spec, str(tmp_path / "p.pt"), spec)
+    subprocess.run([sys.executable, "-c", code], check=True, env=ENV, timeout=120)
+    env = {k: v for k, v in ENV.items() if k != "JEI_EDGE_PLUGINS"}
+    r = subprocess.run([sys.executable, "-m", "jei_edge.cli", "inspect", str(tmp_path / "p.pt")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "not trusted" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jei_edge.cli", "--plugin", spec, "inspect", str(tmp_path / "p.pt"), "--json"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["family"] == "mlp"

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
 
 from jei_edge import __version__
 from jei_edge.errors import JeiEdgeError
+
+PLUGIN_ENV = "JEI_EDGE_PLUGINS"  # same name as jei_edge.model.backbone.PLUGIN_ENV (kept torch-free here)
 
 # name -> "module:attribute"; order is the order shown in --help
 COMMANDS = {
@@ -41,7 +44,10 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="jei-edge")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def cli(verbose: int):
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE:FUNCTION",
+              help="Trust this backbone plugin (a checkpoint naming it may import it). Repeatable; "
+                   "same as listing it in $JEI_EDGE_PLUGINS.")
+def cli(verbose: int, plugins):
     """jei-edge: train JEI-DNN early-exit models, compile them into staged engines and run them
     so that easy samples really stop early.
 
@@ -53,6 +59,9 @@ def cli(verbose: int):
       jei-edge run model.jei inputs.npy              conditional execution with early exit
       jei-edge inspect model.pt|model.jei            architecture, exits, costs, integrity
     """
+    if plugins:  # read by jei_edge.model.backbone (PLUGIN_ENV) when a checkpoint names a plugin
+        listed = [p for p in os.environ.get(PLUGIN_ENV, "").split(",") if p]
+        os.environ[PLUGIN_ENV] = ",".join(listed + list(plugins))
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
