@@ -17,8 +17,6 @@ It always loads with ``torch.load(weights_only=True)``: nothing in it is ever ex
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -26,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from jei_edge import __version__
+from jei_edge._io import atomic_write_bytes  # noqa: F401  (re-exported)
 from jei_edge.errors import CheckpointError, JeiEdgeError
 
 FORMAT = "jei-edge/model"
@@ -70,25 +69,6 @@ def make_checkpoint(model, *, pos_weights: Optional[Sequence[float]] = None, cal
         "preprocessing": _plain(preprocessing or default_preprocessing(model)),
         "training": _plain(training or {}),
     }
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through ``write(fileobj)`` to a temp file beside ``path``, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_checkpoint(path, model=None, *, checkpoint: Optional[Dict] = None, **kwargs) -> Path:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from jei_edge._io import atomic_write_bytes
 from jei_edge.errors import BuildError, DependencyError
 
 log = logging.getLogger(__name__)
@@ -150,20 +150,7 @@ def _read_cache(path: Path) -> Optional[bytes]:
 
 def _write_cache(path: Path, payload: bytes) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(hashlib.sha256(payload).digest() + payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_bytes(path, lambda f: f.write(hashlib.sha256(payload).digest() + payload))
     except OSError as exc:  # a read-only home must not stop inference
         log.warning("cannot write the exit-kernel cache %s (%s); compiling every load", path, exc)
 
