@@ -82,3 +82,34 @@ def test_runtime_sources_compile_on_python310():
     files += [str(ROOT / "jei_edge" / f) for f in ("__init__.py", "errors.py", "exit_rule.py", "_deps.py", "_io.py")]
     r = subprocess.run([py310, "-m", "py_compile", *files], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_runtime_runs_on_python310(tmp_path):
+    """Jetson's Python 3.10: a fresh 3.10 venv with only numpy + onnxruntime runs a bundle through
+    `jei-edge-run` (needs a Python 3.10 interpreter and the package index)."""
+    import json
+
+    import numpy as np
+
+    from tests.runtime.helpers import build_spread_bundle, model_inputs
+
+    py310 = _python310()
+    if py310 is None:
+        pytest.skip("no Python 3.10 interpreter on this machine")
+    env_dir = tmp_path / "v310"
+    subprocess.run([py310, "-m", "venv", str(env_dir)], check=True)
+    py = str(env_dir / "bin" / "python")
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "numpy", "onnxruntime"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    bundle = build_spread_bundle(tmp_path, "vit")
+    np.save(tmp_path / "x.npy", model_inputs(16))
+    code = ("import sys, runpy; sys.argv = ['jei-edge-run'] + sys.argv[1:]; "
+            "from jei_edge.runtime.cli import main; rc = main(); "
+            "assert 'torch' not in sys.modules; sys.exit(rc)")
+    r = subprocess.run([py, "-c", code, str(bundle), str(tmp_path / "x.npy"), "--preprocessed", "--summary"],
+                       capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(lines) == 17 and lines[-1]["summary"]["samples"] == 16

@@ -41,8 +41,6 @@ def _emit(rec) -> None:
 
 
 def run_stream(args) -> None:
-    import numpy as np
-
     from jei_edge.runtime.inputs import concat, load_inputs, stream_npy
     from jei_edge.runtime.output import expand_offsets, parse_offsets, records, summary
     from jei_edge.runtime.runtime import Runtime
@@ -77,8 +75,7 @@ def run_stream(args) -> None:
 
         if done:
             allb = concat([b for b, _ in done])
-            res = Results(np.concatenate([r.probs for _, r in done]), np.concatenate([r.exit_index for _, r in done]),
-                          [])
+            res = Results.concat([r for _, r in done])
             _emit({"summary": summary(res, rt, args.mode, seconds, allb.y, args.alpha)})
         else:
             _emit({"summary": {"samples": 0}})

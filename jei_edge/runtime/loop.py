@@ -32,6 +32,18 @@ class Results:
     exit_index: np.ndarray  # [B] int: 0..G (G = final head)
     reach: List[int] = field(default_factory=list)  # rows that entered each stage (n_k)
 
+    @classmethod
+    def concat(cls, parts: Sequence["Results"]) -> "Results":
+        """Results of several batches, in order; ``reach`` summed stage by stage."""
+        reach: List[int] = []
+        for p in parts:
+            for k, r in enumerate(p.reach):
+                if k == len(reach):
+                    reach.append(0)
+                reach[k] += r
+        return cls(probs=np.concatenate([p.probs for p in parts]),
+                   exit_index=np.concatenate([p.exit_index for p in parts]), reach=reach)
+
     @property
     def pred(self) -> np.ndarray:
         return np.argmax(self.probs, axis=1)

@@ -152,14 +152,7 @@ class Runtime:
             return run_conditional(self.executor, self.workspace, x, mode, offs)
         parts = [run_conditional(self.executor, self.workspace, x[i:i + self.max_batch], mode, offs)
                  for i in range(0, b, self.max_batch)]
-        reach = [0] * self.bundle.num_stages
-        for p in parts:
-            for k, r in enumerate(p.reach):
-                reach[k] += r
-        while reach and reach[-1] == 0:
-            reach.pop()
-        return Results(probs=np.concatenate([p.probs for p in parts]),
-                       exit_index=np.concatenate([p.exit_index for p in parts]), reach=reach)
+        return Results.concat(parts)
 
     # -- conformal sets --------------------------------------------------------------------------
     @property
