@@ -57,13 +57,17 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def exit_threshold(S, delta=0.0):
-    """The gate value a sample with running sum ``S`` must reach to exit: ``(1 - S)/2 + delta``."""
-    return (1.0 - np.asarray(S)) * 0.5 + delta
+    """The gate value a sample with running sum ``S`` must reach to exit: ``(1 - S)/2 + delta``.
+
+    Works on numpy arrays and on plain Python floats alike (the batch-1 runtime path passes floats
+    to stay off numpy's per-call overhead; the arithmetic is float64 either way).
+    """
+    return (1.0 - S) * 0.5 + delta
 
 
-def exit_mask(g, S, delta=0.0) -> np.ndarray:
-    """Which rows exit at this gate: ``g >= (1 - S)/2 + delta`` (elementwise)."""
-    return np.asarray(g) >= exit_threshold(S, delta)
+def exit_mask(g, S, delta=0.0):
+    """Which rows exit at this gate: ``g >= (1 - S)/2 + delta`` (elementwise; a bool for floats)."""
+    return g >= exit_threshold(S, delta)
 
 
 def exit_levels(g: np.ndarray, offsets: Optional[Sequence[float]] = None, return_margin: bool = False):

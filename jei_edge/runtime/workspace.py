@@ -105,12 +105,13 @@ class NumpyWorkspace(Workspace):
         g = out["gate"]
         hidden = out["hidden_out"]
         if early_exit and n == 1:  # batch-1 streaming: scalar decision, no index arrays
-            if exit_mask(g[0], self._S[0], delta):
+            gv, sv = float(g[0]), float(self._S[0])  # Python floats: float64, as the array path
+            if exit_mask(gv, sv, delta):
                 row = 0 if self._identity else int(self._idx[0])
                 self._probs[row] = out["probs"][0]
                 self._exit[row] = self.stages[k].exit
                 return 0
-            self._S[0] += g[0]
+            self._S[0] = sv + gv
             return 1
         g = g[:n]
         S = self._S[:n]
