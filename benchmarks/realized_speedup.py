@@ -315,6 +315,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--families", default="vit,resnet")
+    p.add_argument("--lambdas", default="", help="override training lambdas, e.g. vit=0.3,resnet=2 (new --work dir)")
     p.add_argument("--batches", default="1,64")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--n1", type=int, default=150, help="samples run one at a time (batch 1)")
@@ -332,6 +333,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.repeats, args.n1, args.n64 = 3, 40, 256
     batches = [int(b) for b in args.batches.split(",")]
+    for item in filter(None, args.lambdas.split(",")):
+        fam, _, lam = item.partition("=")
+        MODELS[fam.strip()]["lam"] = float(lam)
     if args.child:
         r = measure(args.child[0], args.child[1], batches, args.repeats, args.n1, args.n64, VARIANTS[args.variant],
                     json.loads(args.offsets))
