@@ -104,7 +104,10 @@ def exit_levels(g: np.ndarray, offsets: Optional[Sequence[float]] = None, return
 
 
 def conformal_sets(probs: np.ndarray, qhat) -> np.ndarray:
-    """Boolean ``[N, C]`` membership of split-conformal sets ``{k : p_k >= 1 - qhat}``."""
+    """Boolean ``[N, C]`` membership of split-conformal sets ``{k : p_k >= 1 - qhat}``.
+
+    ``qhat``: one value for all rows, or one per row (``[N]``, e.g. the qhat of each row's exit).
+    """
     probs = np.asarray(probs)
     q = np.asarray(qhat, dtype=np.float64)
     if q.ndim == 1:

@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from jei_edge.exit_rule import conformal_sets as conformal_membership
+
 MODES = ("exit", "full")
 
 
@@ -56,8 +58,7 @@ class Results:
         """``[B, C]`` membership ``p_k >= 1 - qhat[exit]`` (None without a calibrated table)."""
         if qhat_per_exit is None:
             return None
-        q = np.asarray(qhat_per_exit, dtype=np.float64)[self.exit_index]
-        return self.probs >= (1.0 - q)[:, None]
+        return conformal_membership(self.probs, np.asarray(qhat_per_exit, dtype=np.float64)[self.exit_index])
 
     def exit_histogram(self, num_exits: int) -> List[int]:
         return np.bincount(self.exit_index, minlength=num_exits).tolist()

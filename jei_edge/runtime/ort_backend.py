@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from jei_edge.errors import BundleError, DependencyError, JeiEdgeError
+from jei_edge._deps import require
+from jei_edge.errors import BundleError, JeiEdgeError
 from jei_edge.runtime.loop import StageExecutor
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -70,12 +71,7 @@ class OrtSettings:
 
 
 def import_ort():
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise DependencyError(f"onnxruntime is needed to run a bundle on the CPU but could not be imported ({exc})",
-                              hint="pip install 'jei-edge[cpu]'") from exc
-    return ort
+    return require("onnxruntime", purpose="running a bundle on the CPU")
 
 
 _GLOBAL_POOL: Optional[tuple] = None

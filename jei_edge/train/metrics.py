@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from jei_edge.exit_rule import exit_levels, softmax
+from jei_edge.exit_rule import conformal_sets, exit_levels, softmax
 from jei_edge.train.config import ALPHAS
 
 ECE_BINS = 15
@@ -99,7 +99,7 @@ def conformal_stats(probs: np.ndarray, exit_idx: np.ndarray, y: np.ndarray, tabl
     out = []
     q = np.asarray(table, dtype=np.float64)  # [K, A]
     for j, a in enumerate(alphas):
-        sets = probs >= (1.0 - q[exit_idx, j])[:, None]
+        sets = conformal_sets(probs, q[exit_idx, j])
         out.append({"alpha": float(a), "mean_set_size": float(sets.sum(1).mean()),
                     "coverage": float(sets[np.arange(len(y)), y].mean())})
     return out
