@@ -15,7 +15,7 @@ Measures, on one GPU, for batch sizes 1, 64 and 256 (medians over repeats; times
 
 Usage (a bundle built with its model.pt; the benchmark model is trained by ``prepare``)::
 
-    python benchmarks/cuda_speedup.py prepare --out runs/cuda_bench          # CPU: train + build + offsets
+    python benchmarks/cuda_speedup.py prepare --out runs/cuda_bench          # CPU: model + build + offsets
     python benchmarks/cuda_speedup.py run --bundle runs/cuda_bench/model.jei \\
         --out benchmarks/results/cuda_speedup.json                             # GPU
 """
@@ -32,24 +32,24 @@ from pathlib import Path
 
 import numpy as np
 
-# The CPU benchmark's ViT (benchmarks/realized_speedup.py): 65 tokens x 160 dims, 7 blocks, 6 exits.
-DATA = "synthetic:size=32"
-BACKBONE = {"embed_dim": 160, "depth": 7, "heads": 4, "patch": 4, "mlp_ratio": 2.0}
-LAM = 0.05
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import realized_speedup as cpu_bench  # noqa: E402  (one home for the benchmark models and offsets)
+
+# The CPU benchmark's ViT (benchmarks/realized_speedup.py MODELS["vit"]): 65 tokens x 160 dims,
+# 7 blocks, 6 gated exits, trained so that its own gates spread exits over >= 3 exits.
+DATA = cpu_bench.DATA
 
 
 def spread_offsets(model_path: Path) -> list:
-    """Deploy-time threshold offsets that spread exits when the trained operating point is
-    degenerate; the CPU benchmark's function (one home for it), so both benchmarks share it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from realized_speedup import spread_offsets as spread
-
-    return [float(v) for v in spread(model_path)]
+    """Deploy-time threshold offsets, only when the trained operating point is degenerate (the CPU
+    benchmark's function, so both benchmarks share it); zeros otherwise."""
+    return [float(v) for v in cpu_bench.spread_offsets(model_path)]
 
 
 # -- prepare (CPU) ---------------------------------------------------------------------------------
-def prepare(out: Path, model: Path = None, backbone_epochs: int = 40, lam: float = LAM) -> None:
-    """Train (or copy ``model``), build the bundle with its model.pt, pick exit-spreading offsets."""
+def prepare(out: Path, model: Path = None, work: Path = Path("runs/bench")) -> None:
+    """Copy ``model`` (default: the CPU benchmark's ViT in ``work``, trained if missing), build the
+    bundle with its model.pt, record the offsets (zeros unless the exits are degenerate)."""
     import shutil
 
     import torch
@@ -57,20 +57,15 @@ def prepare(out: Path, model: Path = None, backbone_epochs: int = 40, lam: float
     from jei_edge.compile.build import BuildOptions, build_bundle
     from jei_edge.data import load_data
     from jei_edge.exit_rule import exit_levels
-    from jei_edge.model.checkpoint import load_checkpoint, save_checkpoint
-    from jei_edge.train import TrainConfig, train_jei
+    from jei_edge.model.checkpoint import load_checkpoint
 
     torch.set_num_threads(2)
     out.mkdir(parents=True, exist_ok=True)
     dst = out / "model.pt"
-    if model is not None:
-        shutil.copyfile(model, dst)
-    else:
-        data = load_data(DATA, seed=0)
-        cfg = TrainConfig(backbone="vit", backbone_kwargs=dict(BACKBONE), lam=lam, backbone_epochs=backbone_epochs)
-        t = time.time()
-        save_checkpoint(dst, checkpoint=train_jei(cfg, data, progress=False))
-        print(f"trained in {time.time() - t:.0f} s")
+    if model is None:
+        work.mkdir(parents=True, exist_ok=True)
+        model = cpu_bench.ensure_model("vit", work, lambda msg: print(msg, flush=True))
+    shutil.copyfile(model, dst)
     build_bundle(dst, out / "model.jei", BuildOptions(parity_samples=2000, force=True))
     offsets = spread_offsets(dst)
     net, ck = load_checkpoint(dst)
@@ -305,9 +300,9 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="train the benchmark model and build its bundle (CPU)")
     p.add_argument("--out", type=Path, default=Path("runs/cuda_bench"))
-    p.add_argument("--model", type=Path, default=None, help="reuse this checkpoint instead of training")
-    p.add_argument("--backbone-epochs", type=int, default=40)
-    p.add_argument("--lam", type=float, default=LAM)
+    p.add_argument("--model", type=Path, default=None,
+                   help="use this checkpoint (default: the CPU benchmark's ViT in --work, trained if missing)")
+    p.add_argument("--work", type=Path, default=Path("runs/bench"))
     r = sub.add_parser("run", help="measure on the GPU")
     r.add_argument("--bundle", type=Path, default=Path("runs/cuda_bench/model.jei"))
     r.add_argument("--data", default=DATA)
@@ -320,7 +315,7 @@ def main(argv=None) -> int:
                    help="JSON with 'offsets' written by prepare (missing file: the trained operating point)")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
-        prepare(a.out, a.model, a.backbone_epochs, a.lam)
+        prepare(a.out, a.model, a.work)
     else:
         offsets = json.loads(a.offsets.read_text())["offsets"] if a.offsets.is_file() else None
         bench(a.bundle, a.data, a.out, a.repeats, [int(b) for b in a.batches.split(",")], a.samples, a.lanes, offsets)

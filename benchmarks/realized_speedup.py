@@ -7,11 +7,12 @@ at least 3 exits each take >= 5% of samples) and batch sizes 1 and 64, on the te
 - **ideal exit time** = sum over stages of t_k(n_k), t_k(n) = stage k run standalone on n rows
   (same executor, buffers and session settings), n_k = the real reach counts. Measured as the
   very stage runs of the exit pass (stage k on n_k rows of the same batch's data) executed back to
-  back without decisions or compaction (one total per repeat, median of repeats), so that a
-  shared machine's stalls hit both sides alike;
+  back without decisions or compaction (one total per repeat), timed next to the exit pass in
+  alternating order, so that a shared machine's stalls hit both sides alike;
   the sum of per-stage medians is reported too (``efficiency_vs_stage_medians``);
 - **realized/ideal efficiency** = ideal / exit time; **realized speedup** = full / exit;
-  **speedup vs plain backbone** = plain / exit;
+  **speedup vs plain backbone** = plain / exit; each ratio is the median over repeats of the
+  per-repeat ratio (the ratio of the medians is kept as ``efficiency_ratio_of_medians``);
 - **per-boundary overhead** = (exit time - ideal) / boundaries crossed, in microseconds (and the
   decide+compact time measured directly inside the loop).
 
@@ -40,15 +41,22 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = "synthetic:size=32"
-# Stage compute large enough that overheads are measured fairly (ViT: 65 tokens x 160 dims, ResNet:
-# 32-128 channels on 32x32). Lambdas from a sweep on the frozen backbones: train_jei's gates on these
-# models put nearly every sample on one or two exits at any lambda (see spread_offsets).
+# Harder than the default synthetic source (blends with another class's prototype up to 45%, pixel
+# noise up to 0.6, both scaled by a per-sample difficulty): easy samples are right at the first
+# exits, hard ones need depth, so the trained gates spread exits without threshold offsets. On the
+# default source (size=32) every exit is ~95% accurate and the gates put nearly every sample on
+# exit 0 or 1 at any lambda (measured). Stage compute is large enough to measure overheads fairly
+# (ViT: 65 tokens x 160 dims; ResNet: 32-128 channels on 32x32).
+DATA = "synthetic:size=32,hard=0.45,noise=0.6"
+# Each model: a base run trains the backbone (phase 1 does not depend on lambda), then the IMs and
+# gates are trained again on that frozen backbone at the benchmark's lambda (``--backbone-weights
+# BASE --backbone-epochs 0``), the way the lambda was chosen (a sweep on the frozen backbone; test
+# exits at offset 0: ViT 0.03 -> [125, 415, 60, 0, 0, 0, 0], ResNet 1.5 -> [0, 0, 3, 102, 393, 102]).
 MODELS = {
     "vit": {"backbone": "vit", "backbone_kwargs": {"embed_dim": 160, "depth": 7, "heads": 4, "patch": 4, "mlp_ratio": 2.0},
-            "lam": 0.05, "train": {}},
+            "base_lam": 0.3, "lam": 0.03},
     "resnet": {"backbone": "resnet", "backbone_kwargs": {"widths": [32, 64, 128], "blocks_per_stage": [2, 2, 2]},
-               "lam": 2.0, "train": {}},
+               "base_lam": 1.0, "lam": 1.5},
 }
 VARIANTS = {
     "default": {},  # the target's settings (jei_edge/targets/cpu.toml): spinning off, IOBinding
@@ -56,11 +64,14 @@ VARIANTS = {
     "global_pool": {"global_thread_pool": True},
     "one_thread": {"intra_op_threads": 1},
     "no_iobinding": {"io_binding": False},
+    "small_batch_1": {"small_batch_rows": 1},  # 1-thread sessions when 1 row is live
+    "small_batch_8": {"small_batch_rows": 8},  # ... when <= 8 rows are live (also a batch's tail)
 }
 
 
 # -- preparation (needs torch) -------------------------------------------------------------------
 def ensure_model(family: str, work: Path, log) -> Path:
+    """``work/FAMILY.pt``: trained as described at ``MODELS`` (the base model is kept as ``FAMILY_base.pt``)."""
     path = work / f"{family}.pt"
     if path.exists():
         return path
@@ -69,12 +80,17 @@ def ensure_model(family: str, work: Path, log) -> Path:
     from jei_edge.train import TrainConfig, train_jei
 
     spec = MODELS[family]
-    log(f"training {family} on {DATA} (lambda {spec['lam']})")
     data = load_data(DATA, seed=0)
+    base = work / f"{family}_base.pt"
+    if not base.exists():
+        log(f"training {family} on {DATA} (backbone, then IMs and gates at lambda {spec['base_lam']}), 1 thread")
+        cfg = TrainConfig(backbone=spec["backbone"], backbone_kwargs=dict(spec["backbone_kwargs"]),
+                          lam=spec["base_lam"], threads=1)
+        save_checkpoint(base, checkpoint=train_jei(cfg, data, progress=True))
+    log(f"training {family}'s IMs and gates at lambda {spec['lam']} on the frozen backbone of {base.name}")
     cfg = TrainConfig(backbone=spec["backbone"], backbone_kwargs=dict(spec["backbone_kwargs"]), lam=spec["lam"],
-                      **spec.get("train", {}))
-    ckpt = train_jei(cfg, data, progress=True)
-    save_checkpoint(path, checkpoint=ckpt)
+                      backbone_weights=str(base), backbone_epochs=0, threads=1)
+    save_checkpoint(path, checkpoint=train_jei(cfg, data, progress=True))
     return path
 
 
@@ -89,10 +105,11 @@ def ensure_bundle(model: Path, log, rebuild: bool = False) -> Path:
     return out
 
 
-def spread_offsets(model: Path) -> list:
+def spread_offsets(model: Path, force: bool = False) -> list:
     """Deploy-time threshold offsets (JEI-DNN's accuracy/cost knob) chosen on the validation split so
-    that exits are spread evenly: gate l takes 1/(G+1-l) of the rows still live. Used only when the
-    trained operating point (offsets 0) is degenerate (fewer than 3 exits with >= 5% of samples)."""
+    that exits are spread evenly: gate l takes 1/(G+1-l) of the rows still live. Used when the
+    trained operating point (offsets 0) is degenerate (fewer than 3 exits with >= 5% of samples),
+    or with ``force`` (the "spread" scenario: rows cross every boundary, the overhead's worst case)."""
     import torch
 
     from jei_edge.data import load_data
@@ -105,7 +122,7 @@ def spread_offsets(model: Path) -> list:
     with torch.no_grad():
         g = torch.sigmoid(net(torch.from_numpy(d.val.x))[1]).numpy().astype(np.float64)
     hist = np.bincount(exit_levels(g), minlength=g.shape[1] + 1) / len(g)
-    if (hist >= 0.05).sum() >= 3:
+    if (hist >= 0.05).sum() >= 3 and not force:
         return [0.0] * g.shape[1]
     live = np.ones(len(g), bool)
     S = np.zeros(len(g))
@@ -148,7 +165,12 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
         x, y = z["x"], z["y"]
     rt = Runtime.load(bundle, max_batch=max(batches), **options)
     ex, ws = rt.executor, rt.workspace
-    plain = create_session(rt.bundle.file(rt.manifest["plain"]["file"]), ex.settings, "plain backbone")
+    plain_file = rt.bundle.file(rt.manifest["plain"]["file"])
+    plain_main = create_session(plain_file, ex.settings, "plain backbone")
+    # the plain backbone gets the same thread policy as the stages: the small-batch settings when
+    # the whole batch is small enough for them
+    small = ex.settings.small_batch
+    plain_small = create_session(plain_file, small, "plain backbone") if small is not None else None
     num_stages = rt.bundle.num_stages
     res_all = rt.run(x, offsets=offsets)
     out = {"settings": vars(ex.settings) if hasattr(ex.settings, "__dict__") else str(ex.settings),
@@ -160,6 +182,7 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
            "mean_cost_vs_plain": float(np.mean(np.asarray(rt.manifest["exits"]["cost_vs_plain"])[res_all.exit_index]))}
     for bsz in batches:
         n = n1 if bsz == 1 else n64
+        plain = plain_small if plain_small is not None and bsz <= ex.settings.small_batch_rows else plain_main
         xs = [np.ascontiguousarray(x[i:i + bsz]) for i in range(0, min(n, len(x)) // bsz * bsz, bsz)]
         reaches = [rt.run(b, offsets=offsets).reach for b in xs]
         boundaries = sum(len(r) - (1 if len(r) == num_stages else 0) for r in reaches)
@@ -205,12 +228,19 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
         samples = {"exit": [], "full": [], "plain": [], "ideal": []}
         stage_t = {p: [] for p in pairs}
         inner = 5 if bsz == 1 else 2
-        for _ in range(repeats):
-            samples["exit"].append(t_exit())
+        for i in range(repeats):
+            # exit and ideal side by side, their order alternating, so that drift and a shared
+            # machine's stalls hit both alike; ratios are taken per repeat (median of the ratios)
+            prime()
+            if i % 2 == 0:
+                samples["ideal"].append(t_ideal())
+                samples["exit"].append(t_exit())
+            else:
+                samples["exit"].append(t_exit())
+                prime()
+                samples["ideal"].append(t_ideal())
             samples["full"].append(t_full())
             samples["plain"].append(t_plain())
-            prime()
-            samples["ideal"].append(t_ideal())
             for (k, m) in pairs:
                 for _ in range(inner):
                     t = time.perf_counter()
@@ -235,14 +265,22 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
             rt.run(b, offsets=offsets)
         del ws.exit_and_compact
         te, tf, tp = (_median(samples[k]) for k in ("exit", "full", "plain"))
+
+        def ratio(a, b):  # median over repeats of the per-repeat ratio a/b
+            return _median(np.asarray(samples[a]) / np.asarray(samples[b]))
+
         out[f"batch_{bsz}"] = {
             "batches": len(xs), "samples": len(xs) * bsz, "boundaries": boundaries,
             "reach_total": [int(v) for v in np.sum([r + [0] * (num_stages - len(r)) for r in reaches], axis=0)],
             "exit_s": te, "full_s": tf, "plain_s": tp, "ideal_s": ideal,
             "ideal_from_stage_medians_s": ideal_from_medians,
             "efficiency_vs_stage_medians": ideal_from_medians / te,
+            # the same stage runs back to back, no runtime work at all, against the per-stage
+            # medians: how much of the second reading's gap a zero-cost runtime would still show
+            "back_to_back_vs_stage_medians": ideal_from_medians / ideal,
             "stage_ms": {f"{k}@{m}": round(1e3 * v, 4) for (k, m), v in sorted(tk.items()) if m in (1, bsz)},
-            "efficiency": ideal / te, "realized_speedup": tf / te, "speedup_vs_plain": tp / te,
+            "efficiency": ratio("ideal", "exit"), "realized_speedup": ratio("full", "exit"),
+            "speedup_vs_plain": ratio("plain", "exit"), "efficiency_ratio_of_medians": ideal / te,
             "ideal_speedup_vs_full": tf / ideal,
             "overhead_us_per_boundary": 1e6 * (te - ideal) / max(boundaries, 1),
             "decide_compact_us_per_boundary": 1e6 * acc[0] / max(acc[1], 1),
@@ -253,7 +291,25 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
     return out
 
 
-def run_child(bundle: Path, inputs: Path, variant: str, args, offsets) -> dict:
+def run_child(bundle: Path, inputs: Path, variant: str, args, offsets, processes: int = None) -> dict:
+    """``args.processes`` fresh measurement processes; per-batch numbers are medians across them
+    (thread placement and memory layout differ between processes: a few % on a shared machine)."""
+    runs = [_run_child_once(bundle, inputs, variant, args, offsets) for _ in range(processes or args.processes)]
+    out = dict(runs[0])
+    for key in (k for k in runs[0] if k.startswith("batch_")):
+        merged = {}
+        for field, v in runs[0][key].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                merged[field] = _median([r[key][field] for r in runs])
+            else:
+                merged[field] = v
+        merged["per_process"] = {f: [r[key][f] for r in runs] for f in ("efficiency", "realized_speedup",
+                                                                         "speedup_vs_plain", "exit_ms_per_sample")}
+        out[key] = merged
+    return out
+
+
+def _run_child_once(bundle: Path, inputs: Path, variant: str, args, offsets) -> dict:
     cmd = [sys.executable, __file__, "--child", str(bundle), str(inputs), "--variant", variant,
            "--offsets", json.dumps(offsets),
            "--repeats", str(args.repeats), "--n1", str(args.n1), "--n64", str(args.n64), "--batches", args.batches]
@@ -282,17 +338,33 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Realized speedup (CPU, onnxruntime {m['onnxruntime']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores; load average before/after {res['load_before']} / "
-             f"{res['load_after']}. Medians over {res['repeats']} repeats. Command: `{res['command']}`.", "",
-             "| family | batch | exit hist. (test) | efficiency (ideal/exit) | realized speedup (full/exit) | "
+             f"{res['load_after']}. Medians over {res['repeats']} repeats in each of {res['processes']} processes (median "
+             f"across processes). Command: `{res['command']}`.", "",
+             "| family | batch | exit hist. (test) | efficiency (ideal/exit) | efficiency, per-stage-median ideal "
+             "(bound for a zero-cost runtime) | realized speedup (full/exit) | "
              "speedup vs plain | overhead / boundary | decide+compact | exit ms/sample |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for fam, r in res["families"].items():
         for key in sorted(k for k in r if k.startswith("batch_")):
             b = r[key]
             lines.append(f"| {fam} | {key[6:]} | {r['exit_histogram']} | {b['efficiency']:.3f} | "
+                         f"{b['efficiency_vs_stage_medians']:.3f} ({b['back_to_back_vs_stage_medians']:.3f}) | "
                          f"{b['realized_speedup']:.2f}x | {b['speedup_vs_plain']:.2f}x | "
                          f"{b['overhead_us_per_boundary']:.1f} us | {b['decide_compact_us_per_boundary']:.1f} us | "
                          f"{b['exit_ms_per_sample']:.3f} |")
+    if res.get("spread"):
+        lines += ["", "Spread scenario (same models, threshold offsets chosen on the validation split so that "
+                  "exits spread evenly over all exits: rows cross every boundary, the overhead's worst case; "
+                  "1 process):", "",
+                  "| family | batch | exit hist. (test) | efficiency | realized speedup | speedup vs plain | "
+                  "overhead / boundary | accuracy exit / full |", "|---|---|---|---|---|---|---|---|"]
+        for fam, r in res["spread"].items():
+            for key in sorted(k for k in r if k.startswith("batch_")):
+                b = r[key]
+                lines.append(f"| {fam} | {key[6:]} | {r['exit_histogram']} | {b['efficiency']:.3f} | "
+                             f"{b['realized_speedup']:.2f}x | {b['speedup_vs_plain']:.2f}x | "
+                             f"{b['overhead_us_per_boundary']:.1f} us | {100 * r['accuracy_exit']:.1f}% / "
+                             f"{100 * r['accuracy_full']:.1f}% |")
     lines.append("")
     for fam, r in res["families"].items():
         offs = "none (trained operating point)" if not any(r["offsets"] or []) else \
@@ -301,12 +373,12 @@ def markdown(res: dict) -> str:
                      f"test exits at offsets 0: {r['trained_exit_histogram']}; accuracy exit {100 * r['accuracy_exit']:.1f}% "
                      f"/ full {100 * r['accuracy_full']:.1f}%; mean cost {r['mean_cost']:.3f} "
                      f"({r['mean_cost_vs_plain']:.3f} of the plain backbone)")
-    if res.get("variants"):
-        lines += ["", f"Thread settings ({res['variants_family']}): efficiency / exit ms per sample", "",
+    for fam, variants in (res.get("variants") or {}).items():
+        lines += ["", f"Session settings ({fam}): efficiency / exit ms per sample / speedup vs plain", "",
                   "| variant | settings | batch 1 | batch 64 |", "|---|---|---|---|"]
-        for name, r in res["variants"].items():
-            cells = [f"{r[k]['efficiency']:.3f} / {r[k]['exit_ms_per_sample']:.3f} ms" if k in r else "-"
-                     for k in ("batch_1", "batch_64")]
+        for name, r in variants.items():
+            cells = [f"{r[k]['efficiency']:.3f} / {r[k]['exit_ms_per_sample']:.3f} ms / {r[k]['speedup_vs_plain']:.2f}x"
+                     if k in r else "-" for k in ("batch_1", "batch_64")]
             lines.append(f"| {name} | {VARIANTS[name] or 'target default'} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
@@ -317,11 +389,15 @@ def main(argv=None) -> int:
     p.add_argument("--families", default="vit,resnet")
     p.add_argument("--lambdas", default="", help="override training lambdas, e.g. vit=0.3,resnet=2 (new --work dir)")
     p.add_argument("--batches", default="1,64")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--processes", type=int, default=3, help="measurement processes per family (median across them)")
+    p.add_argument("--variant-processes", type=int, default=1, help="measurement processes per settings variant")
     p.add_argument("--n1", type=int, default=150, help="samples run one at a time (batch 1)")
     p.add_argument("--n64", type=int, default=512, help="samples run in batches of 64")
     p.add_argument("--variants", default=",".join(VARIANTS), help="thread-setting variants to compare ('' = none)")
-    p.add_argument("--variants-family", default="vit")
+    p.add_argument("--variants-family", default="vit,resnet", help="families the variants run on")
+    p.add_argument("--spread-families", default="vit,resnet",
+                   help="also run these families with offsets that spread exits over every exit ('' = none)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "realized_speedup.json"))
     p.add_argument("--prepare-only", action="store_true", help="train + build, no measurement")
     p.add_argument("--rebuild", action="store_true", help="rebuild the bundles even if they exist")
@@ -331,7 +407,7 @@ def main(argv=None) -> int:
     p.add_argument("--offsets", default="null", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.n1, args.n64 = 3, 40, 256
+        args.repeats, args.n1, args.n64, args.processes = 3, 40, 256, 1
     batches = [int(b) for b in args.batches.split(",")]
     for item in filter(None, args.lambdas.split(",")):
         fam, _, lam = item.partition("=")
@@ -356,7 +432,7 @@ def main(argv=None) -> int:
         return 0
     load_before = [round(v, 2) for v in os.getloadavg()]
     res = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix()] + (argv or sys.argv[1:])),
-           "machine": machine(), "repeats": args.repeats, "load_before": load_before, "data": DATA,
+           "machine": machine(), "repeats": args.repeats, "processes": args.processes, "load_before": load_before, "data": DATA,
            "definitions": "DESIGN.md 'Definitions'", "goal": "efficiency >= 0.95 at batch 1 and 64", "families": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -379,14 +455,21 @@ def main(argv=None) -> int:
             b = r[key]
             log(f"  {fam} {key}: efficiency {b['efficiency']:.3f}, realized {b['realized_speedup']:.2f}x, vs plain "
                 f"{b['speedup_vs_plain']:.2f}x, overhead {b['overhead_us_per_boundary']:.1f} us/boundary")
+    res["spread"] = {}
+    for fam in (f for f in args.spread_families.split(",") if f in prepared):
+        model, bundle, inputs, _ = prepared[fam]
+        offsets = spread_offsets(model, force=True)
+        log(f"spread scenario {fam}: offsets {np.round(offsets, 3).tolist()}")
+        res["spread"][fam] = run_child(bundle, inputs, "default", args, offsets, args.variant_processes)
+        save()
     variants = [v for v in args.variants.split(",") if v]
-    if variants and args.variants_family in prepared:
-        res["variants_family"] = args.variants_family
-        res["variants"] = {}
-        model, bundle, inputs, offsets = prepared[args.variants_family]
+    res["variants"] = {}
+    for fam in (f for f in args.variants_family.split(",") if f in prepared):
+        res["variants"][fam] = {}
+        model, bundle, inputs, offsets = prepared[fam]
         for v in variants:
-            log(f"variant {v}")
-            res["variants"][v] = run_child(bundle, inputs, v, args, offsets)
+            log(f"variant {fam} {v}")
+            res["variants"][fam][v] = run_child(bundle, inputs, v, args, offsets, args.variant_processes)
             save()
     save()
     log(f"wrote {out} and {out.with_suffix('.md')}")

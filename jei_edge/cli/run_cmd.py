@@ -23,19 +23,24 @@ from jei_edge.cli.options import device_option, emit_json, json_option
 @click.option("--batch-size", type=int, default=None, help="Rows per run (default: the bundle's max batch).")
 @click.option("--preprocessed", is_flag=True, help="Inputs are model inputs already (skip the bundle's normalisation).")
 @click.option("--show", type=int, default=20, show_default=True, help="Table rows to print (-1: all).")
+@click.option("--backend-opt", "backend_opts", multiple=True, metavar="KEY=VALUE",
+              help="Backend setting, repeatable; on the CPU an onnxruntime setting such as intra_op_threads=1, "
+                   "small_batch_rows=1 (1-thread sessions when one row is live) or allow_spinning=true "
+                   "(defaults: the bundle's target; see docs/runtime.md).")
 @json_option
-def run(bundle, inputs, device, mode, offsets, alpha, batch_size, preprocessed, show, as_json):
+def run(bundle, inputs, device, mode, offsets, alpha, batch_size, preprocessed, show, backend_opts, as_json):
     """Run BUNDLE (a NAME.jei directory) on INPUTS: .npy/.npz files (raw values in [0, 1] unless
     --preprocessed; uint8 = pixels), image files, or folders (one sub-folder per class gives labels
     and accuracy). Prints the class, exit, confidence and conformal set of each sample and a summary."""
     from jei_edge.errors import JeiEdgeError
     from jei_edge.runtime.inputs import load_inputs
-    from jei_edge.runtime.output import expand_offsets, format_table, parse_offsets, records, summary
+    from jei_edge.runtime.output import (expand_offsets, format_table, parse_backend_options, parse_offsets, records,
+                                         summary)
     from jei_edge.runtime.runtime import Runtime
 
     if batch_size is not None and batch_size < 1:
         raise JeiEdgeError(f"--batch-size must be >= 1, got {batch_size}")
-    rt = Runtime.load(bundle, device=device, max_batch=batch_size)
+    rt = Runtime.load(bundle, device=device, max_batch=batch_size, **parse_backend_options(backend_opts))
     offs = expand_offsets(parse_offsets(offsets), rt.num_gates)
     if rt.qhat(alpha) is None:
         alpha = None

@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocessed", action="store_true", help="inputs are model inputs already (no normalisation)")
     p.add_argument("--probs", action="store_true", help="include the probability vector of each sample")
     p.add_argument("--summary", action="store_true", help="end with one JSON line {\"summary\": ...}")
+    p.add_argument("--backend-opt", dest="backend_opts", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend setting, repeatable (CPU: onnxruntime settings such as intra_op_threads=1 or "
+                        "small_batch_rows=1; default: the bundle's target)")
     return p
 
 
@@ -42,12 +45,13 @@ def _emit(rec) -> None:
 
 def run_stream(args) -> None:
     from jei_edge.runtime.inputs import concat, load_inputs, stream_npy
-    from jei_edge.runtime.output import expand_offsets, parse_offsets, records, summary
+    from jei_edge.runtime.output import expand_offsets, parse_backend_options, parse_offsets, records, summary
     from jei_edge.runtime.runtime import Runtime
 
     if args.batch_size is not None and args.batch_size < 1:
         raise JeiEdgeError(f"--batch-size must be >= 1, got {args.batch_size}")
-    rt = Runtime.load(args.bundle, device=args.device, max_batch=args.batch_size)
+    rt = Runtime.load(args.bundle, device=args.device, max_batch=args.batch_size,
+                      **parse_backend_options(args.backend_opts))
     offsets = expand_offsets(parse_offsets(args.offsets), rt.num_gates)
     if args.alpha is not None:
         rt.qhat(args.alpha)  # validate before any work

@@ -35,6 +35,12 @@ class OrtSettings:
         graph_optimization: ``disable`` | ``basic`` | ``extended`` | ``all``.
         io_binding: run through IOBinding on the workspace's preallocated buffers (no output
             allocation per stage); False uses ``session.run`` and copies outputs.
+        small_batch_rows: when > 0, every stage gets a second session with
+            ``small_batch_threads`` intra-op threads, used whenever at most this many rows are
+            live (batch-1 streaming, the tail of a batch after most rows exited). Splitting one
+            row's work over a pool costs a thread wake-up and a barrier per stage, more than it
+            saves on small stages. Costs a second copy of each stage's weights in memory.
+        small_batch_threads: intra-op threads of the small-batch sessions.
     """
 
     intra_op_threads: int = 0
@@ -43,6 +49,16 @@ class OrtSettings:
     global_thread_pool: bool = False
     graph_optimization: str = "all"
     io_binding: bool = True
+    small_batch_rows: int = 0
+    small_batch_threads: int = 1
+
+    @property
+    def small_batch(self) -> Optional["OrtSettings"]:
+        """Settings of the small-batch sessions (None when they are off or would equal the main ones)."""
+        if self.small_batch_rows <= 0 or self.small_batch_threads == self.intra_op_threads \
+                or self.global_thread_pool:
+            return None
+        return dataclasses.replace(self, intra_op_threads=self.small_batch_threads, small_batch_rows=0)
 
     @classmethod
     def from_options(cls, options: Optional[Dict[str, Any]] = None, base: Optional["OrtSettings"] = None) -> "OrtSettings":
@@ -132,35 +148,50 @@ def create_session(path, settings: OrtSettings, what: str, built_with: Optional[
 
 
 class OrtStageExecutor(StageExecutor):
-    """Runs stage ``k`` on the first ``n`` rows of a ``NumpyWorkspace``'s buffers."""
+    """Runs stage ``k`` on the first ``n`` rows of a ``NumpyWorkspace``'s buffers.
 
-    def __init__(self, sessions: List[Any], settings: OrtSettings):
+    ``small_sessions`` (optional, one per stage, same graphs): used instead of ``sessions`` when
+    ``n <= settings.small_batch_rows`` (see ``OrtSettings.small_batch_rows``).
+    """
+
+    def __init__(self, sessions: List[Any], settings: OrtSettings, small_sessions: Optional[List[Any]] = None):
         self.sessions = list(sessions)
         self.num_stages = len(self.sessions)
         self.settings = settings
+        if small_sessions is not None and len(small_sessions) != self.num_stages:
+            raise ValueError("small_sessions must have one session per stage")
+        self.small_sessions = list(small_sessions) if small_sessions else None
+        self._small_rows = settings.small_batch_rows if self.small_sessions else 0
         self._in_names = [s.get_inputs()[0].name for s in self.sessions]
-        self._out_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
-        self._bindings = [s.io_binding() for s in self.sessions] if settings.io_binding else None
-        # what each binding points at now: bindings persist across runs, so unchanged ones are kept
-        self._bound_in: List[Optional[tuple]] = [None] * self.num_stages
-        self._bound_out: List[Optional[tuple]] = [None] * self.num_stages
+        # one run path per session set: [0] main sessions, [1] small-batch sessions
+        self._paths = [self._path(self.sessions)] + ([self._path(self.small_sessions)] if self.small_sessions else [])
+
+    def _path(self, sessions: List[Any]) -> Dict[str, Any]:
+        # bindings persist across runs; what each one points at is remembered so unchanged ones are kept
+        return {"sessions": sessions,
+                "bindings": [s.io_binding() for s in sessions] if self.settings.io_binding else None,
+                "bound_in": [None] * self.num_stages, "bound_out": [None] * self.num_stages}
 
     def execute(self, k: int, n: int, ws) -> None:
         x = ws.stage_input(k)
         outs = ws.stage_outputs(k)
-        if self._bindings is not None:
-            b = self._bindings[k]
-            key = (x.ctypes.data, n)
-            if self._bound_in[k] != key:
-                b.bind_input(self._in_names[k], "cpu", 0, x.dtype, (n,) + x.shape[1:], key[0])
-                self._bound_in[k] = key
-            key = (tuple(buf.ctypes.data for _, buf in outs), n)
-            if self._bound_out[k] != key:
+        path = self._paths[1 if n <= self._small_rows else 0]
+        bindings = path["bindings"]
+        if bindings is not None:
+            b = bindings[k]
+            # A binding is redone only when the array object or the row count changed; holding the
+            # bound object (not its address) makes the identity test safe against address reuse.
+            bound = path["bound_in"][k]
+            if bound is None or bound[0] is not x or bound[1] != n:
+                b.bind_input(self._in_names[k], "cpu", 0, x.dtype, (n,) + x.shape[1:], x.ctypes.data)
+                path["bound_in"][k] = (x, n)
+            bound = path["bound_out"][k]
+            if bound is None or bound[0] is not outs or bound[1] != n:
                 for name, buf in outs:
                     b.bind_output(name, "cpu", 0, buf.dtype, (n,) + buf.shape[1:], buf.ctypes.data)
-                self._bound_out[k] = key
-            self.sessions[k].run_with_iobinding(b)
+                path["bound_out"][k] = (outs, n)
+            path["sessions"][k].run_with_iobinding(b)
         else:
-            res = self.sessions[k].run([name for name, _ in outs], {self._in_names[k]: x[:n]})
+            res = path["sessions"][k].run([name for name, _ in outs], {self._in_names[k]: x[:n]})
             for (name, buf), r in zip(outs, res):
                 buf[:n] = r

@@ -108,3 +108,31 @@ def expand_offsets(offsets: Optional[List[float]], num_gates: int) -> Optional[t
     if len(offsets) == 1 and num_gates != 1:
         offsets = offsets * num_gates
     return tuple(offsets)
+
+
+def parse_backend_options(items: Optional[Sequence[str]]) -> Dict[str, object]:
+    """``["small_batch_rows=1", "allow_spinning=false"]`` -> ``{"small_batch_rows": 1, ...}``.
+
+    Values: ``true``/``false`` -> bool, integers -> int, anything else stays a string; the backend
+    (``OrtSettings.from_options`` on the CPU) checks names and types and names what is valid.
+    """
+    from jei_edge.errors import InputError
+
+    out: Dict[str, object] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise InputError(f"backend option {item!r} is not KEY=VALUE", hint="e.g. --backend-opt small_batch_rows=1")
+        if key in ("bundle", "device", "max_batch", "verify"):
+            raise InputError(f"backend option {key!r} is not a backend setting",
+                             hint="use the command's own flags (--device, --batch-size)")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                out[key] = value
+    return out

@@ -45,9 +45,13 @@ def _cpu_backend(bundle: Bundle, max_batch: int, options: Dict[str, Any]):
                               f"{sorted(names_out)}, manifest says {want_in} / {sorted(want_out)}",
                               hint="rebuild the bundle")
         sessions.append(sess)
+    small = None
+    if settings.small_batch is not None:  # graphs already checked above: same files
+        small = [create_session(bundle.file(st["file"]), settings.small_batch, f"stage {st['index']}", built_with=tc)
+                 for st in bundle.stages]
     specs = [StageSpec.from_manifest(st) for st in bundle.stages]
     ws = NumpyWorkspace(specs, int(bundle.manifest["num_classes"]), max_batch)
-    return OrtStageExecutor(sessions, settings), ws
+    return OrtStageExecutor(sessions, settings, small), ws
 
 
 def _cuda_backend(bundle: Bundle, max_batch: int, options: Dict[str, Any]):

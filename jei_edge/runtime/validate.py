@@ -20,14 +20,17 @@ import numpy as np
 from jei_edge.errors import InputError
 
 _FLOATS = (np.float16, np.float32, np.float64)
+_F32 = np.dtype(np.float32)
 
 
 def check_batch(x, input_shape: Sequence[int], what: str = "input") -> np.ndarray:
     """Return ``x`` as a C-contiguous float32 ``[B, C, H, W]`` array or raise ``InputError``."""
     expected = tuple(input_shape)
-    if (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape[1:] == expected and x.ndim == len(expected) + 1
-            and x.flags.c_contiguous and np.isfinite(x).all()):
-        return x  # the common case, checked cheaply (batch-1 streaming calls this per sample)
+    # The common case, checked cheaply (batch-1 streaming calls this per sample): shape[1:] equal
+    # to ``expected`` also fixes the rank; ``dtype is`` the native float32 singleton.
+    if (type(x) is np.ndarray and x.dtype is _F32 and x.shape[1:] == expected and x.flags.c_contiguous
+            and np.isfinite(x).all()):
+        return x
     expected = tuple(int(d) for d in expected)
     if not isinstance(x, np.ndarray):
         try:

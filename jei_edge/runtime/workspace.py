@@ -94,30 +94,30 @@ class NumpyWorkspace(Workspace):
         else:
             self._x[:b] = x
             self._in[0] = self._x
-        self._S[:b] = 0.0
-        self._idx[:b] = self._arange[:b]
         self._B = b
         self._identity = True
+        if b == 1:  # batch-1 streaming: S lives in a Python float, rows never move
+            self._s1 = 0.0
+            self._last = None
+            return 1
+        self._S[:b] = 0.0
+        self._idx[:b] = self._arange[:b]
         return b
 
     def exit_and_compact(self, k: int, n: int, delta: float, early_exit: bool) -> int:
-        out = self._out[k]
-        g = out["gate"]
-        hidden = out["hidden_out"]
-        if early_exit and n == 1:  # batch-1 streaming: scalar decision, no index arrays
-            gv, sv = float(g[0]), float(self._S[0])  # Python floats: float64, as the array path
-            if exit_mask(gv, sv, delta):
-                row = 0 if self._identity else int(self._idx[0])
-                self._probs[row] = out["probs"][0]
-                self._exit[row] = self.stages[k].exit
-                return 0
-            self._S[0] = sv + gv
-            return 1
-        g = g[:n]
-        S = self._S[:n]
-        if not early_exit:
-            np.add(S, g, out=S)
+        if not early_exit:  # ``full``: nobody exits, nothing moves (S is only needed to decide)
             return n
+        out = self._out[k]
+        if self._B == 1:  # batch-1 streaming: a scalar decision on Python floats (float64, as below)
+            gv = out["gate"].item(0)  # a Python float
+            if exit_mask(gv, self._s1, delta):
+                self._last = (k, out["probs"])  # collect() copies the row before the next run
+                return 0
+            self._s1 += gv
+            return 1
+        g = out["gate"][:n]
+        hidden = out["hidden_out"]
+        S = self._S[:n]
         mask = exit_mask(g, S, delta)
         np.add(S, g, out=S)  # after the decision; S of exited rows is not used again
         if not mask.any():
@@ -134,13 +134,21 @@ class NumpyWorkspace(Workspace):
             holes = ex[:np.searchsorted(ex, m)]
             if holes.size:
                 fill = np.flatnonzero(~mask[m:]) + m
-                hidden[holes] = hidden[fill]
+                # row by row: a hole is always before row m and a fill row at or after it, so
+                # source and destination never overlap; unlike hidden[holes] = hidden[fill] this
+                # builds no temporary copy of the moved rows (measured 1.6-2.2x faster for 10 rows
+                # of 40-128 KB)
+                for dst, src in zip(holes.tolist(), fill.tolist()):
+                    hidden[dst] = hidden[src]
                 S[holes] = S[fill]
                 self._idx[holes] = self._idx[fill]  # begin() set idx = arange, so this is valid
                 self._identity = False
         return m
 
     def finish(self, k: int, n: int) -> None:
+        if self._B == 1:
+            self._last = (k, self._out[k]["probs"])
+            return
         probs = self._out[k]["probs"][:n]
         if self._identity:
             self._probs[:n] = probs
@@ -153,4 +161,8 @@ class NumpyWorkspace(Workspace):
     def collect(self, reach: List[int]) -> Results:
         b = self._B
         self._in[0] = self._x  # drop the reference to the caller's array
+        if b == 1:
+            k, probs = self._last
+            return Results(probs=probs[:1].copy(), exit_index=np.array([self.stages[k].exit], dtype=np.int64),
+                           reach=list(reach))
         return Results(probs=self._probs[:b].copy(), exit_index=self._exit[:b].copy(), reach=list(reach))

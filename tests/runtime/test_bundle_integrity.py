@@ -202,3 +202,42 @@ def test_runtime_settings_from_options(vit_bundle):
         Runtime.load(vit_bundle, io_binding="yes")
     with pytest.raises(JeiEdgeError, match="device must be"):
         Runtime.load(vit_bundle, device="tpu")
+
+
+def test_small_batch_sessions_take_the_small_live_sets(vit_bundle):
+    """With small_batch_rows, stage runs on <= that many live rows go to the 1-thread sessions,
+    larger ones to the main sessions, and results are the same as without them."""
+    x = model_inputs(24)
+    ref = Runtime.load(vit_bundle).run(x)
+    rt = Runtime.load(vit_bundle, intra_op_threads=2, small_batch_rows=4)
+    ex = rt.executor
+    assert ex.small_sessions is not None and len(ex.small_sessions) == ex.num_stages
+    calls = {"main": [], "small": []}
+    for name, sessions in (("main", ex.sessions), ("small", ex.small_sessions)):
+        for k, s in enumerate(sessions):
+            ex_run = s.run_with_iobinding
+
+            def spy(b, _run=ex_run, _name=name, _k=k):
+                calls[_name].append(_k)
+                return _run(b)
+
+            # InferenceSession instances accept attribute assignment; route through the spy
+            s.run_with_iobinding = spy
+    seen_n = []
+    orig = ex.execute
+
+    def execute(k, n, ws):
+        seen_n.append(n)
+        return orig(k, n, ws)
+
+    ex.execute = execute
+    res = rt.run(x)
+    one = [rt.run(x[i:i + 1]) for i in range(3)]
+    assert np.array_equal(res.exit_index, ref.exit_index) and np.abs(res.probs - ref.probs).max() < 1e-6
+    for i, r in enumerate(one):
+        assert r.exit_index[0] == ref.exit_index[i] and np.abs(r.probs[0] - ref.probs[i]).max() < 1e-6
+    assert len(calls["main"]) == sum(n > 4 for n in seen_n) and len(calls["small"]) == sum(n <= 4 for n in seen_n)
+    assert calls["small"] and calls["main"]
+    # off when it would change nothing
+    assert Runtime.load(vit_bundle, intra_op_threads=1, small_batch_rows=4).executor.small_sessions is None
+    assert Runtime.load(vit_bundle).executor.small_sessions is None

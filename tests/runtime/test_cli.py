@@ -161,3 +161,24 @@ def test_standalone_stdin_stream(vit_bundle, tmp_path):
                          capture_output=True)
     assert bad.returncode == 2 and b"not in .npy format" in bad.stderr and b"Traceback" not in bad.stderr
     assert PREP_1CH["std"] == [0.25]
+
+
+def test_backend_options_on_both_run_clis(vit_bundle, tmp_path, capsys):
+    raw = _raw(12, seed=9)
+    np.save(tmp_path / "a.npy", raw)
+    ref = Runtime.load(vit_bundle).run((raw - 0.5) / 0.25)
+    rc, out, err = _cli(capsys, ["run", str(vit_bundle), str(tmp_path / "a.npy"), "--json",
+                                 "--backend-opt", "small_batch_rows=1", "--backend-opt", "io_binding=false"])
+    assert rc == 0, err
+    assert [s["exit"] for s in json.loads(out)["samples"]] == ref.exit_index.tolist()
+    rc = run_main([str(vit_bundle), str(tmp_path / "a.npy"), "--backend-opt", "intra_op_threads=1"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert [json.loads(line)["exit"] for line in out.splitlines()] == ref.exit_index.tolist()
+    for bad, match in (("threads=2", "unknown onnxruntime option"), ("io_binding=maybe", "must be true/false"),
+                       ("small_batch_rows", "not KEY=VALUE"), ("device=cuda", "not a backend setting")):
+        rc = run_main([str(vit_bundle), str(tmp_path / "a.npy"), "--backend-opt", bad])
+        out, err = capsys.readouterr()
+        assert rc != 0 and match in err and out == "" and "Traceback" not in err, (bad, err)
+        rc, out, err = _cli(capsys, ["run", str(vit_bundle), str(tmp_path / "a.npy"), "--backend-opt", bad])
+        assert rc != 0 and match in err + out, (bad, err)

@@ -142,3 +142,22 @@ def test_workspace_copies_a_non_contiguous_input():
     x = np.arange(100, dtype=np.float32)[::2, None] / 2  # a strided view
     res = run_conditional(ScriptedExecutor(G, P), ws, x, "exit")
     assert np.array_equal(res.exit_index, exit_levels(G))
+
+
+@pytest.mark.parametrize("offsets", [None, [0.1, -0.2, 0.0, 0.3]])
+def test_batch_one_path_matches_exit_levels_exactly(offsets):
+    """Batch 1 decides on Python floats and keeps S outside the arrays: same levels, ties included."""
+    G, P, ws = _scripted(n=200)
+    levels = exit_levels(G, offsets)
+    x = np.arange(len(G), dtype=np.float32)[:, None]
+    for i in range(len(G)):
+        ex = ScriptedExecutor(G, P)
+        res = run_conditional(ex, ws, x[i:i + 1], "exit", offsets)
+        assert res.exit_index.tolist() == [levels[i]] and res.exit_index.dtype == np.int64
+        assert np.array_equal(res.probs, P[i:i + 1, levels[i]])
+        assert res.reach == [1] * (int(levels[i]) + 1) and ex.calls == [(k, 1) for k in range(levels[i] + 1)]
+        full = run_conditional(ScriptedExecutor(G, P), ws, x[i:i + 1], "full")
+        assert full.exit_index.tolist() == [G.shape[1]] and np.array_equal(full.probs, P[i:i + 1, -1])
+    # a larger batch after batch-1 calls (and back) still agrees
+    res = run_conditional(ScriptedExecutor(G, P), ws, x, "exit", offsets)
+    assert np.array_equal(res.exit_index, levels)

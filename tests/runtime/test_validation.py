@@ -75,3 +75,19 @@ def test_offsets_tuple_checked_once_lists_every_time(rt):
     lst.append(1.0)  # a list may change between calls: always checked
     with pytest.raises(InputError):
         rt.run(x, offsets=lst)
+
+
+def test_finiteness_check_has_no_false_positives_or_misses(rt):
+    x = np.full((64, 1, 8, 8), np.finfo(np.float32).max, np.float32)  # a float32 sum would overflow
+    x[1::2] = -np.finfo(np.float32).max
+    from jei_edge.runtime.validate import check_batch
+
+    assert check_batch(x, (1, 8, 8)) is x
+    y = model_inputs(4)
+    y[2, 0, 0, 0], y[2, 0, 0, 1] = np.inf, -np.inf  # cancelling infinities are still refused
+    with pytest.raises(InputError, match=r"rows 2\)"):
+        rt.run(y)
+    y = model_inputs(1)
+    y[0, 0, 3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN or infinite"):
+        rt.run(y)
