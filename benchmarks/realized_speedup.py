@@ -334,6 +334,13 @@ def machine() -> dict:
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "host": platform.node()}
 
 
+def _batch_rows(section: dict):
+    """``(family, family results, batch size, batch results)`` of a results section, in order."""
+    for fam, r in section.items():
+        for key in sorted(k for k in r if k.startswith("batch_")):
+            yield fam, r, key[6:], r[key]
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Realized speedup (CPU, onnxruntime {m['onnxruntime']})", "",
@@ -344,27 +351,23 @@ def markdown(res: dict) -> str:
              "(bound for a zero-cost runtime) | realized speedup (full/exit) | "
              "speedup vs plain | overhead / boundary | decide+compact | exit ms/sample |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for fam, r in res["families"].items():
-        for key in sorted(k for k in r if k.startswith("batch_")):
-            b = r[key]
-            lines.append(f"| {fam} | {key[6:]} | {r['exit_histogram']} | {b['efficiency']:.3f} | "
-                         f"{b['efficiency_vs_stage_medians']:.3f} ({b['back_to_back_vs_stage_medians']:.3f}) | "
-                         f"{b['realized_speedup']:.2f}x | {b['speedup_vs_plain']:.2f}x | "
-                         f"{b['overhead_us_per_boundary']:.1f} us | {b['decide_compact_us_per_boundary']:.1f} us | "
-                         f"{b['exit_ms_per_sample']:.3f} |")
+    for fam, r, bsz, b in _batch_rows(res["families"]):
+        lines.append(f"| {fam} | {bsz} | {r['exit_histogram']} | {b['efficiency']:.3f} | "
+                     f"{b['efficiency_vs_stage_medians']:.3f} ({b['back_to_back_vs_stage_medians']:.3f}) | "
+                     f"{b['realized_speedup']:.2f}x | {b['speedup_vs_plain']:.2f}x | "
+                     f"{b['overhead_us_per_boundary']:.1f} us | {b['decide_compact_us_per_boundary']:.1f} us | "
+                     f"{b['exit_ms_per_sample']:.3f} |")
     if res.get("spread"):
         lines += ["", "Spread scenario (same models, threshold offsets chosen on the validation split so that "
                   "exits spread evenly over all exits: rows cross every boundary, the overhead's worst case; "
                   "1 process):", "",
                   "| family | batch | exit hist. (test) | efficiency | realized speedup | speedup vs plain | "
                   "overhead / boundary | accuracy exit / full |", "|---|---|---|---|---|---|---|---|"]
-        for fam, r in res["spread"].items():
-            for key in sorted(k for k in r if k.startswith("batch_")):
-                b = r[key]
-                lines.append(f"| {fam} | {key[6:]} | {r['exit_histogram']} | {b['efficiency']:.3f} | "
-                             f"{b['realized_speedup']:.2f}x | {b['speedup_vs_plain']:.2f}x | "
-                             f"{b['overhead_us_per_boundary']:.1f} us | {100 * r['accuracy_exit']:.1f}% / "
-                             f"{100 * r['accuracy_full']:.1f}% |")
+        for fam, r, bsz, b in _batch_rows(res["spread"]):
+            lines.append(f"| {fam} | {bsz} | {r['exit_histogram']} | {b['efficiency']:.3f} | "
+                         f"{b['realized_speedup']:.2f}x | {b['speedup_vs_plain']:.2f}x | "
+                         f"{b['overhead_us_per_boundary']:.1f} us | {100 * r['accuracy_exit']:.1f}% / "
+                         f"{100 * r['accuracy_full']:.1f}% |")
     lines.append("")
     for fam, r in res["families"].items():
         offs = "none (trained operating point)" if not any(r["offsets"] or []) else \

@@ -180,7 +180,8 @@ class OrtStageExecutor(StageExecutor):
         if bindings is not None:
             b = bindings[k]
             # A binding is redone only when the array object or the row count changed; holding the
-            # bound object (not its address) makes the identity test safe against address reuse.
+            # bound object (not its address) makes the identity test safe against address reuse
+            # (for stage 0 that is the caller's last batch, kept alive until the next run).
             bound = path["bound_in"][k]
             if bound is None or bound[0] is not x or bound[1] != n:
                 b.bind_input(self._in_names[k], "cpu", 0, x.dtype, (n,) + x.shape[1:], x.ctypes.data)

@@ -8,12 +8,16 @@ survivors found after row ``m`` (the survivor count) move into the holes the exi
 the first ``m`` rows, together with their running gate sum ``S`` and original index. At most
 ``min(exited, survivors)`` rows move (none when nobody exits, always the case in ``full`` mode),
 instead of every survivor as an order-preserving gather would.
+
+A batch of one row (streaming) keeps ``S`` in a Python float and decides on Python floats through
+the same ``exit_mask``; the row never moves, so its result is copied straight from the probs
+buffer of the stage it left at. ``full`` mode does no boundary work at all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -74,6 +78,9 @@ class NumpyWorkspace(Workspace):
         self._exit = np.zeros(mb, dtype=np.int64)
         self._B = 0
         self._identity = True  # row i of the live set is still original row i
+        # batch 1: S as a Python float, and (stage, its probs buffer) of the exit taken
+        self._s1 = 0.0
+        self._last: Optional[Tuple[int, np.ndarray]] = None
 
     # -- executor side -------------------------------------------------------------------------
     def stage_input(self, k: int) -> np.ndarray:
@@ -160,7 +167,7 @@ class NumpyWorkspace(Workspace):
 
     def collect(self, reach: List[int]) -> Results:
         b = self._B
-        self._in[0] = self._x  # drop the reference to the caller's array
+        self._in[0] = self._x  # drop the workspace's reference to the caller's array
         if b == 1:
             k, probs = self._last
             return Results(probs=probs[:1].copy(), exit_index=np.array([self.stages[k].exit], dtype=np.int64),
