@@ -1,0 +1,46 @@
+"""The realized-speedup benchmark's measurement keeps working (a tiny bundle, one repeat).
+
+Numbers are not asserted against goals here (that is what the benchmark is for); the test checks
+that the torch-free measurement child runs and reports every figure DESIGN.md defines, with
+internally consistent values.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tests.runtime.helpers import model_inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_measurement_child_reports_every_figure(vit_bundle, tmp_path):
+    x = model_inputs(70, seed=11)
+    np.savez(tmp_path / "test.npz", x=x, y=np.arange(len(x)) % 5)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "realized_speedup.py"), "--child", str(vit_bundle),
+           str(tmp_path / "test.npz"), "--repeats", "2", "--n1", "6", "--n64", "64", "--batches", "1,64",
+           "--variant", "small_batch_1", "--offsets", "null"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["test_samples"] == 70 and sum(r["exit_histogram"]) == 70
+    for key, rows in (("batch_1", 6), ("batch_64", 64)):
+        b = r[key]
+        assert b["samples"] == rows and b["reach_total"][0] == rows
+        assert all(b[f] > 0 for f in ("exit_s", "full_s", "plain_s", "ideal_s", "ideal_from_stage_medians_s"))
+        for f in ("efficiency", "realized_speedup", "speedup_vs_plain", "efficiency_vs_stage_medians",
+                  "back_to_back_vs_stage_medians"):
+            assert 0.05 < b[f] < 20, (key, f, b[f])
+        # the reach counts shrink stage by stage: rows that exited stopped running
+        assert all(a >= c for a, c in zip(b["reach_total"], b["reach_total"][1:]))
+
+
+def test_cuda_benchmark_shares_the_cpu_benchmark_models():
+    """benchmarks/cuda_speedup.py imports (no GPU needed) and uses the CPU benchmark's data and ViT."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import cuda_speedup, realized_speedup; "
+            "assert cuda_speedup.DATA == realized_speedup.DATA; assert 'torch' not in sys.modules; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
