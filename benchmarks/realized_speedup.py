@@ -377,6 +377,8 @@ def markdown(res: dict) -> str:
                      f"/ full {100 * r['accuracy_full']:.1f}%; mean cost {r['mean_cost']:.3f} "
                      f"({r['mean_cost_vs_plain']:.3f} of the plain backbone)")
     for fam, variants in (res.get("variants") or {}).items():
+        if not variants:
+            continue
         lines += ["", f"Session settings ({fam}): efficiency / exit ms per sample / speedup vs plain", "",
                   "| variant | settings | batch 1 | batch 64 |", "|---|---|---|---|"]
         for name, r in variants.items():
@@ -393,7 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--lambdas", default="", help="override training lambdas, e.g. vit=0.3,resnet=2 (new --work dir)")
     p.add_argument("--batches", default="1,64")
     p.add_argument("--repeats", type=int, default=11)
-    p.add_argument("--processes", type=int, default=3, help="measurement processes per family (median across them)")
+    p.add_argument("--processes", type=int, default=5, help="measurement processes per family (median across them)")
     p.add_argument("--variant-processes", type=int, default=1, help="measurement processes per settings variant")
     p.add_argument("--n1", type=int, default=150, help="samples run one at a time (batch 1)")
     p.add_argument("--n64", type=int, default=512, help="samples run in batches of 64")
