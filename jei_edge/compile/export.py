@@ -73,7 +73,7 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
         opset: ONNX opset (>= 17).
 
     Returns:
-        Per-stage manifest entries (index, file, blocks, exit, inputs, outputs, macs).
+        Per-stage manifest entries (index, file, blocks, exit, gated, macs, input_guard, inputs, outputs).
     """
     import torch
 
@@ -89,6 +89,8 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
             entries.append({
                 "index": plan.index, "file": plan.file, "blocks": list(plan.blocks), "exit": plan.exit,
                 "gated": plan.gated, "macs": plan.macs,
+                # stage 0's gate is NaN for a row with a non-finite input (StageModule's input guard)
+                "input_guard": bool(getattr(module, "input_guard", False)),
                 "inputs": [_io_entry(plan.input_name, h.shape)],
                 "outputs": [_io_entry(n, o.shape) for n, o in zip(plan.output_names, outs)],
             })

@@ -73,9 +73,9 @@ class JEIModel(nn.Module):
         gl = torch.stack(gate_logits, dim=1) if gate_logits else x.new_zeros((b, 0))
         return torch.stack(logits, dim=1), gl
 
-    def stage(self, k: int) -> nn.Module:
-        """Stage ``k`` as an exportable module (see ``StageModule``)."""
-        return StageModule(self, k)
+    def stage(self, k: int, input_guard: bool = True) -> nn.Module:
+        """Stage ``k`` as an exportable module (see ``StageModule``, also for ``input_guard``)."""
+        return StageModule(self, k, input_guard=input_guard)
 
     def plain_backbone(self) -> nn.Module:
         """The backbone alone (no IMs, no gates) as one module: image -> probs."""
@@ -86,9 +86,15 @@ class StageModule(nn.Module):
     """Stage k: ``x`` (k = 0) or ``hidden_in`` -> ``(hidden_out, probs, gate)``; the last stage -> ``probs``.
 
     ``gate`` is ``sigmoid(gate logit)`` of this stage's exit, computed in-graph in float32.
+
+    **Input guard** (stage 0 with a gate): ``gate + 0 * sum(x_row)``. It leaves every gate value
+    exactly as it was for a finite row (adding a signed zero) and makes the gate NaN for any row
+    holding a NaN or an infinity (IEEE: ``0 * inf`` and anything with NaN is NaN), whatever the
+    network itself does with such values (a ReLU maps -inf to 0). The runtime then checks the B
+    gate values stage 0 produces instead of the B x C x H x W input values before the run.
     """
 
-    def __init__(self, model: JEIModel, k: int):
+    def __init__(self, model: JEIModel, k: int, input_guard: bool = True):
         super().__init__()
         ranges = model.stage_ranges()
         if not 0 <= k < len(ranges):
@@ -99,6 +105,7 @@ class StageModule(nn.Module):
         self.blocks = nn.ModuleList(model.blocks[start:end])
         self.out = model.head if self.last else model.ims[k]
         self.gate = None if self.last else model.gates[k]
+        self.input_guard = bool(input_guard) and k == 0 and not self.last
 
     def forward(self, x):
         h = self.stem(x) if self.stem is not None else x
@@ -108,7 +115,10 @@ class StageModule(nn.Module):
         probs = torch.softmax(z.float(), dim=-1)
         if self.last:
             return probs
-        return h, probs, torch.sigmoid(self.gate(z))
+        gate = torch.sigmoid(self.gate(z))
+        if self.input_guard:
+            gate = gate + x.flatten(1).sum(1).float() * 0.0
+        return h, probs, gate
 
 
 class PlainBackbone(nn.Module):

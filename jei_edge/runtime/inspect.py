@@ -33,6 +33,7 @@ def describe_bundle(path) -> Dict[str, Any]:
         k = st["exit"]
         stages.append({"index": st["index"], "file": st["file"], "blocks": st["blocks"], "exit": k,
                        "gated": st.get("gated", True), "macs": st.get("macs"),
+                       "input_guard": bool(st.get("input_guard", False)),
                        "exit_cost": ex["cost"][k], "exit_cost_vs_plain": ex["cost_vs_plain"][k],
                        "inputs": st["inputs"], "outputs": st["outputs"]})
     report = {}
@@ -52,6 +53,7 @@ def describe_bundle(path) -> Dict[str, Any]:
         "files": {k: v.get("size") for k, v in m["files"].items()},
         "integrity": {"ok": not problems, "problems": problems},
         "parity": report.get("decisions", {}).get("agreement"),
+        "input_guard": bool(stages and stages[0]["input_guard"]),
     }
 
 
@@ -79,6 +81,8 @@ def format_bundle(info: Dict[str, Any]) -> str:
                      f"{_io(info['plain']['outputs'])})")
     if info.get("parity") is not None:
         lines.append(f"  build parity: exit-decision agreement {100 * info['parity']:.3f}% (see report.txt)")
+    lines.append("  inputs:    NaN/inf rows caught by stage 0's in-graph guard" if info.get("input_guard")
+                 else "  inputs:    NaN/inf rows caught by a numpy check before the run (no in-graph guard)")
     lines.append(f"  model.pt:  {'carried' if info.get('model_file') else 'not carried'}")
     a = info["exits"]["alphas"]
     lines.append(f"  conformal: {len(a)} alphas ({min(a):g}..{max(a):g})" if a else "  conformal: not calibrated")

@@ -19,7 +19,7 @@ import numpy as np
 from jei_edge.errors import BundleError, DependencyError, InputError, JeiEdgeError
 from jei_edge.runtime.bundle import Bundle
 from jei_edge.runtime.loop import MODES, Results, StageExecutor, Workspace, run_conditional
-from jei_edge.runtime.validate import check_batch, check_mode, check_offsets
+from jei_edge.runtime.validate import GuardTripped, check_batch, check_mode, check_offsets, nonfinite_error
 
 DEVICES = ("cpu", "cuda")
 
@@ -50,8 +50,36 @@ def _cpu_backend(bundle: Bundle, max_batch: int, options: Dict[str, Any]):
         small = [create_session(bundle.file(st["file"]), settings.small_batch, f"stage {st['index']}", built_with=tc)
                  for st in bundle.stages]
     specs = [StageSpec.from_manifest(st) for st in bundle.stages]
-    ws = NumpyWorkspace(specs, int(bundle.manifest["num_classes"]), max_batch)
+    guard = _verify_input_guard(bundle, sessions[0])
+    ws = NumpyWorkspace(specs, int(bundle.manifest["num_classes"]), max_batch, input_guard=guard)
     return OrtStageExecutor(sessions, settings, small), ws
+
+
+def _verify_input_guard(bundle: Bundle, session) -> bool:
+    """True when stage 0 declares the input guard and its graph really has it.
+
+    Runs stage 0 once on probe rows holding a NaN, a +inf, a -inf (at different positions): each
+    gate must be NaN. A manifest claiming a guard its graph lacks (an altered bundle) is refused,
+    since the runtime would otherwise skip the input check; bundles built before the guard existed
+    (no ``input_guard`` key) keep the numpy check before the run.
+    """
+    st = bundle.stages[0]
+    if not st.get("input_guard") or not st.get("gated", bundle.num_stages > 1):
+        return False
+    shape = [int(d) for d in st["inputs"][0]["shape"][1:]]
+    probe = np.zeros([3] + shape, dtype=np.float32).reshape(3, -1)
+    probe[0, -1], probe[1, 0], probe[2, probe.shape[1] // 2] = np.nan, np.inf, -np.inf
+    name = st["inputs"][0]["name"]
+    try:
+        (gate,) = session.run(["gate"], {name: probe.reshape([3] + shape)})
+    except Exception as exc:  # onnxruntime's own error types
+        raise BundleError(f"stage 0 graph '{st['file']}' fails on the input-guard probe: {str(exc)[:300]}",
+                          hint="rebuild the bundle with `jei-edge build ... --force`") from exc
+    if not np.isnan(gate).all():
+        raise BundleError(f"stage 0 graph '{st['file']}' declares an input guard, but its gate is "
+                          f"{np.asarray(gate).tolist()} (not NaN) on non-finite probe rows: the bundle was altered",
+                          hint="rebuild the bundle with `jei-edge build ... --force`")
+    return True
 
 
 def _cuda_backend(bundle: Bundle, max_batch: int, options: Dict[str, Any]):
@@ -74,6 +102,8 @@ class Runtime:
         self.device = device
         self._input_shape = tuple(bundle.input_shape)
         self._offsets_seen: tuple = (None, None)  # (tuple passed last, its checked array)
+        # NaN/inf: checked by stage 0's verified in-graph guard, else by numpy before the run
+        self._check_finite = not getattr(workspace, "input_guard", False)
         if executor.num_stages != bundle.num_stages:
             raise BundleError(f"backend built {executor.num_stages} stages, the manifest has {bundle.num_stages}")
 
@@ -147,15 +177,20 @@ class Runtime:
         else:
             offs = check_offsets(offsets, self.num_gates)
             self._offsets_seen = (offsets if isinstance(offsets, tuple) else None, offs)
-        x = check_batch(x, self._input_shape)
+        x = check_batch(x, self._input_shape, finite=self._check_finite)
         b = x.shape[0]
         if b == 0:
             return Results(probs=np.zeros((0, self.manifest["num_classes"]), np.float32),
                            exit_index=np.zeros(0, np.int64), reach=[])
-        if b <= self.max_batch:
-            return run_conditional(self.executor, self.workspace, x, mode, offs)
-        parts = [run_conditional(self.executor, self.workspace, x[i:i + self.max_batch], mode, offs)
-                 for i in range(0, b, self.max_batch)]
+        start = 0
+        try:
+            if b <= self.max_batch:
+                return run_conditional(self.executor, self.workspace, x, mode, offs)
+            parts = []
+            for start in range(0, b, self.max_batch):
+                parts.append(run_conditional(self.executor, self.workspace, x[start:start + self.max_batch], mode, offs))
+        except GuardTripped as tripped:  # stage 0's guard: name the bad rows of the whole input
+            raise nonfinite_error(x, [start + r for r in tripped.rows]) from None
         return Results.concat(parts)
 
     # -- conformal sets --------------------------------------------------------------------------

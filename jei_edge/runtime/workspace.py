@@ -12,6 +12,10 @@ instead of every survivor as an order-preserving gather would.
 A batch of one row (streaming) keeps ``S`` in a Python float and decides on Python floats through
 the same ``exit_mask``; the row never moves, so its result is copied straight from the probs
 buffer of the stage it left at. ``full`` mode does no boundary work at all.
+
+With ``input_guard`` (stage 0's graph carries the input guard, see ``jei_edge.runtime.validate``)
+the first boundary also checks stage 0's gate values for NaN, in both modes, and raises
+``GuardTripped`` with the rows; the runtime turns that into the input error.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from jei_edge.exit_rule import exit_mask
 from jei_edge.runtime.loop import Results, Workspace
+from jei_edge.runtime.validate import GuardTripped
 
 
 @dataclass(frozen=True)
@@ -58,10 +63,12 @@ class StageSpec:
 class NumpyWorkspace(Workspace):
     """Preallocated numpy buffers + numpy decide/scatter/compact (see the module docstring)."""
 
-    def __init__(self, stages: Sequence[StageSpec], num_classes: int, max_batch: int):
+    def __init__(self, stages: Sequence[StageSpec], num_classes: int, max_batch: int, input_guard: bool = False):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.stages = list(stages)
+        # stage 0's gate is NaN for non-finite input rows (checked at the first boundary)
+        self.input_guard = bool(input_guard) and len(self.stages) > 1
         self.max_batch = int(max_batch)
         self.num_classes = int(num_classes)
         mb = self.max_batch
@@ -114,18 +121,29 @@ class NumpyWorkspace(Workspace):
         self._idx[:b] = self._arange[:b]
         return b
 
+    def _check_guard(self, g: np.ndarray) -> None:
+        s = g.sum()  # gates are in [0, 1] (no overflow): NaN exactly when some row's gate is NaN
+        if s != s:
+            raise GuardTripped(np.flatnonzero(np.isnan(g)))
+
     def exit_and_compact(self, k: int, n: int, delta: float, early_exit: bool) -> int:
-        if not early_exit:  # ``full``: nobody exits, nothing moves (S is only needed to decide)
-            return n
         out = self._out[k]
+        if not early_exit:  # ``full``: nobody exits, nothing moves (S is only needed to decide)
+            if k == 0 and self.input_guard:
+                self._check_guard(out["gate"][:n])
+            return n
         if self._B == 1:  # batch-1 streaming: a scalar decision on Python floats (float64, as below)
             gv = out["gate"].item(0)  # a Python float
             if exit_mask(gv, self._s1, delta):
                 self._last = (k, out["probs"])  # collect() copies the row before the next run
                 return 0
+            if gv != gv and k == 0 and self.input_guard:  # NaN never exits: only this path can see it
+                raise GuardTripped([0])
             self._s1 += gv
             return 1
         g = out["gate"][:n]
+        if k == 0 and self.input_guard:
+            self._check_guard(g)
         hidden = out["hidden_out"]
         S = self._S[:n]
         mask = exit_mask(g, S, delta)
@@ -173,5 +191,6 @@ class NumpyWorkspace(Workspace):
         self._in[0] = self._x  # drop the workspace's reference to the caller's array
         if b == 1:
             k, probs = self._last
-            return Results(probs[:1].copy(), self._exit_one[k].copy(), list(reach))
-        return Results(self._probs[:b].copy(), self._exit[:b].copy(), list(reach))
+            return Results(probs[:1].copy(), self._exit_one[k].copy(), reach)
+        # ``reach`` is the loop's own list, made for this call: no copy
+        return Results(self._probs[:b].copy(), self._exit[:b].copy(), reach)

@@ -107,9 +107,11 @@ def test_run_bad_bundle_and_options(vit_bundle, tmp_path, capsys):
 def test_inspect_bundle(vit_bundle, tmp_path, capsys):
     rc, out, _ = _cli(capsys, ["inspect", str(vit_bundle)])
     assert rc == 0 and "integrity: ok" in out and "stage" in out and "plain backbone" in out
+    assert "stage 0's in-graph guard" in out
     rc, out, _ = _cli(capsys, ["inspect", str(vit_bundle), "--json"])
     info = json.loads(out)
     assert info["kind"] == "bundle" and info["integrity"]["ok"] and len(info["stages"]) == 4
+    assert info["input_guard"] and [s["input_guard"] for s in info["stages"]] == [True, False, False, False]
     assert info["precision"] == "fp32" and info["target"]["name"] == "cpu"
     assert info["stages"][1]["inputs"][0]["name"] == "hidden_in" and info["toolchain"]["opset"] >= 17
     bad = tmp_path / "b.jei"
