@@ -44,3 +44,16 @@ def test_cuda_benchmark_shares_the_cpu_benchmark_models():
             "assert cuda_speedup.DATA == realized_speedup.DATA; assert 'torch' not in sys.modules; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_batch1_breakdown_times_every_piece(vit_bundle, tmp_path):
+    np.savez(tmp_path / "t.npz", x=model_inputs(8, seed=12))
+    out = tmp_path / "b.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "batch1_breakdown.py"), "--bundle", str(vit_bundle),
+           "--inputs", str(tmp_path / "t.npz"), "--samples", "8", "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["input_guard"] is True and r["count"]["run_total"] == 8 and r["count"]["stage_0"] == 8
+    assert {"numpy_finite_check", "begin", "boundary", "collect"} <= set(r["median_us"])
+    assert set(r["after_stage_run_us"]["np_empty_3"]) == {"cold", "warm"}

@@ -1,0 +1,121 @@
+"""Where a batch-1 call's time goes outside the stage runs (CPU runtime, onnxruntime).
+
+Replays ``Runtime.run`` for one row at a time with a timer around every piece of the real code
+path: the input check, ``begin``, each stage run, each boundary (``exit_and_compact``) and
+``collect``; then times small operations right after a stage run ("cold": the stage evicted the
+interpreter's and numpy's code) and again immediately after ("warm"). Medians over every call.
+
+    python benchmarks/batch1_breakdown.py                       # runs/bench/vit.jei (realized_speedup.py builds it)
+    python benchmarks/batch1_breakdown.py --bundle B.jei --inputs T.npz --out results/x.json
+
+Torch-free: it imports only the runtime. Results: ``benchmarks/results/batch1_breakdown.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", default=str(ROOT / "runs" / "bench" / "vit.jei"))
+    p.add_argument("--inputs", default=str(ROOT / "runs" / "bench" / "vit_test.npz"), help=".npz with model inputs x")
+    p.add_argument("--samples", type=int, default=150)
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batch1_breakdown.json"))
+    args = p.parse_args(argv)
+
+    from jei_edge.runtime import Runtime
+    from jei_edge.runtime.validate import check_batch
+
+    assert "torch" not in sys.modules
+    pc = time.perf_counter_ns
+    with np.load(args.inputs) as z:
+        x = z["x"]
+    rt = Runtime.load(args.bundle, max_batch=64)
+    ex, ws = rt.executor, rt.workspace
+    xs = [np.ascontiguousarray(x[i:i + 1]) for i in range(min(args.samples, len(x)))]
+    shape = tuple(rt.input_shape)
+    seg: dict = {}
+
+    def add(key, ns):
+        seg.setdefault(key, []).append(ns / 1e3)
+
+    for _ in range(args.repeats):
+        for b in xs:
+            t0 = pc()
+            rt.run(b)
+            add("run_total", pc() - t0)
+            # the same call, piece by piece (the numpy finiteness check is timed although the
+            # runtime skips it when stage 0 carries the input guard)
+            t0 = pc()
+            xb = check_batch(b, shape, finite=True)
+            t1 = pc()
+            add("numpy_finite_check", t1 - t0)
+            n = ws.begin(xb)
+            add("begin", pc() - t1)
+            reach = []
+            for k in range(ex.num_stages):
+                reach.append(n)
+                ta = pc()
+                ex.execute(k, n, ws)
+                tb = pc()
+                add(f"stage_{k}", tb - ta)
+                if k == ex.num_stages - 1:
+                    ws.finish(k, n)
+                    break
+                n = ws.exit_and_compact(k, n, 0.0, True)
+                add("boundary", pc() - tb)
+                if n == 0:
+                    break
+            ta = pc()
+            ws.collect(reach)
+            add("collect", pc() - ta)
+    probs = ws.stage_outputs(0)
+    probe = {
+        "np_empty_3": lambda: np.empty(3),
+        "probs_row_copy": lambda: probs[1][1][:1].copy(),
+        "gate_item": lambda: probs[2][1].item(0),
+        "boundary_decision": lambda: ws.exit_and_compact(0, 1, 0.0, True),
+    }
+    cold: dict = {}
+    for _ in range(args.repeats):
+        for name, f in probe.items():
+            for b in xs[:50]:
+                ws.begin(b)
+                ex.execute(0, 1, ws)
+                t = pc()
+                f()
+                t1 = pc()
+                f()
+                t2 = pc()
+                cold.setdefault(name, {"cold": [], "warm": []})
+                cold[name]["cold"].append((t1 - t) / 1e3)
+                cold[name]["warm"].append((t2 - t1) / 1e3)
+    out = {
+        "bundle": args.bundle, "calls": len(xs) * args.repeats,
+        "median_us": {k: round(float(np.median(v)), 2) for k, v in seg.items()},
+        "count": {k: len(v) for k, v in seg.items()},
+        "after_stage_run_us": {k: {c: round(float(np.median(v)), 2) for c, v in d.items()} for k, d in cold.items()},
+        "input_guard": bool(ws.input_guard),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    for k, v in out["median_us"].items():
+        print(f"{k:20s} {v:9.2f} us  (n={out['count'][k]})")
+    for k, d in out["after_stage_run_us"].items():
+        print(f"{k:20s} cold {d['cold']:6.2f} us, warm {d['warm']:6.2f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
