@@ -21,7 +21,7 @@ test: setup            ## fast test suite (what CI runs)
 test-all: setup        ## include slow tests
 	$(PY) -m pytest -m "not gpu or gpu"
 
-demo: setup            ## train a small JEI-DNN on digits, evaluate, build the CPU bundle, run and inspect it
+demo: setup            ## train a small JEI-DNN on digits, evaluate, build the CPU bundle, inspect, run and profile it
 	$(JEI) train --data digits --lambda 0.1 -o $(DEMO)/model.pt
 	$(JEI) eval $(DEMO)/model.pt --data digits
 	$(JEI) build $(DEMO)/model.pt --target cpu -o $(DEMO)/model.jei --force
@@ -29,6 +29,7 @@ demo: setup            ## train a small JEI-DNN on digits, evaluate, build the C
 	$(PY) -c "from jei_edge.data import load_data; import numpy as np; d = load_data('digits'); np.savez('$(DEMO)/test.npz', x=d.raw_test, y=d.test.y)"
 	$(JEI) run $(DEMO)/model.jei $(DEMO)/test.npz --show 8
 	$(JEI) run $(DEMO)/model.jei $(DEMO)/test.npz --mode full --show 0
+	$(JEI) profile $(DEMO)/model.jei $(DEMO)/test.npz -o $(DEMO)/profile
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info

@@ -16,6 +16,8 @@ at least 3 exits each take >= 5% of samples) and batch sizes 1 and 64, on the te
 - **per-boundary overhead** = (exit time - ideal) / boundaries crossed, in microseconds (and the
   decide+compact time measured directly inside the loop).
 
+The passes are ``jei_edge.profile.Passes`` (the same code as ``jei-edge profile``); this script
+adds the protocol: fresh processes, per-stage medians, trained models and setting variants.
 It also compares onnxruntime thread settings (spinning, global pool, 1 thread, IOBinding) at both
 batch sizes. Every measurement runs in a fresh subprocess that imports only the torch-free runtime.
 Times are medians over ``--repeats`` interleaved repeats. Usage::
@@ -156,8 +158,8 @@ def _median(v):
 
 
 def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, options: dict, offsets=None) -> dict:
+    from jei_edge.profile import Passes
     from jei_edge.runtime import Runtime
-    from jei_edge.runtime.ort_backend import create_session
 
     assert "torch" not in sys.modules
     offsets = tuple(offsets) if offsets else None  # a tuple is validated once by Runtime.run
@@ -165,12 +167,6 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
         x, y = z["x"], z["y"]
     rt = Runtime.load(bundle, max_batch=max(batches), **options)
     ex, ws = rt.executor, rt.workspace
-    plain_file = rt.bundle.file(rt.manifest["plain"]["file"])
-    plain_main = create_session(plain_file, ex.settings, "plain backbone")
-    # the plain backbone gets the same thread policy as the stages: the small-batch settings when
-    # the whole batch is small enough for them
-    small = ex.settings.small_batch
-    plain_small = create_session(plain_file, small, "plain backbone") if small is not None else None
     num_stages = rt.bundle.num_stages
     res_all = rt.run(x, offsets=offsets)
     out = {"settings": vars(ex.settings) if hasattr(ex.settings, "__dict__") else str(ex.settings),
@@ -182,71 +178,35 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
            "mean_cost_vs_plain": float(np.mean(np.asarray(rt.manifest["exits"]["cost_vs_plain"])[res_all.exit_index]))}
     for bsz in batches:
         n = n1 if bsz == 1 else n64
-        plain = plain_small if plain_small is not None and bsz <= ex.settings.small_batch_rows else plain_main
-        xs = [np.ascontiguousarray(x[i:i + bsz]) for i in range(0, min(n, len(x)) // bsz * bsz, bsz)]
-        reaches = [rt.run(b, offsets=offsets).reach for b in xs]
+        # the timed passes (jei_edge.profile.Passes, shared with `jei-edge profile`); the plain
+        # backbone gets the stages' thread policy (small-batch settings when the batch is small enough)
+        p = Passes.for_runtime(rt, bsz)
+        xs = p.batches(x, bsz, n)
+        reaches = p.reaches(xs, offsets)
         boundaries = sum(len(r) - (1 if len(r) == num_stages else 0) for r in reaches)
         pairs = sorted({(k, m) for r in reaches for k, m in enumerate(r)})
-        # valid stage inputs for standalone runs: a full pass over the largest batch fills every buffer
-        def prime():
-            ws.begin(xs[0])
-            for k in range(num_stages):
-                ex.execute(k, bsz, ws)
-                if k < num_stages - 1:
-                    ws.exit_and_compact(k, bsz, 0.0, False)
-
-        def t_exit():
-            t = time.perf_counter()
-            for b in xs:
-                rt.run(b, offsets=offsets)
-            return time.perf_counter() - t
-
-        def t_full():
-            t = time.perf_counter()
-            for b in xs:
-                rt.run(b, mode="full")
-            return time.perf_counter() - t
-
-        def t_ideal():
-            # the same stage runs as the exit pass (stage k on n_k rows of the same batch's data),
-            # back to back, without decisions or compaction; begin() only points stage 0 at the batch
-            t = time.perf_counter()
-            for b, r in zip(xs, reaches):
-                ws.begin(b)
-                for k, m in enumerate(r):
-                    ex.execute(k, m, ws)
-            return time.perf_counter() - t
-
-        def t_plain():
-            t = time.perf_counter()
-            for b in xs:
-                plain.run(["probs"], {"x": b})
-            return time.perf_counter() - t
-
         for _ in range(2):  # warm-up
-            t_exit(), t_full(), t_plain()
+            p.exit_pass(xs, offsets), p.full_pass(xs), p.plain_pass(xs)
         samples = {"exit": [], "full": [], "plain": [], "ideal": []}
-        stage_t = {p: [] for p in pairs}
+        stage_t = {q: [] for q in pairs}
         inner = 5 if bsz == 1 else 2
         for i in range(repeats):
             # exit and ideal side by side, their order alternating, so that drift and a shared
             # machine's stalls hit both alike; ratios are taken per repeat (median of the ratios)
-            prime()
+            p.prime(xs[0])
             if i % 2 == 0:
-                samples["ideal"].append(t_ideal())
-                samples["exit"].append(t_exit())
+                samples["ideal"].append(p.ideal_pass(xs, reaches))
+                samples["exit"].append(p.exit_pass(xs, offsets))
             else:
-                samples["exit"].append(t_exit())
-                prime()
-                samples["ideal"].append(t_ideal())
-            samples["full"].append(t_full())
-            samples["plain"].append(t_plain())
+                samples["exit"].append(p.exit_pass(xs, offsets))
+                p.prime(xs[0])
+                samples["ideal"].append(p.ideal_pass(xs, reaches))
+            samples["full"].append(p.full_pass(xs))
+            samples["plain"].append(p.plain_pass(xs))
             for (k, m) in pairs:
                 for _ in range(inner):
-                    t = time.perf_counter()
-                    ex.execute(k, m, ws)
-                    stage_t[(k, m)].append(time.perf_counter() - t)
-        tk = {p: _median(v) for p, v in stage_t.items()}
+                    stage_t[(k, m)].append(p.stage_time(k, m))
+        tk = {q: _median(v) for q, v in stage_t.items()}
         ideal_from_medians = sum(tk[(k, m)] for r in reaches for k, m in enumerate(r))
         ideal = _median(samples["ideal"])
         # decide + compact measured directly inside the loop (one extra, untimed pass)

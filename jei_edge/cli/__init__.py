@@ -26,6 +26,7 @@ COMMANDS = {
     "build": "jei_edge.cli.build_cmd:build",
     "run": "jei_edge.cli.run_cmd:run",
     "inspect": "jei_edge.cli.inspect_cmd:inspect",
+    "profile": "jei_edge.cli.profile_cmd:profile",
 }
 
 
@@ -58,6 +59,7 @@ def cli(verbose: int, plugins):
       jei-edge build model.pt -o model.jei           staged ONNX bundle for a target (CPU default)
       jei-edge run model.jei inputs.npy              conditional execution with early exit
       jei-edge inspect model.pt|model.jei            architecture, exits, costs, integrity
+      jei-edge profile model.jei inputs.npy          stage latency, exits, realized vs theoretical speedup
     """
     if plugins:  # read by jei_edge.model.backbone (PLUGIN_ENV) when a checkpoint names a plugin
         listed = [p for p in os.environ.get(PLUGIN_ENV, "").split(",") if p]

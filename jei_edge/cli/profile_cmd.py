@@ -1,0 +1,107 @@
+"""``jei-edge profile BUNDLE [INPUTS...]``: where the time goes, and how much early exit really saves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from jei_edge.cli.options import device_option, emit_json, json_option
+
+
+def _batch_sizes(text: str):
+    from jei_edge.errors import InputError
+
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise InputError(f"--batch-sizes must be comma-separated integers, got {text!r}") from exc
+    if not sizes or any(s < 1 for s in sizes):
+        raise InputError(f"--batch-sizes must be integers >= 1, got {text!r}", hint="e.g. --batch-sizes 1,64")
+    return sizes
+
+
+@click.command(name="profile")
+@click.argument("bundle", type=click.Path())
+@click.argument("inputs", nargs=-1)
+@click.option("--data", default=None,
+              help="Profile on this data source's test split instead of INPUTS: 'digits', "
+                   "'synthetic[:key=value,...]', a .npz file or an image folder (needs the build extra).")
+@click.option("--samples", type=int, default=512, show_default=True, help="Samples to use (at most).")
+@click.option("--batch-sizes", default="1,64", show_default=True, help="Batch sizes to time, comma separated.")
+@click.option("--repeats", type=int, default=7, show_default=True,
+              help="Timed repeats per batch size (medians are reported).")
+@click.option("--offsets", default=None, help="Per-gate threshold offsets, as for `jei-edge run`.")
+@click.option("--preprocessed", is_flag=True, help="INPUTS are model inputs already (skip the bundle's normalisation).")
+@click.option("--backend-opt", "backend_opts", multiple=True, metavar="KEY=VALUE",
+              help="Backend setting, repeatable (as for `jei-edge run`).")
+@device_option
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Folder for profile.json and profile.png (default: NAME.profile beside the bundle).")
+@click.option("--no-plot", is_flag=True, help="Skip the PNG.")
+@json_option
+def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, preprocessed, backend_opts, device,
+            output, no_plot, as_json):
+    """Profile BUNDLE on INPUTS (files or folders, as for `jei-edge run`) or on --data.
+
+    \b
+    Measures, per batch size (stages timed with the runtime's own executor and settings):
+      - time per sample with early exit, at full depth, and of the plain one-graph backbone;
+      - realized speedup (full / exit) and speedup vs the plain backbone;
+      - realized/ideal efficiency (the stage runs alone / the early-exit time);
+      - throughput, per-call latency percentiles, and each stage's latency on a full batch;
+    plus the exit histogram and the theoretical speedup that counted MACs promise.
+    Writes profile.json and profile.png (matplotlib, the plots extra) into -o.
+
+    \b
+    Example:
+      jei-edge profile runs/demo/model.jei runs/demo/test.npz
+      jei-edge profile model.jei --data digits --batch-sizes 1,16,64 --json
+    """
+    from jei_edge.errors import DependencyError, InputError, JeiEdgeError
+    from jei_edge.profile import format_profile, plot_profile, profile_bundle, write_json
+    from jei_edge.runtime.output import expand_offsets, parse_backend_options, parse_offsets
+    from jei_edge.runtime.runtime import Runtime
+
+    sizes = _batch_sizes(batch_sizes)
+    if samples < 1:
+        raise InputError(f"--samples must be >= 1, got {samples}")
+    if repeats < 1:
+        raise InputError(f"--repeats must be >= 1, got {repeats}")
+    if bool(inputs) == bool(data):
+        raise InputError("give either INPUTS or --data (one of them)",
+                         hint="e.g. `jei-edge profile model.jei test.npz` or `--data digits`")
+    rt = Runtime.load(bundle, device=device, max_batch=max(sizes), **parse_backend_options(backend_opts))
+    offs = expand_offsets(parse_offsets(offsets), rt.num_gates)
+    if data:
+        from jei_edge.data import load_data
+
+        d = load_data(data, preprocessing=rt.preprocessing)
+        x, y = d.test.x, d.test.y
+    else:
+        from jei_edge.runtime.inputs import load_inputs
+
+        batch = load_inputs(list(inputs), rt.preprocessing, preprocessed, rt.class_names)
+        x, y = batch.x, batch.y
+    n = min(samples, len(x))
+    if n < max(sizes):
+        raise InputError(f"{n} sample(s) are fewer than the largest batch size {max(sizes)}",
+                         hint="give more samples (--samples) or smaller --batch-sizes")
+    log = (lambda msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    info = profile_bundle(rt, x, y, batch_sizes=sizes, repeats=repeats, samples=n, offsets=offs, progress=log)
+    out_dir = Path(output) if output else Path(bundle).with_suffix(".profile")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise JeiEdgeError(f"output '{out_dir}' exists and is not a folder", hint="pass -o FOLDER")
+    info["files"] = {"json": str(out_dir / "profile.json")}
+    if not no_plot:
+        try:
+            info["files"]["png"] = str(plot_profile(info, out_dir / "profile.png"))
+        except DependencyError as exc:
+            info["files"]["png"] = None
+            log(f"no plot: {exc.message} ({exc.hint})")
+    write_json(info, out_dir / "profile.json")
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(format_profile(info))
+        click.echo("  wrote " + ", ".join(v for v in info["files"].values() if v))
