@@ -20,9 +20,15 @@ from jei_edge.cli.options import emit_json, json_option, output_option, seed_opt
               help="Do not carry model.pt in the bundle (the torch-cuda executor needs it).")
 @click.option("--parity-samples", type=int, default=10_000, show_default=True,
               help="Inputs for the end-to-end exit-decision check (real + synthetic).")
+@click.option("--plan", default="every", show_default=True,
+              help="Stage plan: 'every' (a stage per exit), 'auto' (merge consecutive exits where the measured "
+                   "stage times and the exit statistics of the real data say a boundary costs more than it "
+                   "saves), or explicit groups such as '0-3,4,5'. Merging never changes predictions.")
+@click.option("--plan-batch", type=int, default=1, show_default=True,
+              help="Batch size --plan auto times the stages at (1 = streaming).")
 @seed_option
 @json_option
-def build(model, output, target, precision, data, force, no_model, parity_samples, seed, as_json):
+def build(model, output, target, precision, data, force, no_model, parity_samples, plan, plan_batch, seed, as_json):
     """Compile MODEL (a model.pt from `jei-edge train`) into a bundle: one ONNX graph per stage
     (split at the exits, gate in-graph, dynamic batch), the plain backbone, a manifest with sha256
     of every file, and a build report with parity vs PyTorch. Written atomically: a failed or killed
@@ -30,14 +36,17 @@ def build(model, output, target, precision, data, force, no_model, parity_sample
     from jei_edge.compile import BuildOptions, build_bundle
 
     opts = BuildOptions(target=target, precision=precision, data=data, include_model=not no_model, force=force,
-                        parity_samples=parity_samples, seed=seed)
+                        parity_samples=parity_samples, seed=seed, plan=plan, plan_batch=plan_batch)
     say = (lambda msg: click.echo(msg, err=True)) if not as_json else None
     report = build_bundle(model, output, opts, progress=say)
     if as_json:
         emit_json(report)
     else:
         d = report["decisions"]
-        click.echo(f"built {report['bundle']}: {report['num_stages']} stages, target {report['target']} "
+        groups = report["plan"]["groups"]
+        merged = "" if all(len(g) == 1 for g in groups) else \
+            " (exits " + ", ".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups) + ")"
+        click.echo(f"built {report['bundle']}: {report['num_stages']} stages{merged}, target {report['target']} "
                    f"({report['precision']}); parity ok on {d['samples']} inputs "
                    f"(decision agreement {100 * d['agreement']:.3f}%, "
                    f"max probs error {d['exit_probs_max_abs_error']:.1e}) in {report['seconds']['total']:.1f} s")

@@ -42,6 +42,8 @@ class BuildOptions:
     tolerance: float = 1e-5
     seed: int = 0
     opset: Optional[int] = None  # None = the target's (>= 17)
+    plan: str = "every"  # stage plan: "every" (one stage per exit), "auto" (measured), or groups "0-3,4,5"
+    plan_batch: int = 1  # batch size the "auto" plan is timed and optimised for
 
 
 def toolchain(opset: int) -> Dict[str, str]:
@@ -72,6 +74,37 @@ def _real_inputs(ckpt: Dict, data: Optional[str], seed: int, notes: list):
         notes.append(f"recorded data source '{source}' could not be loaded ({exc}); synthetic inputs only")
         return None, None
     return np.concatenate([d.test.x, d.calib.x, d.val.x]), source
+
+
+def _plan(model, options: BuildOptions, real, tmp: Path, target, opset: int, say):
+    """Exit groups for ``plan_stages`` (None = one stage per exit) and the plan's report."""
+    from jei_edge.compile.plan import parse_groups
+
+    n_exits = len(model.stage_ranges())
+    mode = (options.plan or "every").strip()
+    if mode == "every":
+        return None, {"mode": "every", "groups": [[k] for k in range(n_exits)]}
+    if mode != "auto":
+        groups = parse_groups(mode, n_exits)
+        return groups, {"mode": "manual", "groups": [list(g) for g in groups]}
+    if real is None or not len(real):
+        raise BuildError("--plan auto needs real inputs for its exit statistics, and none could be loaded",
+                         hint="pass --data SOURCE (the data the model was trained on), or use --plan every")
+    if options.plan_batch < 1:
+        raise BuildError(f"plan_batch must be >= 1, got {options.plan_batch}")
+    from jei_edge.compile.planning import auto_groups
+    from jei_edge.runtime.ort_backend import OrtSettings
+
+    work = tmp / ".planning"
+    work.mkdir()
+    try:
+        groups, report = auto_groups(model, real, work, OrtSettings.from_options(target.backend_options), opset,
+                                     batch=options.plan_batch, progress=say)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"plan: exits grouped {[list(g) for g in groups]} (expected {report['expected_ms_per_sample']:.3f} ms/sample "
+        f"at batch {options.plan_batch} vs {report['expected_ms_per_sample_every_exit']:.3f} with a stage per exit)")
+    return groups, report
 
 
 def _manifest(ckpt: Dict, model, target, precision: str, stages, plain, include_model: bool, opset: int,
@@ -175,9 +208,10 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
 
     with StagingDir(output, force=options.force) as staging:
         tmp = staging.tmp
-        say(f"exporting {len(model.stage_ranges())} stages + plain backbone (opset {opset})")
+        say(f"exporting the stages of {len(model.stage_ranges())} exits + plain backbone (opset {opset})")
         t = time.perf_counter()
-        plans = plan_stages(model, ckpt["costs"])
+        groups, plan_report = _plan(model, options, real, tmp, target, opset, say)
+        plans = plan_stages(model, ckpt["costs"], groups)
         example = torch.from_numpy(x[:2].copy())
         stages = export_stages(model, plans, tmp, example, opset)
         plain = export_plain(model, tmp, example, opset)
@@ -185,6 +219,7 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
         if options.include_model:
             shutil.copyfile(model_path, tmp / "model.pt")
         manifest = _manifest(ckpt, model, target, precision, stages, plain, options.include_model, opset, output.stem)
+        manifest["plan"] = plan_report
         write_json(tmp / "report.json", {})
         (tmp / "report.txt").write_text("")
         manifest["files"] = file_table(tmp)
@@ -209,7 +244,7 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
         report = {
             "bundle": str(output), "model": str(model_path), "target": target.name, "precision": precision,
             "opset": opset, "num_stages": len(stages), "options": asdict(options),
-            "parity_inputs": counts, "data_source": source,
+            "parity_inputs": counts, "data_source": source, "plan": plan_report,
             "stage_parity": stage_report, "decisions": decisions,
             "seconds": {k: round(v, 3) for k, v in timings.items()}, "notes": notes,
         }

@@ -73,7 +73,8 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
         opset: ONNX opset (>= 17).
 
     Returns:
-        Per-stage manifest entries (index, file, blocks, exit, gated, macs, input_guard, inputs, outputs).
+        Per-stage manifest entries (index, file, blocks, exit, exits, gates, gated, macs, input_guard,
+        inputs, outputs).
     """
     import torch
 
@@ -82,13 +83,13 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
     h = example
     with torch.no_grad():
         for plan in plans:
-            module = model.stage(plan.index).eval()
+            module = model.stage(plan.exits[0], last_exit=plan.exits[-1]).eval()
             outs = module(h)
             outs = (outs,) if not isinstance(outs, tuple) else outs
             _export(module, h, out_dir / plan.file, plan.input_name, plan.output_names, opset, f"stage {plan.index}")
             entries.append({
                 "index": plan.index, "file": plan.file, "blocks": list(plan.blocks), "exit": plan.exit,
-                "gated": plan.gated, "macs": plan.macs,
+                "exits": list(plan.exits), "gates": list(plan.gates), "gated": plan.gated, "macs": plan.macs,
                 # stage 0's gate is NaN for a row with a non-finite input (StageModule's input guard)
                 "input_guard": bool(getattr(module, "input_guard", False)),
                 "inputs": [_io_entry(plan.input_name, h.shape)],

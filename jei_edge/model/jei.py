@@ -73,9 +73,9 @@ class JEIModel(nn.Module):
         gl = torch.stack(gate_logits, dim=1) if gate_logits else x.new_zeros((b, 0))
         return torch.stack(logits, dim=1), gl
 
-    def stage(self, k: int, input_guard: bool = True) -> nn.Module:
-        """Stage ``k`` as an exportable module (see ``StageModule``, also for ``input_guard``)."""
-        return StageModule(self, k, input_guard=input_guard)
+    def stage(self, k: int, input_guard: bool = True, last_exit: Optional[int] = None) -> nn.Module:
+        """The exportable stage of exit ``k`` (or of exits ``k..last_exit``, merged; see ``StageModule``)."""
+        return StageModule(self, k, input_guard=input_guard, last_exit=last_exit)
 
     def plain_backbone(self) -> nn.Module:
         """The backbone alone (no IMs, no gates) as one module: image -> probs."""
@@ -83,42 +83,59 @@ class JEIModel(nn.Module):
 
 
 class StageModule(nn.Module):
-    """Stage k: ``x`` (k = 0) or ``hidden_in`` -> ``(hidden_out, probs, gate)``; the last stage -> ``probs``.
+    """The stage holding exits ``first..last`` (one exit: ``first == last``, the default plan).
 
-    ``gate`` is ``sigmoid(gate logit)`` of this stage's exit, computed in-graph in float32.
+    Input ``x`` (when it starts at exit 0) or ``hidden_in``. Outputs:
 
-    **Input guard** (stage 0 with a gate): ``gate + 0 * sum(x_row)``. It leaves every gate value
-    exactly as it was for a finite row (adding a signed zero) and makes the gate NaN for any row
-    holding a NaN or an infinity (IEEE: ``0 * inf`` and anything with NaN is NaN), whatever the
-    network itself does with such values (a ReLU maps -inf to 0). The runtime then checks the B
-    gate values stage 0 produces instead of the B x C x H x W input values before the run.
+    - one exit, not the final head: ``(hidden_out, probs [B, C], gate [B])``;
+    - the final head alone: ``probs [B, C]``;
+    - several exits (a merged stage, see ``jei_edge.compile.plan``): ``(hidden_out, probs [B, E, C],
+      gate [B, E])``, or without ``hidden_out`` and with ``E - 1`` gates when it ends with the
+      final head. Every IM and gate of the span is still evaluated in-graph, so the earliest exit
+      that fires decides exactly as in the unmerged model.
+
+    ``gate`` is ``sigmoid(gate logit)``, computed in-graph in float32.
+
+    **Input guard** (the stage starting at exit 0, when it has a gate): ``gate + 0 * sum(x_row)``
+    on its first gate. It leaves every gate value exactly as it was for a finite row (adding a
+    signed zero) and makes the gate NaN for any row holding a NaN or an infinity (IEEE: ``0 * inf``
+    and anything with NaN is NaN), whatever the network itself does with such values (a ReLU maps
+    -inf to 0). The runtime then checks the B gate values stage 0 produces instead of the
+    B x C x H x W input values before the run.
     """
 
-    def __init__(self, model: JEIModel, k: int, input_guard: bool = True):
+    def __init__(self, model: JEIModel, k: int, input_guard: bool = True, last_exit: Optional[int] = None):
         super().__init__()
         ranges = model.stage_ranges()
-        if not 0 <= k < len(ranges):
-            raise IndexError(f"stage {k} out of range (model has {len(ranges)} stages)")
-        self.k, self.last = k, k == len(ranges) - 1
-        start, end = ranges[k]
+        last_exit = k if last_exit is None else int(last_exit)
+        if not 0 <= k <= last_exit < len(ranges):
+            raise IndexError(f"exits {k}..{last_exit} out of range (model has {len(ranges)} exits)")
+        self.k, self.last = k, last_exit == len(ranges) - 1
+        self.exits = tuple(range(k, last_exit + 1))
+        self.merged = len(self.exits) > 1
         self.stem = model.stem if k == 0 else None
-        self.blocks = nn.ModuleList(model.blocks[start:end])
-        self.out = model.head if self.last else model.ims[k]
-        self.gate = None if self.last else model.gates[k]
-        self.input_guard = bool(input_guard) and k == 0 and not self.last
+        self.parts = nn.ModuleList(nn.ModuleList(model.blocks[ranges[j][0]:ranges[j][1]]) for j in self.exits)
+        self.outs = nn.ModuleList(model.head if j == len(ranges) - 1 else model.ims[j] for j in self.exits)
+        self.gates = nn.ModuleList(model.gates[j] for j in self.exits if j < len(ranges) - 1)
+        self.input_guard = bool(input_guard) and k == 0 and len(self.gates) > 0
 
     def forward(self, x):
         h = self.stem(x) if self.stem is not None else x
-        for block in self.blocks:
-            h = block(h)
-        z = self.out(h)
-        probs = torch.softmax(z.float(), dim=-1)
-        if self.last:
-            return probs
-        gate = torch.sigmoid(self.gate(z))
-        if self.input_guard:
-            gate = gate + x.flatten(1).sum(1).float() * 0.0
-        return h, probs, gate
+        probs, gates = [], []
+        for j, (blocks, out) in enumerate(zip(self.parts, self.outs)):
+            for block in blocks:
+                h = block(h)
+            z = out(h)
+            probs.append(torch.softmax(z.float(), dim=-1))
+            if j < len(self.gates):
+                gate = torch.sigmoid(self.gates[j](z))
+                if j == 0 and self.input_guard:
+                    gate = gate + x.flatten(1).sum(1).float() * 0.0
+                gates.append(gate)
+        if not self.merged:
+            return probs[0] if self.last else (h, probs[0], gates[0])
+        p, g = torch.stack(probs, dim=1), torch.stack(gates, dim=1)
+        return (p, g) if self.last else (h, p, g)
 
 
 class PlainBackbone(nn.Module):

@@ -32,6 +32,7 @@ def describe_bundle(path) -> Dict[str, Any]:
     for st in m["stages"]:
         k = st["exit"]
         stages.append({"index": st["index"], "file": st["file"], "blocks": st["blocks"], "exit": k,
+                       "exits": list(st.get("exits") or [k]),
                        "gated": st.get("gated", True), "macs": st.get("macs"),
                        "input_guard": bool(st.get("input_guard", False)),
                        "exit_cost": ex["cost"][k], "exit_cost_vs_plain": ex["cost_vs_plain"][k],
@@ -54,6 +55,7 @@ def describe_bundle(path) -> Dict[str, Any]:
         "integrity": {"ok": not problems, "problems": problems},
         "parity": report.get("decisions", {}).get("agreement"),
         "input_guard": bool(stages and stages[0]["input_guard"]),
+        "plan": m.get("plan") or {"mode": "every", "groups": [s["exits"] for s in stages]},
     }
 
 
@@ -69,16 +71,24 @@ def format_bundle(info: Dict[str, Any]) -> str:
         f"  toolchain  opset {tc.get('opset')}, onnxruntime {tc.get('onnxruntime')}, torch {tc.get('torch')}, "
         f"onnx {tc.get('onnx')}",
         "",
-        f"  {'stage':>5}  {'blocks':>6}  {'exit':>4}  {'MACs':>12}  {'cost':>6}  {'vs plain':>8}  I/O (per row; dim 0 = batch)",
+        f"  {'stage':>5}  {'blocks':>6}  {'exits':>5}  {'MACs':>12}  {'cost':>6}  {'vs plain':>8}  I/O (per row; dim 0 = batch)",
     ]
     for s in info["stages"]:
         blocks = f"{s['blocks'][0]}-{s['blocks'][1] - 1}"
         macs = f"{s['macs']:,}" if isinstance(s.get("macs"), int) else "?"
-        lines.append(f"  {s['index']:>5}  {blocks:>6}  {s['exit']:>4}  {macs:>12}  {s['exit_cost']:>6.3f}  "
+        ex = s["exits"]
+        exits = f"{ex[0]}-{ex[-1]}" if len(ex) > 1 else str(ex[0])
+        lines.append(f"  {s['index']:>5}  {blocks:>6}  {exits:>5}  {macs:>12}  {s['exit_cost']:>6.3f}  "
                      f"{s['exit_cost_vs_plain']:>8.3f}  {_io_short(s['inputs'])} -> {_io_short(s['outputs'])}")
     if info.get("plain"):
         lines.append(f"  plain backbone: {info['plain']['file']} ({_io(info['plain']['inputs'])} -> "
                      f"{_io(info['plain']['outputs'])})")
+    plan = info.get("plan") or {}
+    if plan.get("mode") == "auto":
+        lines.append(f"  plan:      auto at batch {plan.get('batch')}: expected {plan.get('expected_ms_per_sample')} "
+                     f"ms/sample vs {plan.get('expected_ms_per_sample_every_exit')} with a stage per exit")
+    elif plan.get("mode") == "manual":
+        lines.append(f"  plan:      manual, exits grouped {plan.get('groups')}")
     if info.get("parity") is not None:
         lines.append(f"  build parity: exit-decision agreement {100 * info['parity']:.3f}% (see report.txt)")
     lines.append("  inputs:    NaN/inf rows caught by stage 0's in-graph guard" if info.get("input_guard")

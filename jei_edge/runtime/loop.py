@@ -82,15 +82,18 @@ class Workspace(abc.ABC):
         """Load a batch into the stage-0 input, reset ``S = 0`` and the original indices; return B."""
 
     @abc.abstractmethod
-    def exit_and_compact(self, k: int, n: int, delta: float, early_exit: bool) -> int:
+    def exit_and_compact(self, k: int, n: int, delta, early_exit: bool) -> int:
         """Boundary after stage ``k`` (not the last) on ``n`` live rows; return the survivor count.
 
-        With ``early_exit=False`` (``full`` mode) nobody exits: survivors are all ``n`` rows.
+        ``delta``: the threshold offset of the stage's gate, or a tuple with one per gate for a
+        merged stage (several exits). With ``early_exit=False`` (``full`` mode) nobody exits:
+        survivors are all ``n`` rows.
         """
 
     @abc.abstractmethod
-    def finish(self, k: int, n: int) -> None:
-        """After the last stage: its ``n`` rows exit at the final head."""
+    def finish(self, k: int, n: int, delta=0.0, early_exit: bool = True) -> None:
+        """After the last stage: its ``n`` rows exit at the final head (or, in a merged last
+        stage, at the first of its gates that fires; ``delta`` as for ``exit_and_compact``)."""
 
     @abc.abstractmethod
     def collect(self, reach: List[int]) -> Results:
@@ -98,9 +101,14 @@ class Workspace(abc.ABC):
 
 
 def run_conditional(executor: StageExecutor, ws: Workspace, x, mode: str = "exit",
-                    offsets: Optional[Sequence[float]] = None) -> Results:
+                    offsets: Optional[Sequence] = None) -> Results:
     """Run one batch through the stages with per-sample early termination (``mode='exit'``)
-    or through every stage (``mode='full'``). ``offsets``: per-gate threshold offsets delta_l."""
+    or through every stage (``mode='full'``).
+
+    ``offsets``: threshold offsets per **stage**: entry k is the offset of stage k's gate (a float)
+    or, for a merged stage, a tuple with one per gate; the last stage's entry may be missing. With
+    one exit per stage that is simply the per-gate list delta_l (``Runtime.run`` maps per-gate
+    offsets onto the stages)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     last = executor.num_stages - 1
@@ -111,9 +119,9 @@ def run_conditional(executor: StageExecutor, ws: Workspace, x, mode: str = "exit
         reach.append(n)
         executor.execute(k, n, ws)
         if k == last:
-            ws.finish(k, n)
+            ws.finish(k, n, offsets[k] if offsets is not None and k < len(offsets) else 0.0, early)
             break
-        n = ws.exit_and_compact(k, n, 0.0 if offsets is None else float(offsets[k]), early)
+        n = ws.exit_and_compact(k, n, 0.0 if offsets is None else offsets[k], early)
         if n == 0:
             break
     return ws.collect(reach)

@@ -55,6 +55,28 @@ def _cpu_backend(bundle: Bundle, max_batch: int, options: Dict[str, Any]):
     return OrtStageExecutor(sessions, settings, small), ws
 
 
+def stage_gates(bundle: Bundle) -> List[tuple]:
+    """The gate indices each stage evaluates (manifest ``gates``; one per non-final stage in
+    bundles built before merged stages existed). They must cover gates 0..G-1 once, in order."""
+    stages = bundle.stages
+    out = []
+    for k, st in enumerate(stages):
+        if "gates" in st:
+            try:
+                out.append(tuple(int(g) for g in st["gates"]))
+            except (TypeError, ValueError) as exc:
+                raise BundleError(f"stage {k}: invalid gate list {st['gates']!r} in the manifest",
+                                  hint="rebuild the bundle") from exc
+        else:
+            out.append((int(st.get("exit", k)),) if k < len(stages) - 1 else ())
+    flat = [g for gs in out for g in gs]
+    n_gates = len(bundle.manifest["exits"]["positions"])
+    if flat != list(range(n_gates)):
+        raise BundleError(f"the manifest's stages evaluate gates {flat}, expected 0..{n_gates - 1} once each, in order",
+                          hint="the manifest was altered; rebuild the bundle")
+    return out
+
+
 def _verify_input_guard(bundle: Bundle, session) -> bool:
     """True when stage 0 declares the input guard and its graph really has it.
 
@@ -64,7 +86,7 @@ def _verify_input_guard(bundle: Bundle, session) -> bool:
     (no ``input_guard`` key) keep the numpy check before the run.
     """
     st = bundle.stages[0]
-    if not st.get("input_guard") or not st.get("gated", bundle.num_stages > 1):
+    if not st.get("input_guard") or not (st.get("gates") or st.get("gated", bundle.num_stages > 1)):
         return False
     shape = [int(d) for d in st["inputs"][0]["shape"][1:]]
     probe = np.zeros([3] + shape, dtype=np.float32).reshape(3, -1)
@@ -75,6 +97,9 @@ def _verify_input_guard(bundle: Bundle, session) -> bool:
     except Exception as exc:  # onnxruntime's own error types
         raise BundleError(f"stage 0 graph '{st['file']}' fails on the input-guard probe: {str(exc)[:300]}",
                           hint="rebuild the bundle with `jei-edge build ... --force`") from exc
+    gate = np.asarray(gate)
+    if gate.ndim == 2:  # a merged stage: the guard sits on its first gate
+        gate = gate[:, 0]
     if not np.isnan(gate).all():
         raise BundleError(f"stage 0 graph '{st['file']}' declares an input guard, but its gate is "
                           f"{np.asarray(gate).tolist()} (not NaN) on non-finite probe rows: the bundle was altered",
@@ -101,7 +126,8 @@ class Runtime:
         self.max_batch = int(max_batch)
         self.device = device
         self._input_shape = tuple(bundle.input_shape)
-        self._offsets_seen: tuple = (None, None)  # (tuple passed last, its checked array)
+        self._offsets_seen: tuple = (None, None)  # (tuple passed last, its per-stage offsets)
+        self._stage_gates = stage_gates(bundle)
         # NaN/inf: checked by stage 0's verified in-graph guard, else by numpy before the run
         self._check_finite = not getattr(workspace, "input_guard", False)
         if executor.num_stages != bundle.num_stages:
@@ -175,7 +201,10 @@ class Runtime:
         elif offsets is self._offsets_seen[0]:  # the same (unchanged) object as last call: already checked
             offs = self._offsets_seen[1]
         else:
-            offs = check_offsets(offsets, self.num_gates)
+            per_gate = check_offsets(offsets, self.num_gates)
+            # per stage, as the loop takes them: a float per one-gate stage, a tuple per merged stage
+            offs = [(float(per_gate[g[0]]) if len(g) == 1 else tuple(float(per_gate[i]) for i in g)) if g else 0.0
+                    for g in self._stage_gates]
             self._offsets_seen = (offsets if isinstance(offsets, tuple) else None, offs)
         x = check_batch(x, self._input_shape, finite=self._check_finite)
         b = x.shape[0]

@@ -52,12 +52,23 @@ class StageSpec:
     exit: int  # exit index taken by rows leaving at this stage's boundary (or the final head)
     input: TensorSpec
     outputs: Tuple[TensorSpec, ...]
+    exits: Tuple[int, ...] = ()  # every exit inside the stage (several when merged); () = (exit,)
+
+    @property
+    def all_exits(self) -> Tuple[int, ...]:
+        return self.exits or (self.exit,)
+
+    @property
+    def merged(self) -> bool:
+        return len(self.all_exits) > 1
 
     @classmethod
     def from_manifest(cls, entry: Dict) -> "StageSpec":
         (inp,) = entry["inputs"]
-        return cls(int(entry["index"]), int(entry.get("exit", entry["index"])), TensorSpec.from_manifest(inp),
-                   tuple(TensorSpec.from_manifest(o) for o in entry["outputs"]))
+        exit_ = int(entry.get("exit", entry["index"]))
+        exits = tuple(int(e) for e in entry.get("exits") or [exit_])
+        return cls(int(entry["index"]), exit_, TensorSpec.from_manifest(inp),
+                   tuple(TensorSpec.from_manifest(o) for o in entry["outputs"]), exits)
 
 
 class NumpyWorkspace(Workspace):
@@ -88,9 +99,14 @@ class NumpyWorkspace(Workspace):
         # batch 1: S as a Python float, and (stage, its probs buffer) of the exit taken
         self._s1 = 0.0
         self._last: Optional[Tuple[int, np.ndarray]] = None
-        # batch-1 exit index per stage, copied into each result: building a one-element array from
-        # a list costs ~6 us more right after a stage run has evicted numpy's code (measured)
-        self._exit_one = [np.array([st.exit], dtype=np.int64) for st in self.stages]
+        # batch-1 exit index arrays, copied into each result: building a one-element array from a
+        # list costs ~6 us more right after a stage run has evicted numpy's code (measured)
+        n_exits = max(e for st in self.stages for e in st.all_exits) + 1
+        self._exit_of = [np.array([e], dtype=np.int64) for e in range(n_exits)]
+        self._exit_one = [self._exit_of[st.exit] for st in self.stages]
+        # merged stages (several exits): probs [mb, E, C], gate [mb, E or E - 1]
+        self._merged = [st.merged for st in self.stages]
+        self._exit_ids = [np.asarray(st.all_exits, dtype=np.int64) for st in self.stages]
 
     # -- executor side -------------------------------------------------------------------------
     def stage_input(self, k: int) -> np.ndarray:
@@ -126,7 +142,9 @@ class NumpyWorkspace(Workspace):
         if s != s:
             raise GuardTripped(np.flatnonzero(np.isnan(g)))
 
-    def exit_and_compact(self, k: int, n: int, delta: float, early_exit: bool) -> int:
+    def exit_and_compact(self, k: int, n: int, delta, early_exit: bool) -> int:
+        if self._merged[k]:
+            return self._decide_merged(k, n, delta, early_exit, last=False)
         out = self._out[k]
         if not early_exit:  # ``full``: nobody exits, nothing moves (S is only needed to decide)
             if k == 0 and self.input_guard:
@@ -135,7 +153,7 @@ class NumpyWorkspace(Workspace):
         if self._B == 1:  # batch-1 streaming: a scalar decision on Python floats (float64, as below)
             gv = out["gate"].item(0)  # a Python float
             if exit_mask(gv, self._s1, delta):
-                self._last = (k, out["probs"])  # collect() copies the row before the next run
+                self._last = (self._exit_one[k], out["probs"])  # collect() copies the row before the next run
                 return 0
             if gv != gv and k == 0 and self.input_guard:  # NaN never exits: only this path can see it
                 raise GuardTripped([0])
@@ -154,6 +172,10 @@ class NumpyWorkspace(Workspace):
         rows = ex if self._identity else self._idx[ex]
         self._probs[rows] = out["probs"][ex]
         self._exit[rows] = self.stages[k].exit
+        return self._compact(hidden, S, n, mask, ex)
+
+    def _compact(self, hidden: np.ndarray, S: np.ndarray, n: int, mask: np.ndarray, ex: np.ndarray) -> int:
+        """Survivors (``~mask``) of the first ``n`` rows into the first ``m`` rows; returns ``m``."""
         m = n - int(ex.size)
         if m:
             # Compact by filling the holes that exited rows leave in the first m rows with the
@@ -173,9 +195,69 @@ class NumpyWorkspace(Workspace):
                 self._identity = False
         return m
 
-    def finish(self, k: int, n: int) -> None:
+    def _decide_merged(self, k: int, n: int, deltas, early_exit: bool, last: bool) -> int:
+        """A stage holding several exits: their gates in order, the earliest that fires wins (the
+        exit rule of the unmerged model, with ``S`` accumulated gate by gate); with ``last`` the
+        rows no gate took leave at the stage's final head. ``deltas``: one offset per gate."""
+        out = self._out[k]
+        P, G = out["probs"], out["gate"]
+        ids = self._exit_ids[k]
+        ng = G.shape[1]
+        if not isinstance(deltas, tuple):
+            deltas = (float(deltas),) * ng
+        if k == 0 and self.input_guard:
+            self._check_guard(G[:n, 0])
         if self._B == 1:
-            self._last = (k, self._out[k]["probs"])
+            if early_exit:
+                s = self._s1
+                for j in range(ng):
+                    gv = G.item(0, j)
+                    if exit_mask(gv, s, deltas[j]):
+                        self._last = (self._exit_of[int(ids[j])], P[:, j])
+                        return 0
+                    s += gv
+                self._s1 = s
+            if last:
+                self._last = (self._exit_of[int(ids[-1])], P[:, -1])
+                return 0
+            return 1
+        if not early_exit:
+            if last:
+                self._retire(np.arange(n), P[:n, -1], int(ids[-1]))
+                return 0
+            return n
+        S = self._S[:n]
+        code = np.full(n, -1, dtype=np.int64)  # column of the exit taken (-1: still live)
+        live = np.ones(n, dtype=bool)
+        for j in range(ng):
+            g = G[:n, j]
+            m = exit_mask(g, S, deltas[j]) & live
+            code[m] = j
+            live &= ~m
+            np.add(S, g, out=S)  # S of rows that left is not used again
+        if last:
+            code[live] = len(ids) - 1
+        mask = code >= 0
+        if not mask.any():
+            return n
+        ex = np.flatnonzero(mask)
+        cols = code[ex]
+        self._retire(ex, P[ex, cols], ids[cols])
+        if last:
+            return 0
+        return self._compact(out["hidden_out"], S, n, mask, ex)
+
+    def _retire(self, ex: np.ndarray, probs: np.ndarray, exit_ids) -> None:
+        rows = ex if self._identity else self._idx[ex]
+        self._probs[rows] = probs
+        self._exit[rows] = exit_ids
+
+    def finish(self, k: int, n: int, delta=0.0, early_exit: bool = True) -> None:
+        if self._merged[k]:
+            self._decide_merged(k, n, delta, early_exit, last=True)
+            return
+        if self._B == 1:
+            self._last = (self._exit_one[k], self._out[k]["probs"])
             return
         probs = self._out[k]["probs"][:n]
         if self._identity:
@@ -190,7 +272,7 @@ class NumpyWorkspace(Workspace):
         b = self._B
         self._in[0] = self._x  # drop the workspace's reference to the caller's array
         if b == 1:
-            k, probs = self._last
-            return Results(probs[:1].copy(), self._exit_one[k].copy(), reach)
+            exit_arr, probs = self._last
+            return Results(probs[:1].copy(), exit_arr.copy(), reach)
         # ``reach`` is the loop's own list, made for this call: no copy
         return Results(self._probs[:b].copy(), self._exit[:b].copy(), reach)

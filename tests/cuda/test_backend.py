@@ -117,6 +117,9 @@ def test_check_manifest_catches_a_foreign_model():
     bad = {"num_classes": 4, "stages": [dict(good["stages"][0], blocks=[0, 3]), good["stages"][1]]}
     with pytest.raises(BundleError, match="covers blocks"):
         check_manifest(bad, specs, M(), "b")
+    merged = {"num_classes": 4, "stages": [dict(good["stages"][0], blocks=[0, 4], exits=[0, 1])]}
+    with pytest.raises(BundleError, match=r"stage\(s\) \[0\] merge several exits.*--plan every"):
+        check_manifest(merged, specs, M(), "b")
 
 
 def _lanes(ex, n, max_batch=16):

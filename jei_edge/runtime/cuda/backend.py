@@ -91,6 +91,10 @@ def check_manifest(manifest: dict, specs: List[StageSpec], model, where: str) ->
     Returns the specs with each stage's exit index taken from the manifest (``"exit"``, default k).
     """
     stages = manifest.get("stages") or []
+    merged = [st.get("index") for st in stages if len(st.get("exits") or [0]) > 1]
+    if merged:
+        raise BundleError(f"{where}: stage(s) {merged} merge several exits, which the torch-cuda executor does not "
+                          "run yet", hint="rebuild the bundle with `jei-edge build --plan every` for --device cuda")
     if len(stages) != len(specs):
         raise BundleError(f"{where}: manifest has {len(stages)} stages but its model.pt has {len(specs)}",
                           hint="rebuild the bundle from this model")

@@ -254,7 +254,9 @@ class CudaWorkspace(Workspace):
             raise CudaError(f"exit kernel after stage {k} reported {m} survivors of {n} rows (kernel did not run?)")
         return m
 
-    def finish(self, k: int, n: int) -> None:
+    def finish(self, k: int, n: int, delta=0.0, early_exit: bool = True) -> None:
+        # one exit per stage here (merged stages are refused when the backend loads): the last
+        # stage has no gate, so its rows all leave at the final head in either mode
         if n > 0:
             self._launch(k, n, MODE_ALL_EXIT, 0.0)
 

@@ -1,0 +1,131 @@
+"""Automatic stage planning: which consecutive exits to merge into one stage (DESIGN.md).
+
+Every boundary costs a session run, layout conversions at the graph edges and the runtime's
+decision, and early gates often rarely fire. Given
+
+- **exit statistics**: ``reach[i]``, the fraction of real inputs that have not exited before exit
+  ``i`` (the trained model at offsets 0, from the build's real inputs), and
+- **measured stage times** ``T(a, b)``: the stage holding exits ``a..b`` exported and timed in
+  onnxruntime with the target's session settings on ``batch`` rows (median of repeats), plus a
+  per-boundary runtime cost,
+
+the plan minimising the expected time per sample ``sum over stages of reach[a] * (T(a, b) +
+boundary)`` is found exactly by dynamic programming over the (G+1)(G+2)/2 candidate spans.
+Merged stages keep the model's decisions (``jei_edge.compile.plan``), so the plan changes speed
+only. The expected time ignores that a stage runs on fewer rows when some left inside the
+previous one; at batch 1 it is exact up to timing noise.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+BOUNDARY_US = 10.0  # runtime work per boundary at batch 1 (decision, glue; benchmarks/: 4-16 us)
+
+
+def exit_reach(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """``reach[i]`` for exits ``0..G``: the fraction of ``x`` whose exit level is >= i (offsets 0)."""
+    import torch
+
+    from jei_edge.exit_rule import exit_levels
+
+    gates = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            gates.append(torch.sigmoid(model(torch.from_numpy(x[i:i + batch]))[1]).numpy().astype(np.float64))
+    levels = exit_levels(np.concatenate(gates))
+    n_exits = len(model.stage_ranges())
+    return np.array([float(np.mean(levels >= i)) for i in range(n_exits)])
+
+
+def time_spans(model, x: np.ndarray, work: Path, settings, opset: int, batch: int = 1, repeats: int = 30,
+               progress: Optional[Callable[[str], None]] = None) -> Dict[Tuple[int, int], float]:
+    """Seconds per run of every candidate stage ``a..b`` on ``batch`` rows (onnxruntime, ``settings``)."""
+    import torch
+
+    from jei_edge.compile.export import _export
+    from jei_edge.runtime.ort_backend import create_session
+
+    model.requires_grad_(False)  # IMs share frozen modules without owning them: trace them as constants
+    n_exits = len(model.stage_ranges())
+    rows = np.ascontiguousarray(np.resize(x[:max(batch, 2)], (max(batch, 2),) + x.shape[1:]).astype(np.float32))
+    # the hidden state entering each exit's stage, for these rows (from the unmerged stages)
+    inputs = [rows]
+    with torch.no_grad():
+        h = torch.from_numpy(rows)
+        for k in range(n_exits - 1):
+            h = model.stage(k)(h)[0]
+            inputs.append(np.ascontiguousarray(h.numpy()))
+    times: Dict[Tuple[int, int], float] = {}
+    for a in range(n_exits):
+        if progress:
+            progress(f"planning: timing stages that start at exit {a} ({n_exits - a} candidates)")
+        for b in range(a, n_exits):
+            module = model.stage(a, last_exit=b).eval()
+            last = b == n_exits - 1
+            names = ("hidden_out", "probs", "gate") if not last else (("probs", "gate") if b > a else ("probs",))
+            path = work / f"span_{a}_{b}.onnx"
+            with torch.no_grad():
+                _export(module, torch.from_numpy(inputs[a][:2].copy()), path, "x" if a == 0 else "hidden_in", names,
+                        opset, f"candidate stage {a}..{b}")
+            sess = create_session(path, settings, f"candidate stage {a}..{b}")
+            feed = {sess.get_inputs()[0].name: inputs[a][:batch]}
+            for _ in range(3):
+                sess.run(None, feed)
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                sess.run(None, feed)
+                ts.append(time.perf_counter() - t)
+            times[(a, b)] = float(np.median(ts))
+            del sess
+            path.unlink()
+    return times
+
+
+def best_groups(reach: np.ndarray, times: Dict[Tuple[int, int], float], boundary_s: float) -> Tuple[List[Tuple[int, ...]], float]:
+    """The grouping of exits ``0..G`` minimising ``sum reach[a] * (T(a, b) + boundary_s)``, and that cost."""
+    n = len(reach)
+    best = [0.0] * (n + 1)
+    choice = [n] * (n + 1)
+    for a in range(n - 1, -1, -1):
+        best[a] = float("inf")
+        for b in range(a, n):
+            cost = reach[a] * (times[(a, b)] + boundary_s) + best[b + 1]
+            if cost < best[a]:
+                best[a], choice[a] = cost, b
+    groups, a = [], 0
+    while a < n:
+        b = choice[a]
+        groups.append(tuple(range(a, b + 1)))
+        a = b + 1
+    return groups, best[0]
+
+
+def expected_seconds(groups, reach: np.ndarray, times: Dict[Tuple[int, int], float], boundary_s: float) -> float:
+    return float(sum(reach[g[0]] * (times[(g[0], g[-1])] + boundary_s) for g in groups))
+
+
+def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, batch: int = 1,
+                boundary_us: float = BOUNDARY_US, progress: Optional[Callable[[str], None]] = None):
+    """Measure and choose (see the module docstring). Returns ``(groups, report)``."""
+    reach = exit_reach(model, x_real)
+    times = time_spans(model, x_real, work, settings, opset, batch=batch, progress=progress)
+    n = len(reach)
+    b_s = boundary_us * 1e-6
+    groups, cost = best_groups(reach, times, b_s)
+    every = [(i,) for i in range(n)]
+    report = {
+        "mode": "auto", "batch": int(batch), "boundary_us": float(boundary_us), "samples": int(len(x_real)),
+        "reach": [round(float(r), 6) for r in reach],
+        "span_ms": {f"{a}-{b}": round(1e3 * t, 4) for (a, b), t in sorted(times.items())},
+        "groups": [list(g) for g in groups],
+        "expected_ms_per_sample": round(1e3 * cost, 4),
+        "expected_ms_per_sample_every_exit": round(1e3 * expected_seconds(every, reach, times, b_s), 4),
+        "expected_ms_per_sample_one_stage": round(1e3 * expected_seconds([tuple(range(n))], reach, times, b_s), 4),
+    }
+    return groups, report

@@ -1,0 +1,149 @@
+"""Stage planning: merged stages keep every decision of the unmerged model; the planner is optimal."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from jei_edge.compile import BuildOptions, build_bundle
+from jei_edge.compile.plan import parse_groups
+from jei_edge.compile.planning import best_groups, expected_seconds
+from jei_edge.errors import BuildError, InputError
+from jei_edge.runtime import Runtime
+from tests.runtime.helpers import model_inputs, reference, save_spread
+
+
+def test_parse_groups():
+    assert parse_groups("0-2,3,4", 5) == [(0, 1, 2), (3,), (4,)]
+    assert parse_groups("0-4", 5) == [(0, 1, 2, 3, 4)]
+    for bad in ("0-2,4", "1-4", "0-2,2-4", "0,1,2,3", "0-a,5", "3-1,4"):
+        with pytest.raises(InputError, match="stage plan"):
+            parse_groups(bad, 5)
+
+
+def _all_groupings(n):
+    for cuts in itertools.product([False, True], repeat=n - 1):
+        groups, cur = [], [0]
+        for i, cut in enumerate(cuts, start=1):
+            if cut:
+                groups.append(tuple(cur))
+                cur = []
+            cur.append(i)
+        groups.append(tuple(cur))
+        yield groups
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dynamic_programme_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 7))
+    reach = np.concatenate([[1.0], np.sort(rng.random(n - 1))[::-1]])
+    unit = rng.uniform(0.5, 2.0, n)
+    times = {(a, b): float(unit[a:b + 1].sum() * rng.uniform(0.6, 1.0) + rng.uniform(0, 0.5))
+             for a in range(n) for b in range(a, n)}
+    boundary = float(rng.uniform(0, 0.3))
+    groups, cost = best_groups(reach, times, boundary)
+    brute = min(expected_seconds(g, reach, times, boundary) for g in _all_groupings(n))
+    assert cost == pytest.approx(brute) and expected_seconds(groups, reach, times, boundary) == pytest.approx(cost)
+    assert [e for g in groups for e in g] == list(range(n))
+
+
+@pytest.fixture(scope="module", params=["vit", "resnet"])
+def family_model(request, tmp_path_factory):
+    from jei_edge.model.checkpoint import load_checkpoint
+
+    tmp = tmp_path_factory.mktemp(f"plan_{request.param}")
+    ckpt = save_spread(tmp / "m.pt", request.param)
+    model, _ = load_checkpoint(ckpt)
+    return request.param, ckpt, model, tmp
+
+
+def _plans(n):
+    last = n - 1
+    return [f"0-{last}", f"0-1,2-{last}", "0," + ",".join(str(i) for i in range(1, n - 2)) + f",{n - 2}-{last}",
+            f"0-{last - 1},{last}"]
+
+
+def test_merged_bundles_decide_exactly_like_the_model(family_model):
+    fam, ckpt, model, tmp = family_model
+    n = len(model.stage_ranges())
+    x = model_inputs(200, seed=5)
+    rng = np.random.default_rng(1)
+    offsets = tuple(float(v) for v in rng.uniform(-0.15, 0.15, n - 1))
+    for i, plan in enumerate(_plans(n)):
+        out = tmp / f"m{i}.jei"
+        rep = build_bundle(ckpt, out, BuildOptions(parity_samples=1000, stage_samples=64, plan=plan))
+        groups = parse_groups(plan, n)
+        assert rep["plan"]["groups"] == [list(g) for g in groups] and rep["num_stages"] == len(groups)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert [st["exits"] for st in manifest["stages"]] == [list(g) for g in groups]
+        rt = Runtime.load(out, max_batch=16)
+        for offs in (None, offsets):
+            levels, probs, all_probs = reference(model, x, offs)
+            for bs in (1, 5, 16, 200):  # 200 > max_batch: chunks
+                parts = [rt.run(x[j:j + bs], offsets=offs) for j in range(0, len(x), bs)]
+                got = np.concatenate([p.exit_index for p in parts])
+                assert np.array_equal(got, levels), (plan, offs, bs)
+                assert np.abs(np.concatenate([p.probs for p in parts]) - probs).max() < 1e-5
+            # rows reach a stage only if no earlier stage's gates took them
+            reach = rt.run(x, offsets=offs).reach
+            starts = [g[0] for g in groups]
+            assert reach[:len(reach)] == [int((levels >= s).sum()) for s in starts][:len(reach)]
+        full = rt.run(x, mode="full")
+        assert (full.exit_index == n - 1).all() and np.abs(full.probs - all_probs[:, -1]).max() < 1e-5
+        one = rt.run(x[:1], mode="full")
+        assert one.exit_index.tolist() == [n - 1]
+
+
+def test_merged_first_stage_keeps_the_input_guard(family_model):
+    fam, ckpt, model, tmp = family_model
+    n = len(model.stage_ranges())
+    out = tmp / "guard.jei"
+    build_bundle(ckpt, out, BuildOptions(parity_samples=500, stage_samples=64, plan=f"0-1,2-{n - 1}"))
+    rt = Runtime.load(out, max_batch=4)
+    assert rt.workspace.input_guard
+    x = model_inputs(9, seed=2)
+    x[4, 0, 0, 0], x[8, 0, 7, 7] = np.nan, -np.inf
+    for mode in ("exit", "full"):
+        with pytest.raises(InputError, match=r"rows 4, 8\)"):
+            rt.run(x, mode=mode)
+        with pytest.raises(InputError, match=r"rows 0\)"):
+            rt.run(x[4:5], mode=mode)
+
+
+def test_auto_plan(family_model):
+    fam, ckpt, model, tmp = family_model
+    n = len(model.stage_ranges())
+    out = tmp / "auto.jei"
+    rep = build_bundle(ckpt, out, BuildOptions(parity_samples=500, stage_samples=64, plan="auto",
+                                               data="synthetic:size=8,n=300,classes=5"))
+    plan = rep["plan"]
+    assert plan["mode"] == "auto" and [e for g in plan["groups"] for e in g] == list(range(n))
+    assert len(plan["span_ms"]) == n * (n + 1) // 2 and plan["reach"][0] == 1.0
+    assert plan["expected_ms_per_sample"] <= min(plan["expected_ms_per_sample_every_exit"],
+                                                  plan["expected_ms_per_sample_one_stage"]) + 1e-9
+    assert not any(p.name.startswith(".planning") for p in out.rglob("*"))
+    assert rep["decisions"]["agreement"] == 1.0 or rep["decisions"]["disagreements_within_tie_band"] == \
+        rep["decisions"]["disagreements"]
+    with pytest.raises(BuildError, match="needs real inputs"):
+        build_bundle(ckpt, tmp / "no_data.jei", BuildOptions(parity_samples=100, plan="auto"))
+    assert not (tmp / "no_data.jei").exists()
+
+
+def test_build_command_reports_the_plan(family_model, capsys):
+    from jei_edge.cli import main as cli_main
+
+    fam, ckpt, model, tmp = family_model
+    n = len(model.stage_ranges())
+    rc = cli_main(["build", str(ckpt), "-o", str(tmp / "cli.jei"), "--parity-samples", "200", "--plan", f"0-1,2-{n - 1}"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    tail = f"2-{n - 1}" if n > 3 else "2"
+    assert f"2 stages (exits 0-1, {tail})" in out
+    rc = cli_main(["inspect", str(tmp / "cli.jei")])
+    out, _ = capsys.readouterr()
+    assert rc == 0 and f"0-1" in out
+    rc = cli_main(["build", str(ckpt), "-o", str(tmp / "bad.jei"), "--plan", "0-1,3"])
+    _, err = capsys.readouterr()
+    assert rc != 0 and "stage plan" in err and not (tmp / "bad.jei").exists()
