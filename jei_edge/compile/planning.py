@@ -60,10 +60,10 @@ def time_spans(model, x: np.ndarray, work: Path, settings, opset: int, batch: in
         for k in range(n_exits - 1):
             h = model.stage(k)(h)[0]
             inputs.append(np.ascontiguousarray(h.numpy()))
-    times: Dict[Tuple[int, int], float] = {}
+    sessions: Dict[Tuple[int, int], tuple] = {}
     for a in range(n_exits):
         if progress:
-            progress(f"planning: timing stages that start at exit {a} ({n_exits - a} candidates)")
+            progress(f"planning: exporting the stages that start at exit {a} ({n_exits - a} candidates)")
         for b in range(a, n_exits):
             module = model.stage(a, last_exit=b).eval()
             last = b == n_exits - 1
@@ -73,17 +73,24 @@ def time_spans(model, x: np.ndarray, work: Path, settings, opset: int, batch: in
                 _export(module, torch.from_numpy(inputs[a][:2].copy()), path, "x" if a == 0 else "hidden_in", names,
                         opset, f"candidate stage {a}..{b}")
             sess = create_session(path, settings, f"candidate stage {a}..{b}")
-            feed = {sess.get_inputs()[0].name: inputs[a][:batch]}
-            for _ in range(3):
-                sess.run(None, feed)
-            ts = []
-            for _ in range(repeats):
+            sessions[(a, b)] = (sess, {sess.get_inputs()[0].name: inputs[a][:batch]})
+            path.unlink()
+    # round robin over the candidates, a few runs each per round: a shared machine's drift and
+    # stalls spread over all candidates instead of biasing the ones timed during them
+    samples: Dict[Tuple[int, int], list] = {key: [] for key in sessions}
+    per_round = 3
+    rounds = max(1, repeats // per_round)
+    if progress:
+        progress(f"planning: timing {len(sessions)} candidate stages at batch {batch} ({rounds} rounds)")
+    for sess, feed in sessions.values():
+        sess.run(None, feed)
+    for _ in range(rounds):
+        for key, (sess, feed) in sessions.items():
+            for _ in range(per_round):
                 t = time.perf_counter()
                 sess.run(None, feed)
-                ts.append(time.perf_counter() - t)
-            times[(a, b)] = float(np.median(ts))
-            del sess
-            path.unlink()
+                samples[key].append(time.perf_counter() - t)
+    times = {key: float(np.median(v)) for key, v in samples.items()}
     return times
 
 
@@ -122,10 +129,11 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
     report = {
         "mode": "auto", "batch": int(batch), "boundary_us": float(boundary_us), "samples": int(len(x_real)),
         "reach": [round(float(r), 6) for r in reach],
-        "span_ms": {f"{a}-{b}": round(1e3 * t, 4) for (a, b), t in sorted(times.items())},
+        "span_ms": {f"{a}-{b}": round(1e3 * t, 4) for (a, b), t in sorted(times.items())},  # per run of `batch` rows
         "groups": [list(g) for g in groups],
-        "expected_ms_per_sample": round(1e3 * cost, 4),
-        "expected_ms_per_sample_every_exit": round(1e3 * expected_seconds(every, reach, times, b_s), 4),
-        "expected_ms_per_sample_one_stage": round(1e3 * expected_seconds([tuple(range(n))], reach, times, b_s), 4),
+        # the span times are per run of ``batch`` rows: per sample is that / batch
+        "expected_ms_per_sample": round(1e3 * cost / batch, 4),
+        "expected_ms_per_sample_every_exit": round(1e3 * expected_seconds(every, reach, times, b_s) / batch, 4),
+        "expected_ms_per_sample_one_stage": round(1e3 * expected_seconds([tuple(range(n))], reach, times, b_s) / batch, 4),
     }
     return groups, report

@@ -205,9 +205,11 @@ class NumpyWorkspace(Workspace):
         ng = G.shape[1]
         if not isinstance(deltas, tuple):
             deltas = (float(deltas),) * ng
-        if k == 0 and self.input_guard:
-            self._check_guard(G[:n, 0])
         if self._B == 1:
+            if k == 0 and self.input_guard:
+                g0 = G.item(0, 0)
+                if g0 != g0:
+                    raise GuardTripped([0])
             if early_exit:
                 s = self._s1
                 for j in range(ng):
@@ -221,6 +223,8 @@ class NumpyWorkspace(Workspace):
                 self._last = (self._exit_of[int(ids[-1])], P[:, -1])
                 return 0
             return 1
+        if k == 0 and self.input_guard:
+            self._check_guard(G[:n, 0])
         if not early_exit:
             if last:
                 self._retire(np.arange(n), P[:n, -1], int(ids[-1]))
