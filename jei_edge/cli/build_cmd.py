@@ -14,7 +14,8 @@ from jei_edge.cli.options import emit_json, json_option, output_option, seed_opt
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Engine precision (default: the target's; the cpu target builds fp32).")
 @click.option("--data", "data", default=None,
-              help="Real inputs for the parity check (default: the data source recorded in the checkpoint).")
+              help="Real inputs for the parity check, --plan auto and INT8 calibration (default: the data source "
+                   "recorded in the checkpoint).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("--no-model", "no_model", is_flag=True,
               help="Do not carry model.pt in the bundle (the torch-cuda executor needs it).")
@@ -26,9 +27,15 @@ from jei_edge.cli.options import emit_json, json_option, output_option, seed_opt
                    "saves), or explicit groups such as '0-3,4,5'. Merging never changes predictions.")
 @click.option("--plan-batch", type=int, default=1, show_default=True,
               help="Batch size --plan auto times the stages at (1 = streaming).")
+@click.option("--calibration", default="default", show_default=True,
+              help="INT8 calibration recipe: a name from jei_edge/calibration/ (default, percentile) or a .toml file. "
+                   "Stage k is calibrated on the samples that reach it under the FP32 model.")
+@click.option("--min-agreement", type=float, default=0.95, show_default=True,
+              help="INT8: fail the build when fewer exit decisions than this agree with the FP32 model.")
 @seed_option
 @json_option
-def build(model, output, target, precision, data, force, no_model, parity_samples, plan, plan_batch, seed, as_json):
+def build(model, output, target, precision, data, force, no_model, parity_samples, plan, plan_batch, calibration,
+          min_agreement, seed, as_json):
     """Compile MODEL (a model.pt from `jei-edge train`) into a bundle: one ONNX graph per stage
     (split at the exits, gate in-graph, dynamic batch), the plain backbone, a manifest with sha256
     of every file, and a build report with parity vs PyTorch. Written atomically: a failed or killed
@@ -36,7 +43,8 @@ def build(model, output, target, precision, data, force, no_model, parity_sample
     from jei_edge.compile import BuildOptions, build_bundle
 
     opts = BuildOptions(target=target, precision=precision, data=data, include_model=not no_model, force=force,
-                        parity_samples=parity_samples, seed=seed, plan=plan, plan_batch=plan_batch)
+                        parity_samples=parity_samples, seed=seed, plan=plan, plan_batch=plan_batch,
+                        calibration=calibration, min_agreement=min_agreement)
     say = (lambda msg: click.echo(msg, err=True)) if not as_json else None
     report = build_bundle(model, output, opts, progress=say)
     if as_json:

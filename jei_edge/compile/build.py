@@ -44,6 +44,8 @@ class BuildOptions:
     opset: Optional[int] = None  # None = the target's (>= 17)
     plan: str = "every"  # stage plan: "every" (one stage per exit), "auto" (measured), or groups "0-3,4,5"
     plan_batch: int = 1  # batch size the "auto" plan is timed and optimised for
+    calibration: str = "default"  # INT8: a recipe name (jei_edge/calibration/) or a .toml file
+    min_agreement: float = 0.95  # INT8: fail below this exit-decision agreement with the FP32 model
 
 
 def toolchain(opset: int) -> Dict[str, str]:
@@ -74,6 +76,23 @@ def _real_inputs(ckpt: Dict, data: Optional[str], seed: int, notes: list):
         notes.append(f"recorded data source '{source}' could not be loaded ({exc}); synthetic inputs only")
         return None, None
     return np.concatenate([d.test.x, d.calib.x, d.val.x]), source
+
+
+def _calibration_inputs(ckpt: Dict, recipe, options: BuildOptions) -> np.ndarray:
+    """INT8 calibration inputs: the calibration split (then validation) of the recipe's data, of
+    ``--data``, or of the data recorded in the checkpoint; at most ``recipe.samples`` rows."""
+    rec = (ckpt.get("training") or {}).get("data") or {}
+    source = recipe.data or options.data or rec.get("source")
+    if not source:
+        raise BuildError("INT8 needs calibration data and none is given or recorded in the checkpoint",
+                         hint="pass --data SOURCE (e.g. the data the model was trained on) or set data in the recipe")
+    from jei_edge.data import load_data
+
+    d = load_data(source, preprocessing=ckpt["preprocessing"], seed=int(rec.get("split_seed", options.seed)))
+    x = np.concatenate([d.calib.x, d.val.x])[:recipe.samples]
+    if len(x) == 0:
+        raise BuildError(f"INT8 calibration set from '{source}' is empty", hint="use a data source with samples")
+    return np.ascontiguousarray(x)
 
 
 def _plan(model, options: BuildOptions, real, tmp: Path, target, opset: int, say):
@@ -147,12 +166,19 @@ def _summary(report: Dict) -> str:
     if "plain" in s:
         lines.append(f"             plain backbone: probs {s['plain']['max_abs_error']['probs']:.2e}")
     lines += [f"  decisions  {d['samples']} inputs ({', '.join(f'{k} {v}' for k, v in report['parity_inputs'].items())})",
-              f"             agreement {100 * d['agreement']:.3f}%, {d['disagreements']} differ "
-              f"(all within the tie band |g - thr| < {d['tolerance']:g})",
+              f"             agreement {100 * d['agreement']:.3f}%, {d['disagreements']} differ " +
+              (f"(all within the tie band |g - thr| < {d['tolerance']:g})" if "min_agreement" not in d else
+               f"(INT8 vs the FP32 model; required >= {100 * d['min_agreement']:.1f}%; "
+               f"{d['disagreements_within_tie_band']} within the FP32 tie band)"),
               f"             exit histogram PyTorch {d['exit_histogram_pytorch']}, bundle {d['exit_histogram_bundle']}",
               f"             probs at exit max abs error {d['exit_probs_max_abs_error']:.2e}, "
               f"full mode {d['full_mode_probs_max_abs_error']:.2e}",
               f"  time       {report['seconds']}"]
+    q = report.get("quantization")
+    if q:
+        lines.insert(3, f"  int8       recipe '{q['recipe']}' ({q['method']}, activations {q['activations']}, weights "
+                        f"{q['weights']}; FP32: {', '.join(q['fp32'])}); calibration {q['calibration_samples']} samples, "
+                        "rows per stage " + str([st['calibration_rows'] for st in q['stages']]))
     lines += [f"  note       {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -187,9 +213,16 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
         raise BuildError(f"target '{target.name}' uses backend '{target.backend}', which this build does not produce yet",
                          hint="use --target cpu")
     precision = options.precision or target.default_precision
-    if precision not in target.precisions or precision != "fp32":
+    if precision not in target.precisions or precision not in ("fp32", "int8"):
         raise BuildError(f"precision '{precision}' is not available for target '{target.name}'",
-                         hint=f"supported here: fp32 (the target lists {list(target.precisions)})")
+                         hint=f"the target lists {list(target.precisions)}; this build produces fp32 and int8")
+    recipe = None
+    if precision == "int8":
+        from jei_edge.compile.quantize import load_recipe
+
+        recipe = load_recipe(options.calibration)
+        if not 0.0 <= options.min_agreement <= 1.0:
+            raise BuildError(f"min_agreement must be in [0, 1], got {options.min_agreement}")
     opset = int(options.opset or target.opset)
     if opset < MIN_OPSET:
         raise BuildError(f"opset {opset} is too old; jei-edge exports opset >= {MIN_OPSET}")
@@ -203,6 +236,7 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
     if options.parity_samples < 10_000:
         notes.append(f"decision parity on {options.parity_samples} inputs, fewer than the 10,000 of a release build")
     real, source = _real_inputs(ckpt, options.data, options.seed, notes)
+    x_calib = _calibration_inputs(ckpt, recipe, options) if recipe is not None else None
     x, counts = parity_inputs(ckpt["preprocessing"], real, options.parity_samples, options.seed)
     timings["load"] = time.perf_counter() - t0
 
@@ -216,10 +250,19 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
         stages = export_stages(model, plans, tmp, example, opset)
         plain = export_plain(model, tmp, example, opset)
         plain["macs"] = int(ckpt["costs"]["plain_macs"])
+        quant = None
+        if recipe is not None:
+            from jei_edge.compile.quantize import quantize_bundle_graphs
+
+            t_q = time.perf_counter()
+            quant = quantize_bundle_graphs(model, plans, stages, plain, tmp, x_calib, recipe, progress=say)
+            timings["quantize"] = time.perf_counter() - t_q
         if options.include_model:
             shutil.copyfile(model_path, tmp / "model.pt")
         manifest = _manifest(ckpt, model, target, precision, stages, plain, options.include_model, opset, output.stem)
         manifest["plan"] = plan_report
+        if quant is not None:
+            manifest["quantization"] = quant
         write_json(tmp / "report.json", {})
         (tmp / "report.txt").write_text("")
         manifest["files"] = file_table(tmp)
@@ -234,17 +277,18 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
         settings = OrtSettings.from_options(target.backend_options)
         sessions = [create_session(tmp / s["file"], settings, f"stage {s['index']}") for s in stages]
         plain_sess = create_session(tmp / plain["file"], settings, "plain backbone")
-        stage_report = check_stages(model, stages, sessions, plain_sess, x[:options.stage_samples], ps)
+        int8 = quant is not None
+        stage_report = check_stages(model, stages, sessions, plain_sess, x[:options.stage_samples], ps, strict=not int8)
         del sessions, plain_sess
         rt = Runtime.load(tmp, device="cpu")
-        decisions = check_decisions(model, rt, x, ps)
+        decisions = check_decisions(model, rt, x, ps, min_agreement=options.min_agreement if int8 else None)
         del rt
         timings["parity"] = time.perf_counter() - t
 
         report = {
             "bundle": str(output), "model": str(model_path), "target": target.name, "precision": precision,
             "opset": opset, "num_stages": len(stages), "options": asdict(options),
-            "parity_inputs": counts, "data_source": source, "plan": plan_report,
+            "parity_inputs": counts, "data_source": source, "plan": plan_report, "quantization": quant,
             "stage_parity": stage_report, "decisions": decisions,
             "seconds": {k: round(v, 3) for k, v in timings.items()}, "notes": notes,
         }

@@ -109,8 +109,8 @@ def test_default_output_and_bad_options(tmp_path):
     ckpt = save_spread(tmp_path / "m.pt", "resnet")
     with pytest.raises(JeiEdgeError, match="unknown target"):
         build_bundle(ckpt, None, BuildOptions(target="nope", **FAST))
-    with pytest.raises(BuildError, match="precision 'int8'"):
-        build_bundle(ckpt, None, BuildOptions(precision="int8", **FAST))
+    with pytest.raises(BuildError, match="precision 'fp16'"):
+        build_bundle(ckpt, None, BuildOptions(precision="fp16", **FAST))
     with pytest.raises(BuildError, match="opset 13"):
         build_bundle(ckpt, None, BuildOptions(opset=13, **FAST))
     with pytest.raises(CheckpointError):

@@ -130,8 +130,10 @@ def test_build_command(tmp_path, capsys):
     assert rc == 2 and "already exists" in err and "--force" in err
     rc, out, err = _cli(capsys, ["build", str(tmp_path / "nope.pt")])
     assert rc == 2 and "does not exist" in err and "Traceback" not in err
+    rc, out, err = _cli(capsys, ["build", str(ckpt), "--precision", "fp16", "-o", str(tmp_path / "q.jei")])
+    assert rc == 2 and "precision 'fp16'" in err and not (tmp_path / "q.jei").exists()
     rc, out, err = _cli(capsys, ["build", str(ckpt), "--precision", "int8", "-o", str(tmp_path / "q.jei")])
-    assert rc == 2 and "precision 'int8'" in err and not (tmp_path / "q.jei").exists()
+    assert rc == 2 and "INT8 needs calibration data" in err and "--data" in err and not (tmp_path / "q.jei").exists()
 
 
 # -- jei-edge-run ---------------------------------------------------------------------------------
