@@ -96,6 +96,70 @@ def merge(runs: list) -> dict:
     return out
 
 
+def bench_parser(doc: str, out_name: str):
+    """The command line shared by the two-bundle benchmarks."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--families", default="vit,resnet")
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--processes", type=int, default=3)
+    p.add_argument("--n1", type=int, default=150)
+    p.add_argument("--n64", type=int, default=512)
+    p.add_argument("--quick", action="store_true", help="3 repeats, 1 process, fewer samples (smoke run)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out_name))
+    return p
+
+
+def compare_families(args, command: str, make_b) -> dict:
+    """For each family of ``realized_speedup.py``'s benchmark models and each batch size: bundle
+    A = the model's FP32 bundle with a stage per exit, bundle B = ``make_b(family, model_path,
+    batch, log)``; ``args.processes`` fresh processes of ``compare``, merged. Returns the results
+    (``families[fam]["batch_N"]`` = merged numbers, ``per_process`` and ``b_bundle``)."""
+    import time
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import realized_speedup as rs
+
+    if args.quick:
+        args.repeats, args.processes, args.n1, args.n64 = 3, 1, 40, 128
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"machine": rs.machine(), "command": command + (" --quick" if args.quick else ""),
+               "repeats": args.repeats, "processes": args.processes, "families": {}}
+    for fam in args.families.split(","):
+        model = rs.ensure_model(fam, work, log)
+        a = rs.ensure_bundle(model, log)
+        inputs = rs.test_inputs(model, work)
+        fam_out = {}
+        for bsz in (int(v) for v in args.batches.split(",")):
+            b = make_b(fam, model, bsz, log)
+            n = args.n1 if bsz == 1 else args.n64
+            runs = [child(a, b, inputs, bsz, n, args.repeats) for _ in range(args.processes)]
+            m = merge(runs)
+            m["per_process"] = [{k: r[k] for k in ("b_speedup_over_a_exit", "b_speedup_over_a_full")} for r in runs]
+            m["b_bundle"] = str(b)
+            fam_out[f"batch_{bsz}"] = m
+            log(f"  {fam} batch {bsz}: B {m['b_speedup_over_a_exit']:.3f}x faster than A (exit mode), "
+                f"{m['b_speedup_over_a_full']:.3f}x (full); exit agreement {100 * m['exit_agreement']:.1f}%")
+        results["families"][fam] = fam_out
+    return results
+
+
+def write_results(results: dict, out: str, lines: list) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
     a, b, inputs, bsz, n, repeats = sys.argv[1:7]
     print(json.dumps(compare(a, b, inputs, int(bsz), int(n), int(repeats))))
