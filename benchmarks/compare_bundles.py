@@ -152,6 +152,16 @@ def compare_families(args, command: str, make_b) -> dict:
     return results
 
 
+def cached_build(model, path: Path, options, log, what: str) -> Path:
+    """``path``, built from ``model`` with ``options`` (a ``BuildOptions``) unless it exists."""
+    if not path.exists():
+        from jei_edge.compile import build_bundle
+
+        log(f"building {path.name} ({what})")
+        build_bundle(model, path, options, progress=log)
+    return path
+
+
 def write_results(results: dict, out: str, lines: list) -> None:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,21 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from compare_bundles import bench_parser, compare_families, write_results  # noqa: E402
+from compare_bundles import bench_parser, cached_build, compare_families, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
     args = bench_parser(__doc__, "int8_speedup.json").parse_args(argv)
 
-    from jei_edge.compile import BuildOptions, build_bundle
+    from jei_edge.compile import BuildOptions
     from realized_speedup import DATA
 
     def int8(fam, model, bsz, log):
-        path = Path(args.work) / f"{fam}_int8.jei"
-        if not path.exists():
-            log(f"building {path.name} (--precision int8)")
-            build_bundle(model, path, BuildOptions(precision="int8", data=DATA, force=True), progress=log)
-        return path
+        return cached_build(model, Path(args.work) / f"{fam}_int8.jei",
+                            BuildOptions(precision="int8", data=DATA, force=True), log, "--precision int8")
 
     results = compare_families(args, "python benchmarks/int8_speedup.py", int8)
     lines = ["# INT8 vs FP32 (CPU, onnxruntime)", "",

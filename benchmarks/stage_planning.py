@@ -24,21 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from compare_bundles import bench_parser, compare_families, write_results  # noqa: E402
+from compare_bundles import bench_parser, cached_build, compare_families, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
     args = bench_parser(__doc__, "stage_planning.json").parse_args(argv)
 
-    from jei_edge.compile import BuildOptions, build_bundle
+    from jei_edge.compile import BuildOptions
     from realized_speedup import DATA
 
     def planned(fam, model, bsz, log):
-        path = Path(args.work) / f"{fam}_auto_b{bsz}.jei"
-        if not path.exists():
-            log(f"building {path.name} (--plan auto at batch {bsz})")
-            build_bundle(model, path, BuildOptions(plan="auto", plan_batch=bsz, data=DATA, force=True), progress=log)
-        return path
+        return cached_build(model, Path(args.work) / f"{fam}_auto_b{bsz}.jei",
+                            BuildOptions(plan="auto", plan_batch=bsz, data=DATA, force=True), log,
+                            f"--plan auto at batch {bsz}")
 
     results = compare_families(args, "python benchmarks/stage_planning.py", planned)
     lines = ["# Stage planning (CPU, onnxruntime): a stage per exit vs `--plan auto`", "",
