@@ -57,3 +57,18 @@ def test_batch1_breakdown_times_every_piece(vit_bundle, tmp_path):
     assert r["input_guard"] is True and r["count"]["run_total"] == 8 and r["count"]["stage_0"] == 8
     assert {"numpy_finite_check", "begin", "boundary", "collect"} <= set(r["median_us"])
     assert set(r["after_stage_run_us"]["np_empty_3"]) == {"cold", "warm"}
+
+
+def test_two_bundle_comparison_child(vit_bundle, tmp_path):
+    """benchmarks/compare_bundles.py (stage planning, INT8): a bundle against itself agrees fully."""
+    x = model_inputs(16, seed=13)
+    np.savez(tmp_path / "t.npz", x=x, y=np.arange(16) % 5)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_bundles.py"), str(vit_bundle), str(vit_bundle),
+           str(tmp_path / "t.npz"), "4", "16", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["exit_agreement"] == 1.0 and r["prediction_agreement"] == 1.0 and r["samples"] == 16
+    assert r["a"]["exit_histogram"] == r["b"]["exit_histogram"] and "accuracy" in r["a"]
+    for mode in ("exit", "full", "plain"):
+        assert 0.05 < r[f"b_speedup_over_a_{mode}"] < 20
