@@ -59,13 +59,14 @@ def toolchain(opset: int) -> Dict[str, str]:
 
 
 def _real_inputs(ckpt: Dict, data: Optional[str], seed: int, notes: list):
-    """Normalised real inputs (test + calib + val splits) for parity, or None."""
+    """Normalised real inputs (test + calib + val splits) for parity, or None; also the source
+    and its loaded splits (reused for INT8 calibration)."""
     rec = (ckpt.get("training") or {}).get("data") or {}
     source = data or rec.get("source")
     if not source:
         notes.append("no data source given or recorded in the checkpoint: parity used synthetic inputs only "
                      "(pass --data SOURCE)")
-        return None, None
+        return None, None, None
     from jei_edge.data import load_data
 
     try:
@@ -74,21 +75,24 @@ def _real_inputs(ckpt: Dict, data: Optional[str], seed: int, notes: list):
         if data:
             raise
         notes.append(f"recorded data source '{source}' could not be loaded ({exc}); synthetic inputs only")
-        return None, None
-    return np.concatenate([d.test.x, d.calib.x, d.val.x]), source
+        return None, None, None
+    return np.concatenate([d.test.x, d.calib.x, d.val.x]), source, d
 
 
-def _calibration_inputs(ckpt: Dict, recipe, options: BuildOptions) -> np.ndarray:
+def _calibration_inputs(ckpt: Dict, recipe, options: BuildOptions, loaded=(None, None)) -> np.ndarray:
     """INT8 calibration inputs: the calibration split (then validation) of the recipe's data, of
-    ``--data``, or of the data recorded in the checkpoint; at most ``recipe.samples`` rows."""
+    ``--data``, or of the data recorded in the checkpoint; at most ``recipe.samples`` rows.
+    ``loaded``: ``(source, splits)`` the parity inputs came from, reused when the source is the same."""
     rec = (ckpt.get("training") or {}).get("data") or {}
     source = recipe.data or options.data or rec.get("source")
     if not source:
         raise BuildError("INT8 needs calibration data and none is given or recorded in the checkpoint",
                          hint="pass --data SOURCE (e.g. the data the model was trained on) or set data in the recipe")
-    from jei_edge.data import load_data
+    d = loaded[1] if loaded[0] == source else None
+    if d is None:
+        from jei_edge.data import load_data
 
-    d = load_data(source, preprocessing=ckpt["preprocessing"], seed=int(rec.get("split_seed", options.seed)))
+        d = load_data(source, preprocessing=ckpt["preprocessing"], seed=int(rec.get("split_seed", options.seed)))
     x = np.concatenate([d.calib.x, d.val.x])[:recipe.samples]
     if len(x) == 0:
         raise BuildError(f"INT8 calibration set from '{source}' is empty", hint="use a data source with samples")
@@ -235,8 +239,8 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
     notes: list = []
     if options.parity_samples < 10_000:
         notes.append(f"decision parity on {options.parity_samples} inputs, fewer than the 10,000 of a release build")
-    real, source = _real_inputs(ckpt, options.data, options.seed, notes)
-    x_calib = _calibration_inputs(ckpt, recipe, options) if recipe is not None else None
+    real, source, splits = _real_inputs(ckpt, options.data, options.seed, notes)
+    x_calib = _calibration_inputs(ckpt, recipe, options, (source, splits)) if recipe is not None else None
     x, counts = parity_inputs(ckpt["preprocessing"], real, options.parity_samples, options.seed)
     timings["load"] = time.perf_counter() - t0
 

@@ -48,6 +48,7 @@ def time_spans(model, x: np.ndarray, work: Path, settings, opset: int, batch: in
     import torch
 
     from jei_edge.compile.export import _export
+    from jei_edge.compile.plan import StagePlan
     from jei_edge.runtime.ort_backend import create_session
 
     model.requires_grad_(False)  # IMs share frozen modules without owning them: trace them as constants
@@ -66,11 +67,11 @@ def time_spans(model, x: np.ndarray, work: Path, settings, opset: int, batch: in
             progress(f"planning: exporting the stages that start at exit {a} ({n_exits - a} candidates)")
         for b in range(a, n_exits):
             module = model.stage(a, last_exit=b).eval()
-            last = b == n_exits - 1
-            names = ("hidden_out", "probs", "gate") if not last else (("probs", "gate") if b > a else ("probs",))
+            # the candidate's I/O names as the compiler would give it (index a: "x" iff it starts at exit 0)
+            plan = StagePlan(index=a, blocks=(0, 0), exits=tuple(range(a, b + 1)), last=b == n_exits - 1, macs=0)
             path = work / f"span_{a}_{b}.onnx"
             with torch.no_grad():
-                _export(module, torch.from_numpy(inputs[a][:2].copy()), path, "x" if a == 0 else "hidden_in", names,
+                _export(module, torch.from_numpy(inputs[a][:2].copy()), path, plan.input_name, plan.output_names,
                         opset, f"candidate stage {a}..{b}")
             sess = create_session(path, settings, f"candidate stage {a}..{b}")
             sessions[(a, b)] = (sess, {sess.get_inputs()[0].name: inputs[a][:batch]})

@@ -102,7 +102,7 @@ def _verify_input_guard(bundle: Bundle, session) -> bool:
         gate = gate[:, 0]
     if not np.isnan(gate).all():
         raise BundleError(f"stage 0 graph '{st['file']}' declares an input guard, but its gate is "
-                          f"{np.asarray(gate).tolist()} (not NaN) on non-finite probe rows: the bundle was altered",
+                          f"{gate.tolist()} (not NaN) on non-finite probe rows: the bundle was altered",
                           hint="rebuild the bundle with `jei-edge build ... --force`")
     return True
 

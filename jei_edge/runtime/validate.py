@@ -38,17 +38,13 @@ class GuardTripped(Exception):
         self.rows = [int(r) for r in rows]
 
 
-def _nonfinite_rows(x: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1))
-
-
 def _rows_text(rows) -> str:
     return ", ".join(str(int(i)) for i in rows[:5]) + (", ..." if len(rows) > 5 else "")
 
 
 def nonfinite_error(x: np.ndarray, guard_rows: Sequence[int] = (), what: str = "input") -> InputError:
     """The error for a batch whose stage-0 guard tripped on ``guard_rows`` (indices into ``x``)."""
-    bad = _nonfinite_rows(x)
+    bad = np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1))
     if bad.size:
         return InputError(f"{what} has NaN or infinite values in {bad.size} row(s) (rows {_rows_text(bad)})",
                           hint="drop or repair those samples before running")
@@ -92,10 +88,7 @@ def check_batch(x, input_shape: Sequence[int], what: str = "input", finite: bool
     if x.dtype != np.float32:
         x = x.astype(np.float32)
     if finite and x.shape[0] and not np.isfinite(x).all():
-        bad = _nonfinite_rows(x)
-        if bad.size:
-            raise InputError(f"{what} has NaN or infinite values in {bad.size} row(s) (rows {_rows_text(bad)})",
-                             hint="drop or repair those samples before running")
+        raise nonfinite_error(x, what=what)  # some row is non-finite: that is the error it names
     return np.ascontiguousarray(x)
 
 

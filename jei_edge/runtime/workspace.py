@@ -96,9 +96,9 @@ class NumpyWorkspace(Workspace):
         self._exit = np.zeros(mb, dtype=np.int64)
         self._B = 0
         self._identity = True  # row i of the live set is still original row i
-        # batch 1: S as a Python float, and (stage, its probs buffer) of the exit taken
+        # batch 1: S as a Python float, and (exit-index array, probs buffer) of the exit taken
         self._s1 = 0.0
-        self._last: Optional[Tuple[int, np.ndarray]] = None
+        self._last: Optional[Tuple[np.ndarray, np.ndarray]] = None
         # batch-1 exit index arrays, copied into each result: building a one-element array from a
         # list costs ~6 us more right after a stage run has evicted numpy's code (measured)
         n_exits = max(e for st in self.stages for e in st.all_exits) + 1
@@ -169,9 +169,7 @@ class NumpyWorkspace(Workspace):
         if not mask.any():
             return n
         ex = np.flatnonzero(mask)
-        rows = ex if self._identity else self._idx[ex]
-        self._probs[rows] = out["probs"][ex]
-        self._exit[rows] = self.stages[k].exit
+        self._retire(ex, out["probs"][ex], self.stages[k].exit)
         return self._compact(hidden, S, n, mask, ex)
 
     def _compact(self, hidden: np.ndarray, S: np.ndarray, n: int, mask: np.ndarray, ex: np.ndarray) -> int:
@@ -252,6 +250,7 @@ class NumpyWorkspace(Workspace):
         return self._compact(out["hidden_out"], S, n, mask, ex)
 
     def _retire(self, ex: np.ndarray, probs: np.ndarray, exit_ids) -> None:
+        """Rows ``ex`` of the live set leave: their probs and exit index go to their original slots."""
         rows = ex if self._identity else self._idx[ex]
         self._probs[rows] = probs
         self._exit[rows] = exit_ids
