@@ -23,8 +23,12 @@ setup(
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["jei_edge", "jei_edge.*"]),
-    package_data={"jei_edge": ["targets/*.toml", "calibration/*.toml", "runtime/cuda/*.cu"]},
+    # targets/ and calibration/ are top-level data folders of the repository; in the wheel they
+    # become jei_edge/targets/ and jei_edge/calibration/ (found by jei_edge._data.data_dir)
+    packages=find_packages(include=["jei_edge", "jei_edge.*"]) + ["jei_edge.targets", "jei_edge.calibration"],
+    package_dir={"jei_edge.targets": "targets", "jei_edge.calibration": "calibration"},
+    package_data={"jei_edge": ["runtime/cuda/*.cu"], "jei_edge.targets": ["*.toml"],
+                  "jei_edge.calibration": ["*.toml"]},
     include_package_data=True,
     install_requires=["numpy>=1.22", "click>=8.0", "tomli>=1.1; python_version < '3.11'"],
     extras_require={"cpu": cpu, "build": build, "images": images, "plots": plots, "cuda": cuda,

@@ -34,8 +34,8 @@ def wheel(tmp_path_factory):
 def test_wheel_contains_package_data(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "jei_edge/runtime/cuda/exit_kernel.cu" in names or not (ROOT / "jei_edge/runtime/cuda/exit_kernel.cu").exists()
-    for data in list((ROOT / "jei_edge/targets").glob("*.toml")) + list((ROOT / "jei_edge/calibration").glob("*.toml")):
-        assert str(data.relative_to(ROOT)) in names
+    for data in list((ROOT / "targets").glob("*.toml")) + list((ROOT / "calibration").glob("*.toml")):
+        assert "jei_edge/" + data.relative_to(ROOT).as_posix() in names  # top-level folders, shipped in the package
     assert not any(n.startswith("tests/") for n in names)
     eps = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(eps[0]).decode()
@@ -61,6 +61,15 @@ def test_wheel_installs_in_fresh_env(wheel, tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, env=clean)
     installed = Path(r.stdout.strip())
     assert installed.is_relative_to(env_dir), installed  # not the source tree
+    # targets and calibration recipes are found by name in the installed package
+    r = subprocess.run([str(py), "-c", "from jei_edge.runtime.targets import load_target; from jei_edge._data import "
+                        "data_dir; t = load_target('cpu'); print(t.backend, t.source); "
+                        "print(sorted(p.stem for p in data_dir('calibration').glob('*.toml')))"],
+                       capture_output=True, text=True, cwd=tmp_path, env=clean)
+    assert r.returncode == 0, r.stderr
+    backend, source = r.stdout.splitlines()[0].split(" ", 1)
+    assert backend == "onnxruntime" and Path(source).is_relative_to(env_dir)
+    assert "default" in r.stdout.splitlines()[1]
 
 
 def _python310():

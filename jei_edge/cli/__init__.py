@@ -24,6 +24,7 @@ COMMANDS = {
     "train": "jei_edge.cli.train_cmd:train",
     "eval": "jei_edge.cli.eval_cmd:eval_command",
     "build": "jei_edge.cli.build_cmd:build",
+    "verify": "jei_edge.cli.verify_cmd:verify",
     "run": "jei_edge.cli.run_cmd:run",
     "inspect": "jei_edge.cli.inspect_cmd:inspect",
     "profile": "jei_edge.cli.profile_cmd:profile",
@@ -57,6 +58,7 @@ def cli(verbose: int, plugins):
       jei-edge train --data digits -o model.pt       train a JEI-DNN (backbone, IMs, gates)
       jei-edge eval model.pt --data digits           accuracy / cost / calibration vs baseline
       jei-edge build model.pt -o model.jei           staged ONNX bundle for a target (CPU default)
+      jei-edge verify model.jei                      re-check a bundle against its stored references
       jei-edge run model.jei inputs.npy              conditional execution with early exit
       jei-edge inspect model.pt|model.jei            architecture, exits, costs, integrity
       jei-edge profile model.jei inputs.npy          stage latency, exits, realized vs theoretical speedup

@@ -15,8 +15,9 @@ data_option = click.option(
 )
 target_option = click.option("--target", default="cpu", show_default=True,
                              help="Hardware target: a name from targets/ or a TOML file.")
-device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                             help="Where to execute.")
+device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+                             help="Where to execute (default: the device of the bundle's target; cpu runs any "
+                                  "bundle's stage graphs with onnxruntime, cuda needs cuda-python and a GPU).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 
 

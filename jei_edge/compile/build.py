@@ -1,31 +1,43 @@
-"""``build_bundle``: model.pt -> NAME.jei/ (plan, export, parity, atomic write).
+"""``build_bundle``: model.pt -> NAME.jei/ in three steps with a clear hand-over.
 
-Steps (DESIGN.md "Data flow"): load the checkpoint (weights only), plan stages (one per exit),
-export every stage and the plain backbone to ONNX, copy ``model.pt`` (optional), write the
-manifest, load the bundle with the real runtime and check parity against PyTorch, write the build
-report, rehash, fsync and rename into place. Any failure leaves nothing at the output path.
+1. **export** (needs torch; ``export_bundle``): plan the stages, export every stage and the plain
+   backbone to ONNX, quantize them (INT8: calibrated on the PyTorch model), check every stage
+   graph against its PyTorch stage (``parity.check_stages``), compute the PyTorch model's reference
+   outputs and exit decisions, store them (``reference/verify.npz``) and write the typed manifest.
+2. **lower** (torch-free; ``lower.lower_bundle``): backend compilation, nothing for onnxruntime.
+3. **verify** (torch-free; ``verify.verify_bundle``): the real runtime against the references;
+   a failure fails the build. ``jei-edge verify`` runs the same check later, elsewhere.
+
+Then the build report is written, the manifest rehashed, and the staging directory fsynced and
+renamed into place (``writer.StagingDir``): a failure at any step leaves nothing at the output.
 """
 
 from __future__ import annotations
 
-import logging
 import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 
 from jei_edge import __version__
-from jei_edge.compile.parity import ParitySettings, check_decisions, check_stages, parity_inputs
-from jei_edge.compile.writer import StagingDir, file_table, write_json
-from jei_edge.errors import BuildError, JeiEdgeError
-from jei_edge.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION
+from jei_edge.bundle.manifest import Costs, Exits, Manifest, Preprocessing, References, TensorSpec
+from jei_edge.compile.inputs import RealData, calibration_inputs, load_real, parity_inputs
+from jei_edge.compile.lower import check_lowerable, lower_bundle
+from jei_edge.compile.parity import (AUTO_MAX, PROBE_ROWS, check_stages, parse_samples, probe_seconds_per_input,
+                                     size_check)
+from jei_edge.compile.progress import Progress
+from jei_edge.compile.references import REFERENCE_FILE, ReferenceSet, compute_references
+from jei_edge.compile.report import summary_text
+from jei_edge.compile.verify import verify_bundle
+from jei_edge.compile.writer import StagingDir, write_json, write_manifest
+from jei_edge.errors import BuildError
 
-log = logging.getLogger(__name__)
 MIN_OPSET = 17
+PRECISIONS = ("fp32", "int8")  # what this build produces
 
 
 @dataclass(frozen=True)
@@ -37,18 +49,46 @@ class BuildOptions:
     data: Optional[str] = None  # real parity inputs; None = the source named in the checkpoint
     include_model: bool = True  # carry model.pt (the torch-cuda executor needs it)
     force: bool = False  # replace an existing bundle
-    parity_samples: int = 10_000
-    stage_samples: int = 512
+    parity_samples: Union[int, str] = "auto"  # decision-check inputs; "auto" = sized to the export time
+    stage_samples: int = 512  # per-stage tensor check inputs (at most)
     tolerance: float = 1e-5
     seed: int = 0
     opset: Optional[int] = None  # None = the target's (>= 17)
     plan: str = "every"  # stage plan: "every" (one stage per exit), "auto" (measured), or groups "0-3,4,5"
     plan_batch: int = 1  # batch size the "auto" plan is timed and optimised for
-    calibration: str = "default"  # INT8: a recipe name (jei_edge/calibration/) or a .toml file
+    calibration: str = "default"  # INT8: a recipe name (calibration/) or a .toml file
     min_agreement: float = 0.95  # INT8: fail below this exit-decision agreement with the FP32 model
 
 
-def toolchain(opset: int) -> Dict[str, str]:
+@dataclass(frozen=True)
+class Job:
+    """One build, resolved from its options: what the steps work on."""
+
+    options: BuildOptions
+    target: Any  # jei_edge.runtime.targets.Target
+    precision: str
+    opset: int
+    recipe: Any  # jei_edge.compile.quantize.Recipe (INT8) or None
+    parity_samples: Union[int, str]
+    model_path: Path
+    output: Path
+    ckpt: Dict
+    model: Any  # the JEIModel
+    real: RealData
+
+
+@dataclass(frozen=True)
+class Exported:
+    """The export step's hand-over: the manifest it wrote, the references to verify against (every
+    input it generated; the bundle stores a subset) and its part of the report."""
+
+    manifest: Manifest
+    references: ReferenceSet
+    report: Dict
+    seconds: Dict[str, float]
+
+
+def toolchain(opset: int) -> Dict[str, Any]:
     import onnx
     import onnxruntime
     import torch
@@ -58,168 +98,17 @@ def toolchain(opset: int) -> Dict[str, str]:
             "opset": int(opset), "exporter": "torch.onnx (TorchScript, dynamo=False)"}
 
 
-def _real_inputs(ckpt: Dict, data: Optional[str], seed: int, notes: list):
-    """Normalised real inputs (test + calib + val splits) for parity, or None; also the source
-    and its loaded splits (reused for INT8 calibration)."""
-    rec = (ckpt.get("training") or {}).get("data") or {}
-    source = data or rec.get("source")
-    if not source:
-        notes.append("no data source given or recorded in the checkpoint: parity used synthetic inputs only "
-                     "(pass --data SOURCE)")
-        return None, None, None
-    from jei_edge.data import load_data
-
-    try:
-        d = load_data(source, preprocessing=ckpt["preprocessing"], seed=int(rec.get("split_seed", seed)))
-    except JeiEdgeError as exc:
-        if data:
-            raise
-        notes.append(f"recorded data source '{source}' could not be loaded ({exc}); synthetic inputs only")
-        return None, None, None
-    return np.concatenate([d.test.x, d.calib.x, d.val.x]), source, d
-
-
-def _calibration_inputs(ckpt: Dict, recipe, options: BuildOptions, loaded=(None, None)) -> np.ndarray:
-    """INT8 calibration inputs: the calibration split (then validation) of the recipe's data, of
-    ``--data``, or of the data recorded in the checkpoint; at most ``recipe.samples`` rows.
-    ``loaded``: ``(source, splits)`` the parity inputs came from, reused when the source is the same."""
-    rec = (ckpt.get("training") or {}).get("data") or {}
-    source = recipe.data or options.data or rec.get("source")
-    if not source:
-        raise BuildError("INT8 needs calibration data and none is given or recorded in the checkpoint",
-                         hint="pass --data SOURCE (e.g. the data the model was trained on) or set data in the recipe")
-    d = loaded[1] if loaded[0] == source else None
-    if d is None:
-        from jei_edge.data import load_data
-
-        d = load_data(source, preprocessing=ckpt["preprocessing"], seed=int(rec.get("split_seed", options.seed)))
-    x = np.concatenate([d.calib.x, d.val.x])[:recipe.samples]
-    if len(x) == 0:
-        raise BuildError(f"INT8 calibration set from '{source}' is empty", hint="use a data source with samples")
-    return np.ascontiguousarray(x)
-
-
-def _plan(model, options: BuildOptions, real, tmp: Path, target, opset: int, say):
-    """Exit groups for ``plan_stages`` (None = one stage per exit) and the plan's report."""
-    from jei_edge.compile.plan import parse_groups
-
-    n_exits = len(model.stage_ranges())
-    mode = (options.plan or "every").strip()
-    if mode == "every":
-        return None, {"mode": "every", "groups": [[k] for k in range(n_exits)]}
-    if mode != "auto":
-        groups = parse_groups(mode, n_exits)
-        return groups, {"mode": "manual", "groups": [list(g) for g in groups]}
-    if real is None or not len(real):
-        raise BuildError("--plan auto needs real inputs for its exit statistics, and none could be loaded",
-                         hint="pass --data SOURCE (the data the model was trained on), or use --plan every")
-    if options.plan_batch < 1:
-        raise BuildError(f"plan_batch must be >= 1, got {options.plan_batch}")
-    from jei_edge.compile.planning import auto_groups
-    from jei_edge.runtime.ort_backend import OrtSettings
-
-    work = tmp / ".planning"
-    work.mkdir()
-    try:
-        groups, report = auto_groups(model, real, work, OrtSettings.from_options(target.backend_options), opset,
-                                     batch=options.plan_batch, progress=say)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    say(f"plan: exits grouped {[list(g) for g in groups]} (expected {report['expected_ms_per_sample']:.3f} ms/sample "
-        f"at batch {options.plan_batch} vs {report['expected_ms_per_sample_every_exit']:.3f} with a stage per exit)")
-    return groups, report
-
-
-def _manifest(ckpt: Dict, model, target, precision: str, stages, plain, include_model: bool, opset: int,
-              name: str) -> Dict:
-    costs = ckpt["costs"]
-    calib = ckpt.get("calibration") or {}
-    return {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "name": name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "target": target.to_manifest(), "precision": precision,
-        "backbone": {"name": ckpt["config"]["backbone"], "family": model.spec.family,
-                     "kwargs": ckpt["config"].get("backbone_kwargs", {}), "blocks": len(model.blocks)},
-        "input": {"name": "x", "shape": ["batch"] + [int(d) for d in model.input_shape], "dtype": "float32"},
-        "num_classes": int(model.num_classes), "class_names": list(ckpt["class_names"]),
-        "preprocessing": ckpt["preprocessing"],
-        "stages": stages, "plain": plain,
-        "exits": {"positions": list(ckpt["exits"]["positions"]), "pos_weights": list(ckpt["exits"]["pos_weights"]),
-                  "alphas": list(calib.get("alphas", [])), "qhat": [list(r) for r in calib.get("qhat", [])],
-                  "calibration_split_size": calib.get("split_size", 0),
-                  "exit_macs": costs["exit_macs"], "cost": costs["cost"], "cost_vs_plain": costs["cost_vs_plain"]},
-        "costs": {"full_macs": costs["full_macs"], "plain_macs": costs["plain_macs"],
-                  "stage_macs": [s["macs"] for s in stages]},
-        "model_file": "model.pt" if include_model else None,
-        "report": "report.json", "report_text": "report.txt",
-        "toolchain": toolchain(opset),
-        "files": {},
-    }
-
-
-def _summary(report: Dict) -> str:
-    d, s = report["decisions"], report["stage_parity"]
-    lines = [f"jei-edge build report: {report['bundle']}",
-             f"  model      {report['model']}",
-             f"  target     {report['target']} ({report['precision']}), {report['num_stages']} stages, "
-             f"opset {report['opset']}",
-             f"  parity     per stage on {s['samples']} inputs (tolerance {s['tolerance']:g}):"]
-    for row in s["stages"]:
-        errs = ", ".join(f"{k} {v:.2e}" for k, v in row["max_abs_error"].items())
-        lines.append(f"             stage {row['stage']}: {errs}")
-    if "plain" in s:
-        lines.append(f"             plain backbone: probs {s['plain']['max_abs_error']['probs']:.2e}")
-    lines += [f"  decisions  {d['samples']} inputs ({', '.join(f'{k} {v}' for k, v in report['parity_inputs'].items())})",
-              f"             agreement {100 * d['agreement']:.3f}%, {d['disagreements']} differ " +
-              (f"(all within the tie band |g - thr| < {d['tolerance']:g})" if "min_agreement" not in d else
-               f"(INT8 vs the FP32 model; required >= {100 * d['min_agreement']:.1f}%; "
-               f"{d['disagreements_within_tie_band']} within the FP32 tie band)"),
-              f"             exit histogram PyTorch {d['exit_histogram_pytorch']}, bundle {d['exit_histogram_bundle']}",
-              f"             probs at exit max abs error {d['exit_probs_max_abs_error']:.2e}, "
-              f"full mode {d['full_mode_probs_max_abs_error']:.2e}",
-              f"  time       {report['seconds']}"]
-    q = report.get("quantization")
-    if q:
-        lines.insert(3, f"  int8       recipe '{q['recipe']}' ({q['method']}, activations {q['activations']}, weights "
-                        f"{q['weights']}; FP32: {', '.join(q['fp32'])}); calibration {q['calibration_samples']} samples, "
-                        "rows per stage " + str([st['calibration_rows'] for st in q['stages']]))
-    lines += [f"  note       {n}" for n in report["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions(),
-                 progress: Optional[Callable[[str], None]] = None) -> Dict:
-    """Compile ``model_path`` into a bundle directory; returns the build report (also in the bundle).
-
-    Args:
-        model_path: a ``model.pt`` checkpoint.
-        output: the bundle directory (default ``<model stem>.jei`` beside the checkpoint).
-        options: ``BuildOptions``.
-        progress: called with a short message at each step (the CLI prints them).
-
-    Raises:
-        CheckpointError, BuildError, JeiEdgeError: nothing is left at ``output`` in that case.
-    """
-    import torch
-
-    from jei_edge.compile.export import export_plain, export_stages
-    from jei_edge.compile.plan import plan_stages
+def prepare(model_path, output, options: BuildOptions) -> Job:
+    """Check the options, load the target, checkpoint and real data (BuildError & co. on problems)."""
     from jei_edge.model.checkpoint import model_from_checkpoint, read_checkpoint
-    from jei_edge.runtime.ort_backend import OrtSettings, create_session
-    from jei_edge.runtime.runtime import Runtime
     from jei_edge.runtime.targets import load_target
 
-    say = progress or (lambda msg: log.info(msg))
-    t0 = time.perf_counter()
-    timings: Dict[str, float] = {}
     target = load_target(options.target)
-    if target.backend != "onnxruntime":
-        raise BuildError(f"target '{target.name}' uses backend '{target.backend}', which this build does not produce yet",
-                         hint="use --target cpu")
+    check_lowerable(target)
     precision = options.precision or target.default_precision
-    if precision not in target.precisions or precision not in ("fp32", "int8"):
+    if precision not in target.precisions or precision not in PRECISIONS:
         raise BuildError(f"precision '{precision}' is not available for target '{target.name}'",
-                         hint=f"the target lists {list(target.precisions)}; this build produces fp32 and int8")
+                         hint=f"the target lists {list(target.precisions)}; this build produces {list(PRECISIONS)}")
     recipe = None
     if precision == "int8":
         from jei_edge.compile.quantize import load_recipe
@@ -230,77 +119,164 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
     opset = int(options.opset or target.opset)
     if opset < MIN_OPSET:
         raise BuildError(f"opset {opset} is too old; jei-edge exports opset >= {MIN_OPSET}")
-    if options.parity_samples < 1 or options.stage_samples < 1 or not options.tolerance >= 0:
-        raise BuildError("parity_samples and stage_samples must be >= 1 and tolerance >= 0")
+    samples = parse_samples(options.parity_samples)
+    if options.stage_samples < 1 or not options.tolerance >= 0:
+        raise BuildError("stage_samples must be >= 1 and tolerance >= 0")
     model_path = Path(model_path)
     ckpt = read_checkpoint(model_path)
     model = model_from_checkpoint(ckpt, source=f"checkpoint '{model_path}'")
     output = Path(output) if output is not None else model_path.with_suffix(".jei")
-    notes: list = []
-    if options.parity_samples < 10_000:
-        notes.append(f"decision parity on {options.parity_samples} inputs, fewer than the 10,000 of a release build")
-    real, source, splits = _real_inputs(ckpt, options.data, options.seed, notes)
-    x_calib = _calibration_inputs(ckpt, recipe, options, (source, splits)) if recipe is not None else None
-    x, counts = parity_inputs(ckpt["preprocessing"], real, options.parity_samples, options.seed)
-    timings["load"] = time.perf_counter() - t0
+    return Job(options, target, precision, opset, recipe, samples, model_path, output, ckpt, model,
+               load_real(ckpt, options.data, options.seed))
 
-    with StagingDir(output, force=options.force) as staging:
-        tmp = staging.tmp
-        say(f"exporting the stages of {len(model.stage_ranges())} exits + plain backbone (opset {opset})")
+
+def _manifest(job: Job, stages, plain, plan: Dict, quant: Optional[Dict], refs: References) -> Manifest:
+    ckpt, model = job.ckpt, job.model
+    costs, pre = ckpt["costs"], ckpt["preprocessing"]
+    calib = ckpt.get("calibration") or {}
+    return Manifest(
+        name=job.output.stem, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        target=job.target.to_manifest(), precision=job.precision,
+        input=TensorSpec("x", tuple(int(d) for d in model.input_shape)), num_classes=int(model.num_classes),
+        class_names=tuple(ckpt["class_names"]),
+        preprocessing=Preprocessing(tuple(pre["input_shape"]), tuple(pre["mean"]), tuple(pre["std"])),
+        stages=tuple(stages), plain=plain,
+        exits=Exits(positions=tuple(ckpt["exits"]["positions"]), pos_weights=tuple(ckpt["exits"]["pos_weights"]),
+                    exit_macs=tuple(costs["exit_macs"]), cost=tuple(costs["cost"]),
+                    cost_vs_plain=tuple(costs["cost_vs_plain"]), alphas=tuple(calib.get("alphas", ())),
+                    qhat=tuple(tuple(r) for r in calib.get("qhat", ())),
+                    calibration_split_size=int(calib.get("split_size", 0))),
+        costs=Costs(full_macs=int(costs["full_macs"]), plain_macs=int(costs["plain_macs"]),
+                    stage_macs=tuple(s.macs for s in stages)),
+        toolchain=toolchain(job.opset),
+        backbone={"name": ckpt["config"]["backbone"], "family": model.spec.family,
+                  "kwargs": ckpt["config"].get("backbone_kwargs", {}), "blocks": len(model.blocks)},
+        model_file="model.pt" if job.options.include_model else None, references=refs, plan=plan,
+        quantization=quant)
+
+
+def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
+    """Step 1 (torch): graphs, per-stage parity, references and the manifest, written into ``root``.
+
+    Args:
+        job: from ``prepare``.
+        root: the staging directory.
+        progress: messages and bars.
+
+    Returns:
+        ``Exported``.
+    """
+    import torch
+
+    from jei_edge.backends.onnxruntime import OrtSettings
+    from jei_edge.backends.onnxruntime.executor import create_session
+    from jei_edge.compile.export import export_plain, export_stages
+    from jei_edge.compile.plan import plan_stages
+    from jei_edge.compile.planning import choose_groups
+
+    opts, model, ckpt = job.options, job.model, job.ckpt
+    seconds: Dict[str, float] = {}
+    t = time.perf_counter()
+    groups, plan_report = choose_groups(model, opts.plan, opts.plan_batch, job.real.x, root / ".planning",
+                                        job.target.backend_options, job.opset, progress)
+    plans = plan_stages(model, ckpt["costs"], groups)
+    seconds["plan"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress(f"exporting the stages of {len(model.stage_ranges())} exits + plain backbone (opset {job.opset})")
+    probe, _ = parity_inputs(ckpt["preprocessing"], job.real.x, PROBE_ROWS, opts.seed)
+    example = torch.from_numpy(probe[:2].copy())
+    stages = export_stages(model, plans, root, example, job.opset)
+    plain = export_plain(model, root, example, job.opset, macs=int(ckpt["costs"]["plain_macs"]))
+    quant = None
+    if job.recipe is not None:
+        from jei_edge.compile.quantize import quantize_bundle_graphs
+
+        x_calib = calibration_inputs(ckpt, job.recipe, opts.data, opts.seed, job.real)
+        quant = quantize_bundle_graphs(model, plans, stages, plain, root, x_calib, job.recipe, progress=progress)
+        quant["min_agreement"] = float(opts.min_agreement)  # verify's floor (int8 bundles)
+    seconds["export"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    settings = OrtSettings.from_options(job.target.backend_options)
+    sessions = [create_session(root / s.file, settings, f"stage {s.index}") for s in stages]
+    plain_session = create_session(root / plain.file, settings, "plain backbone")
+
+    def stage_check(x: np.ndarray) -> Dict:
+        return check_stages(model, stages, sessions, plain, plain_session, x, opts.tolerance, strict=quant is None)
+
+    per_input = probe_seconds_per_input(stage_check, probe) if job.parity_samples == "auto" else 0.0
+    n, n_stage, sizing = size_check(job.parity_samples, opts.stage_samples, seconds["export"], per_input)
+    x, counts = parity_inputs(ckpt["preprocessing"], job.real.x, n, opts.seed)
+    progress(f"parity: every stage on {n_stage} inputs, exit decisions on {n}")
+    stage_report = stage_check(x[::max(1, n // n_stage)][:n_stage])  # rows of every kind
+    del sessions, plain_session
+    with progress.bar(n, "references (PyTorch)") as update:
+        refs = compute_references(model, x, counts, progress=update)
+    stored = refs.stored_subset()
+    stored.save(root / REFERENCE_FILE)
+    if opts.include_model:
+        shutil.copyfile(job.model_path, root / "model.pt")
+    stored_rec = References(file=REFERENCE_FILE, samples=len(stored), kinds=stored.kinds)
+    manifest = write_manifest(root, _manifest(job, stages, plain, plan_report, quant, stored_rec))
+    seconds["stage_parity_and_references"] = time.perf_counter() - t
+    report = {"parity_inputs": counts, "plan": plan_report, "quantization": quant, "check": sizing,
+              "stage_parity": stage_report, "references": stored_rec.to_dict()}
+    return Exported(manifest, refs, report, seconds)
+
+
+def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions(),
+                 progress: Optional[Callable[[str], None]] = None) -> Dict:
+    """Compile ``model_path`` into a bundle directory: export -> lower -> verify (module docstring).
+
+    Args:
+        model_path: a ``model.pt`` checkpoint.
+        output: the bundle directory (default ``<model stem>.jei`` beside the checkpoint).
+        options: ``BuildOptions``.
+        progress: called with a short message at each step (the CLI prints them); with it, long
+            steps also show a progress bar when stderr is a terminal.
+
+    Returns:
+        The build report (also ``report.json`` / ``report.txt`` in the bundle).
+
+    Raises:
+        CheckpointError, BuildError (``ParityError`` when verification fails), JeiEdgeError:
+        nothing is left at ``output`` in that case.
+    """
+    t0 = time.perf_counter()
+    prog = Progress.of(progress)
+    job = prepare(model_path, output, options)
+    notes = [job.real.note] if job.real.note else []
+    seconds = {"load": time.perf_counter() - t0}
+    with StagingDir(job.output, force=options.force) as staging:
+        root = staging.tmp
+        exported = export_bundle(job, root, prog)
+        seconds.update(exported.seconds)
+
         t = time.perf_counter()
-        groups, plan_report = _plan(model, options, real, tmp, target, opset, say)
-        plans = plan_stages(model, ckpt["costs"], groups)
-        example = torch.from_numpy(x[:2].copy())
-        stages = export_stages(model, plans, tmp, example, opset)
-        plain = export_plain(model, tmp, example, opset)
-        plain["macs"] = int(ckpt["costs"]["plain_macs"])
-        quant = None
-        if recipe is not None:
-            from jei_edge.compile.quantize import quantize_bundle_graphs
+        manifest, lowering = lower_bundle(root, exported.manifest, job.target, prog)
+        if manifest is not exported.manifest:
+            manifest = write_manifest(root, manifest)
+        seconds["lower"] = time.perf_counter() - t
 
-            t_q = time.perf_counter()
-            quant = quantize_bundle_graphs(model, plans, stages, plain, tmp, x_calib, recipe, progress=say)
-            timings["quantize"] = time.perf_counter() - t_q
-        if options.include_model:
-            shutil.copyfile(model_path, tmp / "model.pt")
-        manifest = _manifest(ckpt, model, target, precision, stages, plain, options.include_model, opset, output.stem)
-        manifest["plan"] = plan_report
-        if quant is not None:
-            manifest["quantization"] = quant
-        write_json(tmp / "report.json", {})
-        (tmp / "report.txt").write_text("")
-        manifest["files"] = file_table(tmp)
-        write_json(tmp / MANIFEST, manifest)
-        timings["export"] = time.perf_counter() - t
-
-        say(f"parity: {len(stages)} stages on {min(len(x), options.stage_samples)} inputs, "
-            f"decisions on {len(x)} inputs")
         t = time.perf_counter()
-        ps = ParitySettings(samples=options.parity_samples, stage_samples=options.stage_samples,
-                            tolerance=options.tolerance, seed=options.seed)
-        settings = OrtSettings.from_options(target.backend_options)
-        sessions = [create_session(tmp / s["file"], settings, f"stage {s['index']}") for s in stages]
-        plain_sess = create_session(tmp / plain["file"], settings, "plain backbone")
-        int8 = quant is not None
-        stage_report = check_stages(model, stages, sessions, plain_sess, x[:options.stage_samples], ps, strict=not int8)
-        del sessions, plain_sess
-        rt = Runtime.load(tmp, device="cpu")
-        decisions = check_decisions(model, rt, x, ps, min_agreement=options.min_agreement if int8 else None)
-        del rt
-        timings["parity"] = time.perf_counter() - t
+        verified = verify_bundle(root, progress=prog, references=exported.references, tolerance=options.tolerance)
+        seconds["verify"] = time.perf_counter() - t
+        d = verified["decisions"]
+        if d["samples"] < AUTO_MAX:
+            notes.append(f"exit decisions checked on {d['samples']} inputs: a rate of {d['rate_bound']['counted']} "
+                         f"above {100 * d['rate_bound']['upper']:.2g}% is excluded at 95% confidence; "
+                         f"--parity-samples {AUTO_MAX} runs the full check")
 
-        report = {
-            "bundle": str(output), "model": str(model_path), "target": target.name, "precision": precision,
-            "opset": opset, "num_stages": len(stages), "options": asdict(options),
-            "parity_inputs": counts, "data_source": source, "plan": plan_report, "quantization": quant,
-            "stage_parity": stage_report, "decisions": decisions,
-            "seconds": {k: round(v, 3) for k, v in timings.items()}, "notes": notes,
-        }
+        report = {"bundle": str(job.output), "model": str(job.model_path), "target": job.target.name,
+                  "precision": job.precision, "opset": job.opset, "num_stages": len(manifest.stages),
+                  "options": asdict(options), "data_source": job.real.source, **exported.report,
+                  "lowering": lowering, "decisions": d, "input_guard": verified["input_guard"],
+                  "seconds": {k: round(v, 3) for k, v in seconds.items()}, "notes": notes}
         report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
-        write_json(tmp / "report.json", report)
-        (tmp / "report.txt").write_text(_summary(report), encoding="utf-8")
-        manifest["files"] = file_table(tmp)
-        write_json(tmp / MANIFEST, manifest)
-        say(f"writing {output}")
+        write_json(root / "report.json", report)
+        (root / "report.txt").write_text(summary_text(report), encoding="utf-8")
+        write_manifest(root, manifest.replace(report="report.json", report_text="report.txt"))
+        prog(f"writing {job.output}")
         staging.commit()
     return report

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
+from jei_edge.bundle.manifest import Graph, Stage, TensorSpec
 from jei_edge.compile.plan import StagePlan
 from jei_edge.errors import BuildError
 
 
-def _io_entry(name: str, shape: Sequence[int], dtype: str = "float32") -> Dict:
-    return {"name": name, "shape": ["batch"] + [int(d) for d in shape[1:]], "dtype": dtype}
+def _spec(name: str, shape: Sequence[int]) -> TensorSpec:
+    """The manifest's float32 tensor of a traced output of shape ``[b, ...]`` (batch axis dropped)."""
+    return TensorSpec(name, tuple(int(d) for d in shape[1:]), "float32")
 
 
 def _export(module, example, path: Path, input_name: str, output_names: Sequence[str], opset: int, what: str) -> None:
@@ -62,24 +64,23 @@ def check_onnx(path: Path, what: str, input_name: str, output_names: Sequence[st
                 raise BuildError(f"exported {what}: external data '{loc}' of '{t.name}' is outside the bundle")
 
 
-def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: int) -> List[Dict]:
+def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: int) -> List[Stage]:
     """Export every stage of ``model`` to ``out_dir / plan.file``.
 
     Args:
         model: the JEIModel (eval mode).
         plans: from ``plan_stages``.
-        out_dir: the bundle's temp directory.
+        out_dir: the bundle's staging directory.
         example: a small ``[b, C, H, W]`` float32 tensor (b >= 2) used for tracing.
         opset: ONNX opset (>= 17).
 
     Returns:
-        Per-stage manifest entries (index, file, blocks, exit, exits, gates, gated, macs, input_guard,
-        inputs, outputs).
+        The manifest's ``Stage`` of every plan, in order.
     """
     import torch
 
     model.requires_grad_(False)  # IMs share frozen modules without owning them: trace them as constants
-    entries = []
+    stages = []
     h = example
     with torch.no_grad():
         for plan in plans:
@@ -87,21 +88,32 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
             outs = module(h)
             outs = (outs,) if not isinstance(outs, tuple) else outs
             _export(module, h, out_dir / plan.file, plan.input_name, plan.output_names, opset, f"stage {plan.index}")
-            entries.append({
-                "index": plan.index, "file": plan.file, "blocks": list(plan.blocks), "exit": plan.exit,
-                "exits": list(plan.exits), "gates": list(plan.gates), "gated": plan.gated, "macs": plan.macs,
+            stages.append(Stage(
+                index=plan.index, file=plan.file, blocks=plan.blocks, exits=plan.exits, gates=plan.gates,
+                macs=plan.macs,
                 # stage 0's gate is NaN for a row with a non-finite input (StageModule's input guard)
-                "input_guard": bool(getattr(module, "input_guard", False)),
-                "inputs": [_io_entry(plan.input_name, h.shape)],
-                "outputs": [_io_entry(n, o.shape) for n, o in zip(plan.output_names, outs)],
-            })
+                input_guard=bool(getattr(module, "input_guard", False)),
+                inputs=(_spec(plan.input_name, h.shape),),
+                outputs=tuple(_spec(n, o.shape) for n, o in zip(plan.output_names, outs))))
             if plan.gated:
                 h = outs[0]
-    return entries
+    return stages
 
 
-def export_plain(model, out_dir: Path, example, opset: int, name: str = "plain.onnx") -> Dict:
-    """Export the plain backbone (no IMs, no gates) as one graph ``x -> probs``."""
+def export_plain(model, out_dir: Path, example, opset: int, macs: int, name: str = "plain.onnx") -> Graph:
+    """Export the plain backbone (no IMs, no gates) as one graph ``x -> probs``.
+
+    Args:
+        model: the JEIModel.
+        out_dir: the bundle's staging directory.
+        example: a small ``[b, C, H, W]`` float32 tensor used for tracing.
+        opset: ONNX opset.
+        macs: the plain backbone's per-sample MACs (recorded in the manifest).
+        name: the file inside the bundle.
+
+    Returns:
+        The manifest's ``Graph``.
+    """
     import torch
 
     model.requires_grad_(False)
@@ -109,4 +121,4 @@ def export_plain(model, out_dir: Path, example, opset: int, name: str = "plain.o
     with torch.no_grad():
         probs = module(example)
     _export(module, example, out_dir / name, "x", ("probs",), opset, "the plain backbone")
-    return {"file": name, "inputs": [_io_entry("x", example.shape)], "outputs": [_io_entry("probs", probs.shape)]}
+    return Graph(file=name, inputs=(_spec("x", example.shape),), outputs=(_spec("probs", probs.shape),), macs=int(macs))

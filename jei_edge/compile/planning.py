@@ -27,29 +27,14 @@ import numpy as np
 BOUNDARY_US = 10.0  # runtime work per boundary at batch 1 (decision, glue; benchmarks/: 4-16 us)
 
 
-def exit_reach(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """``reach[i]`` for exits ``0..G``: the fraction of ``x`` whose exit level is >= i (offsets 0)."""
-    import torch
-
-    from jei_edge.exit_rule import exit_levels
-
-    gates = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            gates.append(torch.sigmoid(model(torch.from_numpy(x[i:i + batch]))[1]).numpy().astype(np.float64))
-    levels = exit_levels(np.concatenate(gates))
-    n_exits = len(model.stage_ranges())
-    return np.array([float(np.mean(levels >= i)) for i in range(n_exits)])
-
-
 def time_spans(model, x: np.ndarray, work: Path, settings, opset: int, batch: int = 1, repeats: int = 30,
                progress: Optional[Callable[[str], None]] = None) -> Dict[Tuple[int, int], float]:
     """Seconds per run of every candidate stage ``a..b`` on ``batch`` rows (onnxruntime, ``settings``)."""
     import torch
 
+    from jei_edge.backends.onnxruntime.executor import create_session
     from jei_edge.compile.export import _export
     from jei_edge.compile.plan import StagePlan
-    from jei_edge.runtime.ort_backend import create_session
 
     model.requires_grad_(False)  # IMs share frozen modules without owning them: trace them as constants
     n_exits = len(model.stage_ranges())
@@ -91,8 +76,7 @@ def time_spans(model, x: np.ndarray, work: Path, settings, opset: int, batch: in
                 t = time.perf_counter()
                 sess.run(None, feed)
                 samples[key].append(time.perf_counter() - t)
-    times = {key: float(np.median(v)) for key, v in samples.items()}
-    return times
+    return {key: float(np.median(v)) for key, v in samples.items()}
 
 
 def best_groups(reach: np.ndarray, times: Dict[Tuple[int, int], float], boundary_s: float) -> Tuple[List[Tuple[int, ...]], float]:
@@ -121,7 +105,9 @@ def expected_seconds(groups, reach: np.ndarray, times: Dict[Tuple[int, int], flo
 def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, batch: int = 1,
                 boundary_us: float = BOUNDARY_US, progress: Optional[Callable[[str], None]] = None):
     """Measure and choose (see the module docstring). Returns ``(groups, report)``."""
-    reach = exit_reach(model, x_real)
+    from jei_edge.model.jei import exit_decisions
+
+    reach = exit_decisions(model, x_real).reach(len(model.stage_ranges()))
     times = time_spans(model, x_real, work, settings, opset, batch=batch, progress=progress)
     n = len(reach)
     b_s = boundary_us * 1e-6
@@ -137,4 +123,49 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
         "expected_ms_per_sample_every_exit": round(1e3 * expected_seconds(every, reach, times, b_s) / batch, 4),
         "expected_ms_per_sample_one_stage": round(1e3 * expected_seconds([tuple(range(n))], reach, times, b_s) / batch, 4),
     }
+    return groups, report
+
+
+def choose_groups(model, plan: str, plan_batch: int, x_real: Optional[np.ndarray], work: Path, backend_options: Dict,
+                  opset: int, progress: Optional[Callable[[str], None]] = None):
+    """The exit groups of ``--plan`` (None = one stage per exit) and the plan's report.
+
+    Args:
+        model: the JEIModel.
+        plan: ``"every"``, ``"auto"`` or explicit groups (``"0-3,4,5"``).
+        plan_batch: the batch ``auto`` times the stages at.
+        x_real: real inputs (``auto`` needs them for its exit statistics).
+        work: a scratch directory for ``auto``'s candidate graphs (removed afterwards).
+        backend_options: the target's onnxruntime settings.
+        opset: ONNX opset.
+        progress: message callback.
+    """
+    import shutil
+
+    from jei_edge.backends.onnxruntime import OrtSettings
+    from jei_edge.compile.plan import parse_groups
+    from jei_edge.errors import BuildError
+
+    n_exits = len(model.stage_ranges())
+    mode = (plan or "every").strip()
+    if mode == "every":
+        return None, {"mode": "every", "groups": [[k] for k in range(n_exits)]}
+    if mode != "auto":
+        groups = parse_groups(mode, n_exits)
+        return groups, {"mode": "manual", "groups": [list(g) for g in groups]}
+    if x_real is None or not len(x_real):
+        raise BuildError("--plan auto needs real inputs for its exit statistics, and none could be loaded",
+                         hint="pass --data SOURCE (the data the model was trained on), or use --plan every")
+    if plan_batch < 1:
+        raise BuildError(f"plan_batch must be >= 1, got {plan_batch}")
+    work.mkdir()
+    try:
+        groups, report = auto_groups(model, x_real, work, OrtSettings.from_options(backend_options), opset,
+                                     batch=plan_batch, progress=progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if progress:
+        progress(f"plan: exits grouped {[list(g) for g in groups]} (expected {report['expected_ms_per_sample']:.3f} "
+                 f"ms/sample at batch {plan_batch} vs {report['expected_ms_per_sample_every_exit']:.3f} with a stage "
+                 "per exit)")
     return groups, report

@@ -17,34 +17,33 @@ DESIGN.md "Calibration (INT8)":
   *slower* with symmetric int8 activations (ViT stage: 1.2-1.5x vs 0.83-0.95x). ``s8``
   (symmetric int8) is what TensorRT needs; TensorRT targets will use it.
 
-Methods: ``minmax``, ``entropy``, ``percentile`` (recipes in ``jei_edge/calibration/*.toml``).
+Methods: ``minmax``, ``entropy``, ``percentile`` (recipes in ``calibration/*.toml``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from jei_edge._data import data_dir
+from jei_edge.bundle.manifest import Graph, Stage
 from jei_edge.errors import BuildError, InputError
 
-log = logging.getLogger(__name__)
 MIN_ROWS = 16  # fewer reaching rows than this: calibrate the stage on every calibration row
 QUANT_SCOPES = ("/stem/", "/stem.", "/parts.", "/blocks.")  # exporter scopes of the backbone's stem and blocks
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("u8", "s8")
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "calibration"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A calibration recipe (``jei_edge/calibration/NAME.toml`` or a TOML file)."""
+    """A calibration recipe (``calibration/NAME.toml`` or a TOML file)."""
 
     name: str = "default"
     data: Optional[str] = None  # a --data source; None = the checkpoint's own
@@ -73,16 +72,16 @@ class Recipe:
 
 
 def load_recipe(name_or_path: str = "default") -> Recipe:
-    """A recipe by name (``jei_edge/calibration/NAME.toml``) or from a ``.toml`` path."""
+    """A recipe by name (``calibration/NAME.toml``) or from a ``.toml`` path."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
     path = Path(name_or_path)
     if path.suffix != ".toml":
-        path = RECIPES_DIR / f"{name_or_path}.toml"
+        path = data_dir("calibration") / f"{name_or_path}.toml"
     if not path.is_file():
-        known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+        known = sorted(p.stem for p in data_dir("calibration").glob("*.toml"))
         raise InputError(f"calibration recipe '{name_or_path}' not found", hint=f"built-in recipes: {known}, or a .toml file")
     try:
         raw = tomllib.loads(path.read_text())
@@ -101,18 +100,25 @@ def load_recipe(name_or_path: str = "default") -> Recipe:
 
 def stage_inputs(model, x: np.ndarray, plans, batch: int = 256) -> Tuple[List[np.ndarray], List[int], np.ndarray]:
     """Exit-aware calibration inputs: for each planned stage, the FP32 input rows of the samples
-    of ``x`` that reach it (offsets 0). Returns ``(inputs, rows reaching, exit levels)``."""
+    of ``x`` that reach it (offsets 0).
+
+    Args:
+        model: the JEIModel.
+        x: ``[N, C, H, W]`` calibration inputs.
+        plans: the ``StagePlan`` list.
+        batch: rows per PyTorch pass.
+
+    Returns:
+        ``(inputs per stage, rows reaching each stage, exit level of every row)``.
+    """
     import torch
 
-    from jei_edge.exit_rule import exit_levels
+    from jei_edge.model.jei import exit_decisions
 
-    model.requires_grad_(False)
+    levels = exit_decisions(model, x, batch=batch).levels
+    h = x
+    inputs, reach = [], []
     with torch.no_grad():
-        gates = [torch.sigmoid(model(torch.from_numpy(x[i:i + batch]))[1]).numpy().astype(np.float64)
-                 for i in range(0, len(x), batch)]
-        levels = exit_levels(np.concatenate(gates))
-        h = x
-        inputs, reach = [], []
         for plan in plans:
             rows = levels >= plan.exits[0]
             reach.append(int(rows.sum()))
@@ -227,10 +233,23 @@ def _raw_inputs_for_fp32_nodes(path: Path, fp32_nodes: set) -> int:
     return count
 
 
-def quantize_bundle_graphs(model, plans, stage_entries: Sequence[Dict], plain_entry: Dict, tmp: Path,
-                           x_calib: np.ndarray, recipe: Recipe,
-                           progress: Optional[Callable[[str], None]] = None) -> Dict:
-    """Replace the FP32 stage graphs (and the plain backbone) in ``tmp`` by calibrated INT8 ones."""
+def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, tmp: Path, x_calib: np.ndarray,
+                           recipe: Recipe, progress: Optional[Callable[[str], None]] = None) -> Dict:
+    """Replace the FP32 stage graphs (and the plain backbone) in ``tmp`` by calibrated INT8 ones.
+
+    Args:
+        model: the JEIModel the graphs were exported from.
+        plans: the ``StagePlan`` list (``stages`` are their exports).
+        stages: the exported stages (``jei_edge.bundle.Stage``).
+        plain: the exported plain backbone.
+        tmp: the bundle's staging directory.
+        x_calib: calibration inputs.
+        recipe: the calibration recipe.
+        progress: called with a short message per graph.
+
+    Returns:
+        The quantization record (manifest ``quantization`` and build report).
+    """
     say = progress or (lambda m: None)
     if len(x_calib) == 0:
         raise BuildError("INT8 calibration set is empty", hint="give calibration data with at least one sample")
@@ -241,18 +260,19 @@ def quantize_bundle_graphs(model, plans, stage_entries: Sequence[Dict], plain_en
               "calibration_samples": int(len(x_calib)),
               "calibration_exit_histogram": np.bincount(levels, minlength=len(model.stage_ranges())).tolist(),
               "stages": []}
-    for plan, entry, calib, n_reach in zip(plans, stage_entries, inputs, reach):
+    for plan, stage, calib, n_reach in zip(plans, stages, inputs, reach):
         say(f"int8: calibrating stage {plan.index} on {len(calib)} rows ({n_reach} of {len(x_calib)} reach it)")
-        path = tmp / entry["file"]
-        q = path.with_name(path.stem + ".int8.onnx")
-        info = quantize_graph(path, q, entry["inputs"][0]["name"], calib, recipe)
-        q.replace(path)
+        info = _quantize_in_place(tmp / stage.file, stage.input.name, calib, recipe)
         info.update({"stage": plan.index, "rows_reaching": n_reach,
                      "calibrated_on": "reaching rows" if n_reach >= MIN_ROWS else f"all rows (fewer than {MIN_ROWS} reach it)"})
         report["stages"].append(info)
-    path = tmp / plain_entry["file"]
-    q = path.with_name(path.stem + ".int8.onnx")
     say(f"int8: calibrating the plain backbone on {len(x_calib)} rows")
-    report["plain"] = quantize_graph(path, q, "x", x_calib, recipe)
-    q.replace(path)
+    report["plain"] = _quantize_in_place(tmp / plain.file, plain.inputs[0].name, x_calib, recipe)
     return report
+
+
+def _quantize_in_place(path: Path, input_name: str, calib: np.ndarray, recipe: Recipe) -> Dict:
+    q = path.with_name(path.stem + ".int8.onnx")
+    info = quantize_graph(path, q, input_name, calib, recipe)
+    q.replace(path)
+    return info

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from jei_edge.bundle import MANIFEST, SCHEMA, Manifest, sha256_file
 from jei_edge.errors import BuildError
-from jei_edge.runtime.bundle import MANIFEST, SCHEMA, sha256_file
 
 _BUILDING = ".building-"
 _OLD = ".old-"
@@ -95,6 +95,15 @@ def file_table(root: Path) -> Dict[str, Dict[str, Any]]:
             if rel != MANIFEST:
                 table[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     return table
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Manifest:
+    """Hash every file under ``root`` into ``manifest.files``, check the manifest as a reader would
+    (``Manifest.validate``) and write ``root/manifest.json``. Returns the manifest written."""
+    manifest = manifest.replace(files=file_table(root))
+    manifest.validate()
+    (root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
 
 
 class StagingDir:

@@ -7,8 +7,10 @@ training and evaluation); ``stage(k)`` gives the graph the compiler exports for 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -148,6 +150,69 @@ class PlainBackbone(nn.Module):
         for block in self.blocks:
             h = block(h)
         return torch.softmax(self.head(h).float(), dim=-1)
+
+
+@dataclass(frozen=True)
+class ExitDecisions:
+    """The PyTorch model's exit decisions on some inputs (the numpy exit rule on its gates).
+
+    Attributes:
+        levels: ``[N]`` int64 exit index of every row (``G`` = the final head).
+        gates: ``[N, G]`` float64 gate values (sigmoid of the gate logits in float32, as in the
+            exported stage graphs, then widened).
+        margin: ``[N, G]`` float64 ``g - threshold`` at every gate a row reached (NaN after it left).
+        probs: ``[N, C]`` float32 probabilities at each row's exit (None unless asked for).
+        full_probs: ``[N, C]`` float32 probabilities of the final head (None unless asked for).
+    """
+
+    levels: np.ndarray
+    gates: np.ndarray
+    margin: np.ndarray
+    probs: Optional[np.ndarray] = None
+    full_probs: Optional[np.ndarray] = None
+
+    def reach(self, num_exits: int) -> np.ndarray:
+        """``reach[i]``: the fraction of rows whose exit level is >= i, for exits ``0..num_exits-1``."""
+        return np.array([float(np.mean(self.levels >= i)) for i in range(num_exits)])
+
+
+def exit_decisions(model: JEIModel, x: np.ndarray, batch: int = 256, offsets: Optional[Sequence[float]] = None,
+                   probs: bool = False, progress: Optional[Callable[[int], None]] = None) -> ExitDecisions:
+    """Run ``model`` on ``x`` in batches and apply ``jei_edge.exit_rule.exit_levels`` to its gates.
+
+    Args:
+        model: a JEIModel (put in eval mode; no gradients are kept).
+        x: ``[N, C, H, W]`` float32 model inputs.
+        batch: rows per forward pass.
+        offsets: per-gate threshold offsets (default 0 = the trained model).
+        probs: also return the probabilities at each row's exit and of the final head.
+        progress: called with the number of rows done after every batch (progress bars).
+
+    Returns:
+        ``ExitDecisions``.
+    """
+    from jei_edge.exit_rule import exit_levels
+
+    model.eval().requires_grad_(False)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    gates, at_exit, final = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            logits, gate_logits = model(torch.from_numpy(x[i:i + batch]))
+            g = torch.sigmoid(gate_logits).numpy().astype(np.float64)
+            gates.append(g)
+            if probs:
+                p = torch.softmax(logits.float(), dim=-1).numpy()
+                rows = np.arange(len(p))
+                at_exit.append(p[rows, exit_levels(g, offsets)])
+                final.append(p[:, -1])
+            if progress is not None:
+                progress(len(g))
+    g = np.concatenate(gates) if gates else np.zeros((0, model.num_gates))
+    levels, margin = exit_levels(g, offsets, return_margin=True)
+    if not probs:
+        return ExitDecisions(levels, g, margin)
+    return ExitDecisions(levels, g, margin, np.concatenate(at_exit), np.concatenate(final))
 
 
 def build_model(config: Dict) -> JEIModel:

@@ -44,16 +44,15 @@ class Passes:
         """With the bundle's plain backbone on the runtime's settings (CPU runtimes only; the
         small-batch settings when ``batch_size`` is small enough for them, as the stages do)."""
         plain = None
-        entry = rt.manifest.get("plain")
-        settings = getattr(rt.executor, "settings", None)
-        if entry and rt.device == "cpu" and settings is not None:
-            from jei_edge.runtime.ort_backend import create_session
+        entry = rt.manifest.plain
+        if entry is not None and rt.backend == "onnxruntime":
+            from jei_edge.backends.onnxruntime.executor import create_session
 
+            settings = rt.executor.settings
             small = settings.small_batch
             use = small if small is not None and batch_size is not None and batch_size <= settings.small_batch_rows \
                 else settings
-            plain = create_session(rt.bundle.file(entry["file"]), use, "plain backbone",
-                                   built_with=rt.manifest.get("toolchain"))
+            plain = create_session(rt.bundle.file(entry.file), use, "plain backbone", built_with=rt.manifest.toolchain)
         return cls(rt, plain)
 
     @staticmethod
@@ -156,8 +155,8 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
     if offsets is not None:
         offsets = tuple(float(o) for o in offsets)
     m = rt.manifest
-    cost = np.asarray(m["exits"]["cost"], dtype=np.float64)
-    cost_plain = np.asarray(m["exits"]["cost_vs_plain"], dtype=np.float64)
+    cost = np.asarray(m.exits.cost, dtype=np.float64)
+    cost_plain = np.asarray(m.exits.cost_vs_plain, dtype=np.float64)
     n_all = len(x) if samples is None else min(int(samples), len(x))
     say(f"exit pass over {n_all} samples")
     res = rt.run(x[:n_all], offsets=offsets)
@@ -238,12 +237,6 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
 
 
 def _settings(rt) -> Dict[str, Any]:
-    s = getattr(rt.executor, "settings", None)
-    if s is None:
-        return {}
-    try:
-        import dataclasses
+    import dataclasses
 
-        return dataclasses.asdict(s)
-    except TypeError:
-        return {"settings": str(s)}
+    return {"backend": rt.backend, **dataclasses.asdict(rt.settings)} if rt.settings is not None else {}

@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="the compiled bundle directory NAME.jei")
     p.add_argument("inputs", nargs="*", help=".npy/.npz files, images or folders; '-' or none: .npy arrays on stdin")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to execute (default cpu)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to execute (default: the device of the bundle's target)")
     p.add_argument("--mode", choices=["exit", "full"], default="exit", help="early exit (default) or every stage")
     p.add_argument("--offsets", default=None, help="per-gate threshold offsets, comma separated (one value: all gates)")
     p.add_argument("--alpha", type=float, default=None, help="conformal sets at this alpha (from the bundle's table)")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from jei_edge.errors import JeiEdgeError
-from jei_edge.runtime.bundle import Bundle
+from jei_edge.bundle import Bundle
 
 
 def _io(entries) -> str:
@@ -22,40 +22,37 @@ def describe_bundle(path) -> Dict[str, Any]:
     """What a bundle holds, as plain data; ``integrity`` lists problems instead of raising.
 
     Raises:
-        BundleError: when there is no readable manifest at all.
+        BundleError: when the manifest is missing or malformed (the error names the field).
     """
     bundle = Bundle(Path(path), Bundle.read_manifest(path))
     m = bundle.manifest
     problems = bundle.verify()
-    ex = m["exits"]
+    ex = m.exits
     stages = []
-    for st in m["stages"]:
-        k = st["exit"]
-        stages.append({"index": st["index"], "file": st["file"], "blocks": st["blocks"], "exit": k,
-                       "exits": list(st.get("exits") or [k]),
-                       "gated": st.get("gated", True), "macs": st.get("macs"),
-                       "input_guard": bool(st.get("input_guard", False)),
-                       "exit_cost": ex["cost"][k], "exit_cost_vs_plain": ex["cost_vs_plain"][k],
-                       "inputs": st["inputs"], "outputs": st["outputs"]})
+    for st in m.stages:
+        d = st.to_dict()
+        d.update({"exit_cost": ex.cost[st.exit], "exit_cost_vs_plain": ex.cost_vs_plain[st.exit]})
+        stages.append(d)
     report = {}
     try:
-        report = json.loads(bundle.file(m["report"]).read_text()) if m.get("report") else {}
+        report = json.loads(bundle.file(m.report).read_text()) if m.report else {}
     except (OSError, ValueError, JeiEdgeError):  # informative only; integrity problems are listed above
         report = {}
+    md = m.to_dict()
     return {
-        "kind": "bundle", "path": str(path), "name": m.get("name"), "schema_version": m["schema_version"],
-        "created": m.get("created"), "target": m["target"], "precision": m["precision"],
-        "backbone": m.get("backbone"), "input": m["input"], "num_classes": m["num_classes"],
-        "class_names": m.get("class_names"), "preprocessing": m.get("preprocessing"),
-        "stages": stages, "plain": m.get("plain"), "costs": m.get("costs"),
-        "exits": {"positions": ex["positions"], "cost": ex["cost"], "cost_vs_plain": ex["cost_vs_plain"],
-                  "alphas": ex.get("alphas", [])},
-        "model_file": m.get("model_file"), "toolchain": m["toolchain"],
-        "files": {k: v.get("size") for k, v in m["files"].items()},
+        "kind": "bundle", "path": str(path), "name": m.name, "schema_version": m.schema_version,
+        "created": m.created, "target": md["target"], "precision": m.precision,
+        "backbone": m.backbone, "input": md["input"], "num_classes": m.num_classes,
+        "class_names": list(m.class_names), "preprocessing": md["preprocessing"],
+        "stages": stages, "plain": md["plain"], "costs": md["costs"],
+        "exits": {"positions": list(ex.positions), "cost": list(ex.cost), "cost_vs_plain": list(ex.cost_vs_plain),
+                  "alphas": list(ex.alphas)},
+        "model_file": m.model_file, "toolchain": m.toolchain, "references": md["references"],
+        "files": {k: v.get("size") for k, v in m.files.items()},
         "integrity": {"ok": not problems, "problems": problems},
-        "parity": report.get("decisions", {}).get("agreement"),
+        "parity": (report.get("decisions") or {}).get("agreement") if isinstance(report, dict) else None,
         "input_guard": bool(stages and stages[0]["input_guard"]),
-        "plan": m.get("plan") or {"mode": "every", "groups": [s["exits"] for s in stages]},
+        "plan": m.plan or {"mode": "every", "groups": [s["exits"] for s in stages]},
     }
 
 
@@ -94,6 +91,9 @@ def format_bundle(info: Dict[str, Any]) -> str:
     lines.append("  inputs:    NaN/inf rows caught by stage 0's in-graph guard" if info.get("input_guard")
                  else "  inputs:    NaN/inf rows caught by a numpy check before the run (no in-graph guard)")
     lines.append(f"  model.pt:  {'carried' if info.get('model_file') else 'not carried'}")
+    refs = info.get("references")
+    lines.append(f"  verify:    {refs['samples']} stored reference inputs (`jei-edge verify` re-checks them)" if refs
+                 else "  verify:    no stored references (built before jei-edge verify existed)")
     a = info["exits"]["alphas"]
     lines.append(f"  conformal: {len(a)} alphas ({min(a):g}..{max(a):g})" if a else "  conformal: not calibrated")
     total = sum(v or 0 for v in info["files"].values())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, FrozenSet, List, Optional, Sequence
 
 import numpy as np
 
@@ -64,19 +64,82 @@ class Results:
         return np.bincount(self.exit_index, minlength=num_exits).tolist()
 
 
+class Capability:
+    """Capabilities an executor or workspace declares (``capabilities``), instead of being probed.
+
+    - ``BINDS_OUTPUTS`` (executor): stage outputs live in the executor's own memory; after running
+      stage k it hands their addresses to the workspace with ``ws.bind_outputs(k, ...)``. Without
+      it the executor writes into ``ws.stage_outputs(k)``.
+    - ``MERGED_STAGES`` (executor and workspace): runs stages that hold several exits.
+    - ``DEVICE_INPUT`` (workspace): ``begin`` accepts device arrays (``__cuda_array_interface__``).
+    - ``BINDS_OUTPUTS`` (workspace): accepts ``bind_outputs`` (the CUDA workspace).
+    """
+
+    BINDS_OUTPUTS = "binds_outputs"
+    MERGED_STAGES = "merged_stages"
+    DEVICE_INPUT = "device_input"
+
+
 class StageExecutor(abc.ABC):
-    """Runs stage graphs on workspace buffers. Knows nothing of exits."""
+    """Runs stage graphs on workspace buffers. Knows nothing of exits.
+
+    What an executor may call on the workspace (declared in ``Workspace``'s executor side):
+    ``stage_input(k)``, ``stage_outputs(k)``, ``bind_outputs(k, ...)`` (with ``BINDS_OUTPUTS``),
+    ``stream``, ``capacity``, ``synchronize()``.
+    """
 
     num_stages: int
+    capabilities: FrozenSet[str] = frozenset()
+
+    def prepare(self, ws: "Workspace") -> None:
+        """Set up per-workspace state (bindings, CUDA graphs) before the first run; default: nothing."""
 
     @abc.abstractmethod
     def execute(self, k: int, n: int, ws: "Workspace") -> None:
         """Run stage ``k`` on the first ``n`` rows of ``ws``'s stage-k input, into its outputs."""
 
+    def release(self, ws: "Workspace") -> None:
+        """Drop what ``prepare`` made for ``ws`` (before the workspace closes); default: nothing."""
+
+    def close(self) -> None:
+        """Free sessions, engines and contexts; default: nothing."""
+
 
 class Workspace(abc.ABC):
-    """Buffers of one batch plus the boundary work (decide, scatter exits, compact survivors)."""
+    """Buffers of one batch plus the boundary work (decide, scatter exits, compact survivors).
 
+    Two sides: the **loop side** (``begin``, ``exit_and_compact``, ``finish``, ``collect``) is what
+    ``run_conditional`` calls; the **executor side** (``stage_input``, ``stage_outputs``,
+    ``bind_outputs``, ``stream``, ``capacity``, ``synchronize``) is all an executor may use.
+    """
+
+    capabilities: FrozenSet[str] = frozenset()
+    input_guard: bool = False  # stage 0's verified in-graph NaN/inf guard is checked at the first boundary
+    stream: Optional[int] = None  # the CUDA stream stages must run on (None on the CPU)
+
+    # -- executor side -----------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def capacity(self) -> int:
+        """Rows every buffer holds (the most live rows one ``execute`` call can be given)."""
+
+    @abc.abstractmethod
+    def stage_input(self, k: int):
+        """Stage ``k``'s input buffer (``capacity`` rows; the stage reads the first ``n``)."""
+
+    @abc.abstractmethod
+    def stage_outputs(self, k: int) -> Optional[Dict[str, object]]:
+        """Stage ``k``'s output buffers by name (``hidden_out``, ``probs``, ``gate``; manifest order),
+        or None where the executor binds its own (``Capability.BINDS_OUTPUTS``)."""
+
+    def bind_outputs(self, k: int, *, probs: int, hidden: int = 0, gate: int = 0) -> None:
+        """Point stage ``k``'s next boundary at outputs the executor wrote elsewhere (addresses)."""
+        raise NotImplementedError(f"{type(self).__name__} does not accept bound outputs")
+
+    def synchronize(self) -> None:
+        """Wait until all work queued on the workspace's stream is done (no-op on the CPU)."""
+
+    # -- loop side ---------------------------------------------------------------------------
     @abc.abstractmethod
     def begin(self, x) -> int:
         """Load a batch into the stage-0 input, reset ``S = 0`` and the original indices; return B."""
@@ -98,6 +161,9 @@ class Workspace(abc.ABC):
     @abc.abstractmethod
     def collect(self, reach: List[int]) -> Results:
         """Results of the batch, in input order."""
+
+    def close(self) -> None:
+        """Free buffers, streams and events; default: nothing."""
 
 
 def run_conditional(executor: StageExecutor, ws: Workspace, x, mode: str = "exit",

@@ -34,10 +34,10 @@ def summary(res: Results, rt, mode: str, seconds: float, labels: Optional[np.nda
             alpha: Optional[float] = None) -> Dict:
     """Exit histogram, mean cost (vs full model and plain backbone), accuracy if labelled, time."""
     n = len(res.exit_index)
-    ex = rt.manifest["exits"]
+    ex = rt.manifest.exits
     hist = res.exit_histogram(rt.num_exits)
-    cost = np.asarray(ex["cost"], dtype=np.float64)[res.exit_index] if n else np.zeros(0)
-    cost_plain = np.asarray(ex["cost_vs_plain"], dtype=np.float64)[res.exit_index] if n else np.zeros(0)
+    cost = np.asarray(ex.cost, dtype=np.float64)[res.exit_index] if n else np.zeros(0)
+    cost_plain = np.asarray(ex.cost_vs_plain, dtype=np.float64)[res.exit_index] if n else np.zeros(0)
     out = {"samples": n, "mode": mode, "exit_histogram": hist,
            "mean_cost": float(cost.mean()) if n else None,
            "mean_cost_vs_plain": float(cost_plain.mean()) if n else None,
@@ -124,7 +124,7 @@ def parse_backend_options(items: Optional[Sequence[str]]) -> Dict[str, object]:
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
             raise InputError(f"backend option {item!r} is not KEY=VALUE", hint="e.g. --backend-opt small_batch_rows=1")
-        if key in ("bundle", "device", "max_batch", "verify"):
+        if key in ("bundle", "device", "max_batch", "verify", "backend"):
             raise InputError(f"backend option {key!r} is not a backend setting",
                              hint="use the command's own flags (--device, --batch-size)")
         low = value.lower()

@@ -1,8 +1,9 @@
-"""Hardware targets: TOML data files in ``jei_edge/targets/`` (torch-free loader).
+"""Hardware targets: TOML data files in ``targets/`` (torch-free loader).
 
 A target names the backend that builds and runs a bundle, the precisions it supports, its batch
-profile and backend settings. ``load_target("cpu")`` reads ``jei_edge/targets/cpu.toml``;
-``load_target("path/to/board.toml")`` reads any file.
+profile and backend settings (the table named after the backend, parsed by that backend's
+settings class when a runtime loads). ``load_target("cpu")`` reads the shipped ``targets/cpu.toml``;
+``load_target("path/to/board.toml")`` reads any file. Unknown keys are refused.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+from jei_edge._data import data_dir
 from jei_edge.errors import JeiEdgeError
 
 try:  # Python >= 3.11
@@ -18,7 +20,7 @@ try:  # Python >= 3.11
 except ImportError:  # pragma: no cover - Python 3.10
     import tomli as _toml  # type: ignore[no-redef]
 
-TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+_KEYS = {"name", "description", "backend", "device", "precisions", "default_precision", "onnx", "batch"}
 
 
 @dataclass(frozen=True)
@@ -33,25 +35,26 @@ class Target:
     max_batch: int = 256
     backend_options: Dict[str, Any] = field(default_factory=dict)
     source: str = ""
-    raw: Dict[str, Any] = field(default_factory=dict)
 
-    def to_manifest(self) -> Dict[str, Any]:
-        return {"name": self.name, "backend": self.backend, "device": self.device,
-                "description": self.description, "max_batch": self.max_batch,
-                "backend_options": dict(self.backend_options)}
+    def to_manifest(self):
+        """The bundle manifest's copy of this target."""
+        from jei_edge.bundle.manifest import TargetInfo
+
+        return TargetInfo(name=self.name, backend=self.backend, device=self.device, description=self.description,
+                          max_batch=self.max_batch, backend_options=dict(self.backend_options))
 
 
 def available_targets() -> List[str]:
-    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+    return sorted(p.stem for p in data_dir("targets").glob("*.toml"))
 
 
 def load_target(name_or_path: str) -> Target:
-    """A target by name (``jei_edge/targets/NAME.toml``) or from a ``.toml`` file path."""
+    """A target by name (``targets/NAME.toml``) or from a ``.toml`` file path."""
     p = Path(name_or_path)
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         path = p
     else:
-        path = TARGETS_DIR / f"{name_or_path}.toml"
+        path = data_dir("targets") / f"{name_or_path}.toml"
     if not path.is_file():
         raise JeiEdgeError(f"unknown target '{name_or_path}'",
                            hint=f"use one of {available_targets()} or a path to a target .toml file")
@@ -62,13 +65,17 @@ def load_target(name_or_path: str) -> Target:
         raise JeiEdgeError(f"target file '{path}' cannot be read: {exc}") from exc
     try:
         backend = raw["backend"]
+        unknown = sorted(set(raw) - _KEYS - {backend})
+        if unknown:
+            raise JeiEdgeError(f"target file '{path}' has unknown key(s) {unknown}",
+                               hint=f"known keys: {sorted(_KEYS)} and a [{backend}] table of backend settings")
         precisions = tuple(raw.get("precisions", ["fp32"]))
         return Target(
             name=str(raw.get("name", path.stem)), backend=str(backend), device=str(raw.get("device", "cpu")),
             description=str(raw.get("description", "")), precisions=precisions,
             default_precision=str(raw.get("default_precision", precisions[0])),
             opset=int(raw.get("onnx", {}).get("opset", 17)), max_batch=int(raw.get("batch", {}).get("max", 256)),
-            backend_options=dict(raw.get(backend, {})), source=str(path), raw=raw)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+            backend_options=dict(raw.get(backend, {})), source=str(path))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise JeiEdgeError(f"target file '{path}' is malformed ({type(exc).__name__}: {exc})",
-                           hint="it needs at least `backend = \"onnxruntime\"`; see jei_edge/targets/cpu.toml") from exc
+                           hint="it needs at least `backend = \"onnxruntime\"`; see targets/cpu.toml") from exc

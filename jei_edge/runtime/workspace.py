@@ -20,61 +20,29 @@ the first boundary also checks stage 0's gate values for NaN, in both modes, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from jei_edge.bundle.manifest import Stage
 from jei_edge.exit_rule import exit_mask
-from jei_edge.runtime.loop import Results, Workspace
+from jei_edge.runtime.loop import Capability, Results, Workspace
 from jei_edge.runtime.validate import GuardTripped
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One stage input/output: name, per-row shape (batch axis removed) and numpy dtype."""
-
-    name: str
-    shape: Tuple[int, ...]
-    dtype: str = "float32"
-
-    @classmethod
-    def from_manifest(cls, entry: Dict) -> "TensorSpec":
-        shape = entry["shape"]
-        return cls(entry["name"], tuple(int(d) for d in shape[1:]), entry.get("dtype", "float32"))
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """What the workspace needs to know about stage k."""
-
-    index: int
-    exit: int  # exit index taken by rows leaving at this stage's boundary (or the final head)
-    input: TensorSpec
-    outputs: Tuple[TensorSpec, ...]
-    exits: Tuple[int, ...] = ()  # every exit inside the stage (several when merged); () = (exit,)
-
-    @property
-    def all_exits(self) -> Tuple[int, ...]:
-        return self.exits or (self.exit,)
-
-    @property
-    def merged(self) -> bool:
-        return len(self.all_exits) > 1
-
-    @classmethod
-    def from_manifest(cls, entry: Dict) -> "StageSpec":
-        (inp,) = entry["inputs"]
-        exit_ = int(entry.get("exit", entry["index"]))
-        exits = tuple(int(e) for e in entry.get("exits") or [exit_])
-        return cls(int(entry["index"]), exit_, TensorSpec.from_manifest(inp),
-                   tuple(TensorSpec.from_manifest(o) for o in entry["outputs"]), exits)
-
-
 class NumpyWorkspace(Workspace):
-    """Preallocated numpy buffers + numpy decide/scatter/compact (see the module docstring)."""
+    """Preallocated numpy buffers + numpy decide/scatter/compact (see the module docstring).
 
-    def __init__(self, stages: Sequence[StageSpec], num_classes: int, max_batch: int, input_guard: bool = False):
+    Args:
+        stages: the manifest's stages (per-row shapes and dtypes of every input and output).
+        num_classes: C.
+        max_batch: rows every buffer holds.
+        input_guard: stage 0's gate carries the verified in-graph NaN/inf guard.
+    """
+
+    capabilities = frozenset({Capability.MERGED_STAGES})
+
+    def __init__(self, stages: Sequence[Stage], num_classes: int, max_batch: int, input_guard: bool = False):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.stages = list(stages)
@@ -87,7 +55,6 @@ class NumpyWorkspace(Workspace):
         self._x = np.empty((mb,) + self.stages[0].input.shape, dtype=self.stages[0].input.dtype)
         self._out: List[Dict[str, np.ndarray]] = [
             {o.name: np.empty((mb,) + o.shape, dtype=o.dtype) for o in s.outputs} for s in self.stages]
-        self._out_list = [[(o.name, self._out[k][o.name]) for o in s.outputs] for k, s in enumerate(self.stages)]
         self._in: List[np.ndarray] = [self._x] + [self._out[k]["hidden_out"] for k in range(len(self.stages) - 1)]
         self._S = np.zeros(mb, dtype=np.float64)
         self._idx = np.zeros(mb, dtype=np.int64)
@@ -101,21 +68,25 @@ class NumpyWorkspace(Workspace):
         self._last: Optional[Tuple[np.ndarray, np.ndarray]] = None
         # batch-1 exit index arrays, copied into each result: building a one-element array from a
         # list costs ~6 us more right after a stage run has evicted numpy's code (measured)
-        n_exits = max(e for st in self.stages for e in st.all_exits) + 1
+        n_exits = max(e for st in self.stages for e in st.exits) + 1
         self._exit_of = [np.array([e], dtype=np.int64) for e in range(n_exits)]
         self._exit_one = [self._exit_of[st.exit] for st in self.stages]
         # merged stages (several exits): probs [mb, E, C], gate [mb, E or E - 1]
         self._merged = [st.merged for st in self.stages]
-        self._exit_ids = [np.asarray(st.all_exits, dtype=np.int64) for st in self.stages]
+        self._exit_ids = [np.asarray(st.exits, dtype=np.int64) for st in self.stages]
 
     # -- executor side -------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.max_batch
+
     def stage_input(self, k: int) -> np.ndarray:
         """The array holding stage ``k``'s input rows (use its first ``n`` rows)."""
         return self._in[k]
 
-    def stage_outputs(self, k: int) -> List[Tuple[str, np.ndarray]]:
-        """``(name, buffer)`` of stage ``k``'s outputs, in manifest order."""
-        return self._out_list[k]
+    def stage_outputs(self, k: int) -> Dict[str, np.ndarray]:
+        """Stage ``k``'s output arrays by name, in manifest order."""
+        return self._out[k]
 
     # -- loop side ------------------------------------------------------------------------------
     def begin(self, x) -> int:

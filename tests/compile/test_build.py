@@ -7,7 +7,7 @@ import pytest
 
 from jei_edge.compile import BuildOptions, build_bundle
 from jei_edge.errors import BuildError, CheckpointError, JeiEdgeError
-from jei_edge.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, sha256_file
+from jei_edge.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, sha256_file
 from tests.runtime.helpers import KWARGS, save_spread
 
 FAST = dict(parity_samples=300, stage_samples=64)

@@ -19,7 +19,8 @@ import pytest
 from jei_edge.exit_rule import exit_mask
 from jei_edge.runtime.cuda.kernel import ExitArgs, ExitKernel
 from jei_edge.runtime.cuda.nvrtc import CompiledKernel
-from jei_edge.runtime.loop import StageExecutor
+from jei_edge.bundle.manifest import Stage, TensorSpec
+from jei_edge.runtime.loop import Capability, StageExecutor
 
 
 def view(ptr, dtype, count):
@@ -185,10 +186,13 @@ class MockExecutor(StageExecutor):
     gives probs = softmax(h @ W_k) and gate = sigmoid(h @ v_k). Works on fake-driver memory.
 
     ``binds`` = True: outputs live in the executor's own arrays and are bound by address
-    (the torch executor's way); False: written into the workspace's output buffers (TensorRT's).
+    (the torch executor's way, ``Capability.BINDS_OUTPUTS``); False: written into the workspace's
+    output buffers (TensorRT's). ``hidden_dtype``: the element type of the hidden state between
+    stages (``float16`` like an FP16 engine: computed in FP32, stored rounded to FP16).
     """
 
-    def __init__(self, num_stages=4, row_shape=(3, 5), num_classes=6, seed=0, binds=False, gate_scale=3.0):
+    def __init__(self, num_stages=4, row_shape=(3, 5), num_classes=6, seed=0, binds=False, gate_scale=3.0,
+                 hidden_dtype="float32"):
         rng = np.random.default_rng(seed)
         self.num_stages, self.row_shape, self.num_classes = num_stages, tuple(row_shape), num_classes
         d = int(np.prod(row_shape))
@@ -196,21 +200,28 @@ class MockExecutor(StageExecutor):
         self.b = rng.normal(0.0, 0.3, num_stages).astype(np.float32)
         self.W = rng.normal(0, 1, (num_stages, d, num_classes)).astype(np.float32)
         self.v = (rng.normal(0, gate_scale / np.sqrt(d), (num_stages, d))).astype(np.float32)
-        self.binds_outputs = binds
+        self.capabilities = frozenset({Capability.BINDS_OUTPUTS}) if binds else frozenset()
+        self.hidden_dtype = np.dtype(hidden_dtype)
         self.calls = []
         self._own = {}
 
+    @property
+    def binds(self) -> bool:
+        return Capability.BINDS_OUTPUTS in self.capabilities
+
     def forward(self, k, h):
-        h2 = np.tanh(h.reshape(len(h), -1) * self.a[k] + self.b[k]).astype(np.float32)
-        probs = _softmax(h2 @ self.W[k])
-        gate = (1.0 / (1.0 + np.exp(-(h2 @ self.v[k])))).astype(np.float32)
-        return h2.reshape((len(h),) + self.row_shape), probs, gate
+        h2 = np.tanh(h.reshape(len(h), -1).astype(np.float32) * self.a[k] + self.b[k]).astype(np.float32)
+        # products summed per row, not BLAS matmuls: a row's result must not depend on how many
+        # rows share the call (BLAS kernels round differently by batch size), so results are exact
+        probs = _softmax((h2[:, :, None] * self.W[k][None]).sum(axis=1))
+        gate = (1.0 / (1.0 + np.exp(-(h2 * self.v[k][None]).sum(axis=1)))).astype(np.float32)
+        return h2.reshape((len(h),) + self.row_shape).astype(self.hidden_dtype), probs, gate
 
     def reference(self, x, offsets=None):
         """Exit index and probs of every row from a full forward pass + the numpy exit rule."""
         from jei_edge.exit_rule import exit_levels
 
-        h, P, G = x.astype(np.float32), [], []
+        h, P, G = x.astype(np.float32), [], []  # stage 0 reads float32 input; later stages hidden_dtype
         for k in range(self.num_stages):
             h, p, g = self.forward(k, h)
             P.append(p)
@@ -223,15 +234,16 @@ class MockExecutor(StageExecutor):
     def execute(self, k, n, ws):
         self.calls.append((k, n))
         d = int(np.prod(self.row_shape))
-        h = view(ws.stage_input_ptr(k), np.float32, n * d).reshape((n,) + self.row_shape)
+        in_dtype = np.float32 if k == 0 else self.hidden_dtype
+        h = view(ws.stage_input(k).device_ptr, in_dtype, n * d).reshape((n,) + self.row_shape)
         hid, probs, gate = self.forward(k, h)
         last = k == self.num_stages - 1
-        if self.binds_outputs:
+        if self.binds:
             key = (id(ws), k)
             if key not in self._own:
-                B = ws.max_batch
-                self._own[key] = (np.zeros((B,) + self.row_shape, np.float32), np.zeros((B, self.num_classes), np.float32),
-                                  np.zeros(B, np.float32))
+                B = ws.capacity
+                self._own[key] = (np.zeros((B,) + self.row_shape, self.hidden_dtype),
+                                  np.zeros((B, self.num_classes), np.float32), np.zeros(B, np.float32))
             H, P, G = self._own[key]
             H[:n], P[:n], G[:n] = hid, probs, gate
             if last:
@@ -242,15 +254,29 @@ class MockExecutor(StageExecutor):
             outs = ws.stage_outputs(k)
             view(outs["probs"].ptr, np.float32, n * self.num_classes)[:] = probs.ravel()
             if not last:
-                view(outs["hidden_out"].ptr, np.float32, n * d)[:] = hid.ravel()
+                view(outs["hidden_out"].ptr, self.hidden_dtype, n * d)[:] = hid.ravel()
                 view(outs["gate"].ptr, np.float32, n)[:] = gate
 
 
-def specs_for(ex):
-    from jei_edge.runtime.cuda.workspace import StageSpec
+def stage(k, in_shape, hidden_shape, num_classes, last, hidden_dtype="float32", in_dtype="float32"):
+    """A manifest ``Stage`` with one exit (k), for workspaces built without a bundle."""
+    inp = TensorSpec("x" if k == 0 else "hidden_in", tuple(in_shape), in_dtype)
+    probs = TensorSpec("probs", (num_classes,))
+    outs = (probs,) if last else (TensorSpec("hidden_out", tuple(hidden_shape), hidden_dtype), probs,
+                                  TensorSpec("gate", ()))
+    return Stage(k, f"stages/stage{k}.onnx", (k, k + 1), (k,), () if last else (k,), 0, False, (inp,), outs)
 
-    return [StageSpec(k, ex.row_shape, ex.row_shape if k < ex.num_stages - 1 else None, k)
-            for k in range(ex.num_stages)]
+
+def specs_for(ex):
+    """The manifest stages of a ``MockExecutor``."""
+    hd = ex.hidden_dtype.name
+    return [stage(k, ex.row_shape, ex.row_shape, ex.num_classes, k == ex.num_stages - 1, hidden_dtype=hd,
+                  in_dtype="float32" if k == 0 else hd) for k in range(ex.num_stages)]
+
+
+def own_outputs(ex) -> bool:
+    """Whether the workspace allocates stage outputs for ``ex`` (it does not bind its own)."""
+    return Capability.BINDS_OUTPUTS not in ex.capabilities
 
 
 @pytest.fixture

@@ -1,21 +1,28 @@
-"""Backend assembly without a GPU: clear errors, options, lazy imports, buckets, pipeline lanes."""
+"""CUDA backend assembly without a GPU: clear errors, settings, lazy imports, buckets, pipeline
+lanes, the torch-free core with a non-torch executor, FP16 hidden states. The driver is
+``FakeDriver`` and the kernel its numpy emulation (test doubles, not hardware validation)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from jei_edge.errors import InputError, JeiEdgeError
-from jei_edge.runtime.cuda.options import CudaOptions
-from jei_edge.runtime.cuda.pipeline import CudaPipeline, merge_results
-from jei_edge.runtime.cuda.torch_executor import default_buckets
+from jei_edge.backends.torch_cuda import TorchCudaSettings
+from jei_edge.errors import BundleError, InputError, JeiEdgeError
+from jei_edge.runtime.cuda.graphs import Buckets, default_buckets
+from jei_edge.runtime.cuda.pipeline import CudaPipeline
 from jei_edge.runtime.cuda.workspace import CudaWorkspace
-from jei_edge.runtime.loop import Results, run_conditional
+from jei_edge.runtime.loop import run_conditional
 
-from .conftest import FakeDriver, MockExecutor, fake_kernel, specs_for
+from .conftest import FakeDriver, MockExecutor, fake_kernel, own_outputs, specs_for, stage
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _has_driver() -> bool:
@@ -27,9 +34,10 @@ def _has_driver() -> bool:
         return False
 
 
-def test_importing_the_cuda_package_is_light():
+def test_importing_the_cuda_packages_is_light():
     code = ("import sys, jei_edge.runtime, jei_edge.runtime.cuda, jei_edge.runtime.cuda.backend, "
-            "jei_edge.runtime.cuda.workspace, jei_edge.runtime.cuda.pipeline, jei_edge.runtime.cuda.torch_executor; "
+            "jei_edge.runtime.cuda.workspace, jei_edge.runtime.cuda.pipeline, jei_edge.runtime.cuda.graphs, "
+            "jei_edge.backends, jei_edge.backends.torch_cuda, jei_edge.backends.torch_cuda.executor; "
             "bad = [m for m in ('torch', 'tensorrt', 'onnx', 'cuda.bindings.driver') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -46,15 +54,24 @@ def test_no_driver_is_a_clear_error():
 
 
 @pytest.mark.skipif(_has_driver(), reason="a CUDA driver is present")
-def test_make_backend_without_driver_fails_before_loading_anything():
-    from jei_edge.runtime.cuda import make_backend
-    from jei_edge.runtime.cuda.driver import CudaUnavailableError
-
-    class Bundle:  # never touched: the driver check comes first
-        path, manifest, model_path = "b.jei", {}, None
-
-    with pytest.raises(CudaUnavailableError):
-        make_backend(Bundle(), max_batch=4)
+def test_torch_cuda_backend_without_driver_fails_before_loading_torch():
+    """With torch blocked, creating the torch-cuda backend still fails with the driver error: the
+    driver is checked before model.pt (and torch) is touched."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None
+        from types import SimpleNamespace
+        from jei_edge.backends import get_backend
+        from jei_edge.runtime.cuda.driver import CudaUnavailableError
+        be = get_backend("torch-cuda")
+        bundle = SimpleNamespace(path="b.jei", model_path=None, manifest=SimpleNamespace(model_file="model.pt"))
+        try:
+            be.create(bundle, 4, be.settings_class())
+        except CudaUnavailableError as exc:
+            print("driver error:", exc)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "driver error: no CUDA driver" in r.stdout, r.stdout + r.stderr
 
 
 def test_cli_style_error_has_no_traceback_from_bindings():
@@ -66,21 +83,16 @@ def test_cli_style_error_has_no_traceback_from_bindings():
     assert "\n" not in str(err) and err.exit_code != 0
 
 
-def test_options_validation():
-    assert CudaOptions.from_kwargs(graphs=False, buckets=[4, 2]).buckets == (4, 2)
-    with pytest.raises(InputError, match="unknown CUDA backend option.*'graph'"):
-        CudaOptions.from_kwargs(graph=True)
+def test_settings_validation():
+    assert TorchCudaSettings.from_options({"graphs": False, "buckets": [4, 2]}).buckets == (4, 2)
+    with pytest.raises(InputError, match="unknown torch-cuda option.*'graph'"):
+        TorchCudaSettings.from_options({"graph": True})
     with pytest.raises(InputError, match="lanes"):
-        CudaOptions.from_kwargs(lanes=0)
-
-
-def test_unavailable_executor_says_why(monkeypatch):
-    from jei_edge.runtime.cuda import backend
-
-    with pytest.raises(InputError, match="GPU-target work"):
-        backend._make_executor(None, CudaOptions(executor="tensorrt_rtx"))
-    with pytest.raises(InputError, match="unknown CUDA executor"):
-        backend._make_executor(None, CudaOptions(executor="nope"))
+        TorchCudaSettings.from_options({"lanes": 0})
+    with pytest.raises(InputError, match="graphs must be true/false"):
+        TorchCudaSettings.from_options({"graphs": 1})
+    with pytest.raises(InputError, match="buckets must list integers >= 1"):
+        TorchCudaSettings.from_options({"buckets": [0, 4]})
 
 
 @pytest.mark.parametrize("max_batch", [1, 7, 64, 256, 1000])
@@ -91,41 +103,74 @@ def test_default_buckets(max_batch):
         assert hi <= max(2 * lo, lo + 8) and (hi <= 16 or hi <= 1.25 * lo + 8)
 
 
-def test_check_manifest_catches_a_foreign_model():
-    from jei_edge.errors import BundleError
-    from jei_edge.runtime.cuda.backend import check_manifest
-    from jei_edge.runtime.cuda.workspace import StageSpec
+def test_bucket_choice():
+    b = Buckets(True, graph_max_batch=64)
+    assert b.sizes(32)[-1] == 32 and b.bucket_for(3, 32) == 4 and b.bucket_for(33, 32) is None
+    assert b.bucket_for(100, 256) is None  # above graph_max_batch: eager
+    assert Buckets(False).bucket_for(1, 32) is None
+    assert Buckets(True, 256, explicit=[8, 2]).sizes(16) == (2, 8) and Buckets(True, 256, [8, 2]).bucket_for(5, 16) == 8
 
-    class M:
-        num_classes = 4
 
-        def stage_ranges(self):
-            return [(0, 2), (2, 4)]
+def test_model_check_catches_a_foreign_model():
+    from jei_edge.backends.torch_cuda.executor import check_model_matches
 
-    specs = [StageSpec(0, (3, 8, 8), (5, 16), 0), StageSpec(1, (5, 16), None, 1)]
-    good = {"num_classes": 4, "stages": [
-        {"index": 0, "blocks": [0, 2], "outputs": [{"name": "hidden_out", "shape": ["batch", 5, 16]}]},
-        {"index": 1, "blocks": [2, 4], "outputs": [{"name": "probs", "shape": ["batch", 4]}]}]}
-    check_manifest(good, specs, M(), "b")
-    bad = dict(good, stages=good["stages"][:1])
+    model = [stage(0, (3, 8, 8), (5, 16), 4, False), stage(1, (5, 16), None, 4, True)]
+    good = SimpleNamespace(num_classes=4, stages=model)
+    check_model_matches(good, model, 4, "b")
     with pytest.raises(BundleError, match="1 stages"):
-        check_manifest(bad, specs, M(), "b")
-    bad = {"num_classes": 4, "stages": [dict(good["stages"][0], outputs=[{"name": "hidden_out", "shape": ["batch", 5, 8]}]),
-                                        good["stages"][1]]}
+        check_model_matches(SimpleNamespace(num_classes=4, stages=model[:1]), model, 4, "b")
+    other = [stage(0, (3, 8, 8), (5, 8), 4, False), model[1]]
     with pytest.raises(BundleError, match="row shape"):
-        check_manifest(bad, specs, M(), "b")
-    bad = {"num_classes": 4, "stages": [dict(good["stages"][0], blocks=[0, 3]), good["stages"][1]]}
-    with pytest.raises(BundleError, match="covers blocks"):
-        check_manifest(bad, specs, M(), "b")
-    merged = {"num_classes": 4, "stages": [dict(good["stages"][0], blocks=[0, 4], exits=[0, 1])]}
+        check_model_matches(SimpleNamespace(num_classes=4, stages=other), model, 4, "b")
+    with pytest.raises(BundleError, match="num_classes"):
+        check_model_matches(good, model, 5, "b")
+
+
+def test_merged_stages_are_refused_by_the_cuda_core():
+    from dataclasses import replace
+
+    from jei_edge.runtime.cuda.backend import cuda_backend
+
+    ex = MockExecutor(num_stages=2)
+    merged = [replace(specs_for(ex)[0], exits=(0, 1), gates=(0, 1))]
     with pytest.raises(BundleError, match=r"stage\(s\) \[0\] merge several exits.*--plan every"):
-        check_manifest(merged, specs, M(), "b")
+        cuda_backend(ex, merged, ex.num_classes, 8, driver=FakeDriver())
+
+
+def test_core_runs_a_non_torch_executor_with_torch_blocked():
+    """The CUDA runtime core (driver -> kernel -> workspace -> loop) with a numpy executor and the
+    fake driver, in a process where importing torch fails."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None
+        import numpy as np
+        from jei_edge.runtime.cuda.backend import cuda_backend
+        from jei_edge.runtime.cuda.options import CudaOptions
+        from jei_edge.runtime.loop import run_conditional
+        import tests.cuda.conftest as c
+        for binds, dtype in ((False, "float32"), (True, "float16")):
+            ex = c.MockExecutor(seed=3, binds=binds, hidden_dtype=dtype)
+            drv = c.FakeDriver()
+            c.ExitKernel.__init__  # the real launcher; the fake driver emulates the kernel
+            import jei_edge.runtime.cuda.backend as b
+            b._KERNELS[(id(drv), None)] = c.fake_kernel(drv)
+            ex, ws = cuda_backend(ex, c.specs_for(ex), ex.num_classes, 32, CudaOptions(), driver=drv)
+            x = np.random.default_rng(0).normal(size=(29, 3, 5)).astype(np.float32)
+            res = run_conditional(ex, ws, x, "exit")
+            levels, probs, _ = ex.reference(x)
+            assert (res.exit_index == levels).all() and (res.probs == probs).all()
+            ws.close()
+        assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
 def _lanes(ex, n, max_batch=16):
     d = FakeDriver()
     return d, [CudaWorkspace(d, fake_kernel(d), specs_for(ex), ex.num_classes, max_batch,
-                             own_outputs=not ex.binds_outputs) for _ in range(n)]
+                             own_outputs=own_outputs(ex)) for _ in range(n)]
 
 
 @pytest.mark.parametrize("lanes", [1, 2, 3])
@@ -158,13 +203,6 @@ def test_pipeline_rejects_bad_micro_batch():
         pipe.run(np.zeros((4, 3, 5), np.float32), micro_batch=9)
     with pytest.raises(InputError, match="no rows"):
         pipe.run(np.zeros((0, 3, 5), np.float32))
-
-
-def test_merge_results_sums_reach():
-    a = Results(np.ones((2, 3), np.float32), np.array([0, 1]), [2, 1])
-    b = Results(np.zeros((1, 3), np.float32), np.array([2]), [1, 1, 1])
-    m = merge_results([a, b])
-    assert m.reach == [3, 2, 1] and m.exit_index.tolist() == [0, 1, 2] and m.probs.shape == (3, 3)
 
 
 def test_single_workspace_reuse_across_modes_and_sizes():

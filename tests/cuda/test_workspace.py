@@ -9,16 +9,16 @@ from jei_edge.errors import InputError
 from jei_edge.runtime.cuda.driver import CudaError
 from jei_edge.runtime.cuda.kernel import MAX_ROWS, grid_for
 from jei_edge.runtime.cuda.memory import ALLOCATIONS
-from jei_edge.runtime.cuda.workspace import CudaWorkspace, StageSpec
+from jei_edge.runtime.cuda.workspace import CudaWorkspace
 from jei_edge.runtime.loop import run_conditional
 
-from .conftest import FakeDriver, MockExecutor, fake_kernel, specs_for
+from .conftest import FakeDriver, MockExecutor, fake_kernel, own_outputs, specs_for, stage
 
 
 def make(ex, driver=None, max_batch=64, **kw):
     driver = driver or FakeDriver()
     ws = CudaWorkspace(driver, fake_kernel(driver), specs_for(ex), ex.num_classes, max_batch,
-                       own_outputs=not ex.binds_outputs, **kw)
+                       own_outputs=own_outputs(ex), **kw)
     return driver, ws
 
 
@@ -202,7 +202,7 @@ def test_unbound_outputs_fail_loudly():
 
 def test_stage_shape_mismatch_is_rejected():
     d = FakeDriver()
-    specs = [StageSpec(0, (3,), (4,), 0), StageSpec(1, (5,), None, 1)]
+    specs = [stage(0, (3,), (4,), 3, False), stage(1, (5,), None, 3, True)]
     with pytest.raises(CudaError, match="stage 1 expects"):
         CudaWorkspace(d, fake_kernel(d), specs, 3, 8)
 
@@ -242,3 +242,40 @@ def test_close_frees_everything():
     ws.close()
     assert not d.mem and not d.host
     ws.close()  # idempotent
+
+
+@pytest.mark.parametrize("binds", [False, True])
+@pytest.mark.parametrize("mode", ["exit", "full"])
+def test_fp16_hidden_states_flow_through_compaction(binds, mode):
+    """An FP16 hidden state (2-byte elements, 30-byte rows: no 16-byte alignment) is compacted as
+    bytes by the (emulated) kernel; gates and probabilities stay FP32; results equal the numpy
+    reference of the same FP16-storing model exactly."""
+    ex = MockExecutor(binds=binds, seed=31, hidden_dtype="float16")
+    _, ws = make(ex, max_batch=64)
+    assert ws.inputs[1].dtype == np.float16 and ws.stage_input(1).row_bytes == 30
+    rng = np.random.default_rng(3)
+    for B in (64, 1, 37):
+        x = rng.normal(size=(B, 3, 5)).astype(np.float32)
+        res = run_conditional(ex, ws, x, mode)
+        levels, probs, _ = ex.reference(x)
+        if mode == "full":
+            levels = np.full(B, ex.num_stages - 1)
+            probs = ex.reference(x, offsets=[9.0] * (ex.num_stages - 1))[1]
+        np.testing.assert_array_equal(res.exit_index, levels)
+        np.testing.assert_array_equal(res.probs, probs)
+    # the FP16 model really differs from an FP32 one: the dtype is not silently ignored
+    ref32 = MockExecutor(binds=binds, seed=31).reference(x)[1]
+    assert not np.array_equal(ref32, probs)
+
+
+def test_probs_must_be_float32():
+    from dataclasses import replace
+
+    from jei_edge.bundle.manifest import TensorSpec
+
+    ex = MockExecutor(seed=32)
+    specs = specs_for(ex)
+    specs[0] = replace(specs[0], outputs=(specs[0].outputs[0], TensorSpec("probs", (6,), "float16"), specs[0].outputs[2]))
+    d = FakeDriver()
+    with pytest.raises(CudaError, match="'probs' is float16"):
+        CudaWorkspace(d, fake_kernel(d), specs, 6, 8)

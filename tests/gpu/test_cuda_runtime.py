@@ -42,9 +42,9 @@ def model(torch_cuda):
 def _backend(torch, model, max_batch=64, **opts):
     import copy
 
-    from jei_edge.runtime.cuda import make_backend_from_model
+    from jei_edge.backends.torch_cuda import from_model
 
-    return make_backend_from_model(copy.deepcopy(model), max_batch=max_batch, **opts)
+    return from_model(copy.deepcopy(model), max_batch=max_batch, **opts)
 
 
 @pytest.mark.parametrize("opts", [{}, {"graphs": False}, {"mapped_io": True}, {"graph_max_batch": 16}])
@@ -127,9 +127,9 @@ def test_no_allocation_in_steady_state(torch_cuda, model, graphs):
 def test_pipeline_lanes_match_single_lane(torch_cuda, model):
     import copy
 
-    from jei_edge.runtime.cuda import make_pipeline
+    from jei_edge.backends.torch_cuda import from_model
 
-    pipe = make_pipeline(model=copy.deepcopy(model), max_batch=32, lanes=3)
+    pipe = from_model(copy.deepcopy(model), max_batch=32, lanes=3, pipeline=True)
     x = np.random.default_rng(5).normal(size=(200, 1, 16, 16)).astype(np.float32)
     res = pipe.run(x, "exit")
     assert_matches(res, reference(torch_cuda, model, x))

@@ -46,5 +46,19 @@ def test_cuda_runtime_rejects_bad_options(bundle):
     from jei_edge.errors import InputError
     from jei_edge.runtime import Runtime
 
-    with pytest.raises(InputError, match="unknown CUDA backend option"):
+    with pytest.raises(InputError, match="unknown torch-cuda option"):
         Runtime.load(bundle, device="cuda", max_batch=8, graph=False)
+
+
+def test_the_contract_on_the_gpu(bundle):
+    """Through the new contract: the device picks torch-cuda, capabilities are declared, close()
+    frees the workspace, and a closed runtime refuses to run."""
+    from jei_edge.runtime import Capability, Runtime
+
+    with Runtime.load(bundle, device="cuda", max_batch=16) as rt:
+        assert rt.backend == "torch-cuda" and Capability.BINDS_OUTPUTS in rt.executor.capabilities
+        res = rt.run(np.zeros((3, 1, 16, 16), np.float32))
+        assert res.exit_index.shape == (3,)
+    assert not rt.workspace._buffers
+    with pytest.raises(Exception, match="closed"):
+        rt.run(np.zeros((1, 1, 16, 16), np.float32))

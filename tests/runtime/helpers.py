@@ -90,7 +90,7 @@ def rehash(bundle: Path, exclude=frozenset()) -> None:
     """Rewrite the manifest's file table after a deliberate edit (to test the checks below sha256)."""
     import json
 
-    from jei_edge.runtime.bundle import MANIFEST, sha256_file
+    from jei_edge.bundle import MANIFEST, sha256_file
 
     m = json.loads((bundle / MANIFEST).read_text())
     files = {}

@@ -9,8 +9,8 @@ import pytest
 
 from jei_edge.errors import BundleError
 from jei_edge.runtime import Bundle, Runtime
-from jei_edge.runtime.bundle import MANIFEST
-from jei_edge.runtime.onnx_scan import scan_onnx_bytes, scan_onnx_file
+from jei_edge.bundle import MANIFEST
+from jei_edge.bundle.onnx_scan import scan_onnx_bytes, scan_onnx_file
 from tests.runtime.helpers import model_inputs, rehash
 
 

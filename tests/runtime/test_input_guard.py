@@ -14,7 +14,7 @@ import pytest
 
 from jei_edge.errors import BundleError, InputError
 from jei_edge.runtime import Runtime
-from jei_edge.runtime.bundle import MANIFEST
+from jei_edge.bundle import MANIFEST
 from tests.runtime.helpers import model_inputs, rehash, save_spread
 
 FAMILIES = ("vit", "resnet")
@@ -131,7 +131,8 @@ def test_guard_survives_export_and_onnxruntime_optimisation(tmp_path):
     import torch
 
     from jei_edge.compile.export import _export
-    from jei_edge.runtime.ort_backend import OrtSettings, create_session
+    from jei_edge.backends.onnxruntime import OrtSettings
+    from jei_edge.backends.onnxruntime.executor import create_session
     from tests.runtime.helpers import spread_model
 
     class Launder(torch.nn.Module):

@@ -7,7 +7,8 @@ from jei_edge.exit_rule import conformal_sets, exit_levels
 from jei_edge.model.checkpoint import load_checkpoint
 from jei_edge.runtime import Runtime
 from jei_edge.runtime.loop import StageExecutor, run_conditional
-from jei_edge.runtime.workspace import NumpyWorkspace, StageSpec, TensorSpec
+from jei_edge.bundle.manifest import Stage, TensorSpec
+from jei_edge.runtime.workspace import NumpyWorkspace
 from tests.runtime.helpers import model_inputs, reference
 
 
@@ -73,7 +74,7 @@ def test_conformal_sets_from_the_manifest_table(vit_bundle):
     rt = Runtime.load(vit_bundle)
     res = rt.run(model_inputs(40, seed=5))
     for j, alpha in enumerate(rt.alphas):
-        qhat = [row[j] for row in rt.manifest["exits"]["qhat"]]
+        qhat = [row[j] for row in rt.manifest.exits.qhat]
         expect = conformal_sets(res.probs, np.asarray(qhat)[res.exit_index])
         assert np.array_equal(rt.conformal_sets(res, alpha), expect)
 
@@ -101,7 +102,7 @@ class ScriptedExecutor(StageExecutor):
     def execute(self, k, n, ws):
         rows = ws.stage_input(k)[:n, 0].astype(np.int64)
         self.calls.append((k, n))
-        outs = dict(ws.stage_outputs(k))
+        outs = ws.stage_outputs(k)
         outs["probs"][:n] = self.P[rows, k]
         if k < self.num_stages - 1:
             outs["hidden_out"][:n, 0] = rows
@@ -115,10 +116,11 @@ def _scripted(n=500, gates=4, classes=3, seed=0, max_batch=512):
     P = rng.random((n, gates + 1, classes)).astype(np.float32)
     P /= P.sum(-1, keepdims=True)
     spec = lambda name: TensorSpec(name, (1,))  # noqa: E731
-    stages = [StageSpec(k, k, spec("x" if k == 0 else "hidden_in"),
-                        (spec("hidden_out"), TensorSpec("probs", (classes,)), TensorSpec("gate", ())))
+    stages = [Stage(k, "", (k, k + 1), (k,), (k,), 0, False, (spec("x" if k == 0 else "hidden_in"),),
+                    (spec("hidden_out"), TensorSpec("probs", (classes,)), TensorSpec("gate", ())))
               for k in range(gates)]
-    stages.append(StageSpec(gates, gates, spec("hidden_in"), (TensorSpec("probs", (classes,)),)))
+    stages.append(Stage(gates, "", (gates, gates + 1), (gates,), (), 0, False, (spec("hidden_in"),),
+                        (TensorSpec("probs", (classes,)),)))
     return G, P, NumpyWorkspace(stages, classes, max_batch)
 
 

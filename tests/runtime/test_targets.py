@@ -1,7 +1,7 @@
 import pytest
 
 from jei_edge.errors import JeiEdgeError
-from jei_edge.runtime.ort_backend import OrtSettings
+from jei_edge.backends.onnxruntime import OrtSettings
 from jei_edge.runtime.targets import available_targets, load_target
 
 

@@ -64,6 +64,11 @@ class DeviceBuffer:
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
 
     @property
+    def device_ptr(self) -> int:
+        """The device address (as ``HostBuffer.device_ptr`` of mapped memory): what kernels use."""
+        return self.ptr
+
+    @property
     def __cuda_array_interface__(self):
         return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False),
                 "version": 3, "strides": None, "stream": None}

@@ -1,52 +1,43 @@
-"""Settings of the CUDA backend: one frozen dataclass, defaults in one place."""
+"""Settings of the CUDA runtime core (any executor): one frozen dataclass, defaults in one place.
+
+Executor backends extend it with their own fields (``jei_edge.backends.torch_cuda.settings``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 from jei_edge.errors import InputError
 
 
 @dataclass(frozen=True)
 class CudaOptions:
-    """Options accepted by ``make_backend(bundle, max_batch=..., **options)``.
+    """The CUDA workspace's settings.
 
     Attributes:
         device_index: CUDA device ordinal.
-        executor: which StageExecutor runs the stages (see ``EXECUTORS``; "torch" today).
-        graphs: capture CUDA graphs per (stage, batch bucket) where the executor allows it.
-        graph_max_batch: largest live-row count served by a graph (above: eager execution).
-        buckets: explicit graph batch buckets (default: 1, 2, 4, 8, 16, then x1.25 steps).
         mapped_io: stage the input and write results in mapped pinned host memory (zero-copy),
             the better choice on integrated GPUs (Jetson) where host and device share DRAM.
-        tf32: allow TF32 math (faster, but results are no longer FP32-identical to the CPU runtime).
         max_grid: most thread blocks one exit-kernel launch uses.
         kernel_cache_dir: where NVRTC output is cached (default ``~/.cache/jei-edge/cuda``).
-        lanes: pipeline lanes (streams + workspaces) for micro-batch overlap (``make_pipeline``).
+        lanes: pipeline lanes (streams + workspaces) for micro-batch overlap (``cuda_pipeline``).
     """
 
     device_index: int = 0
-    executor: str = "torch"
-    graphs: bool = True
-    graph_max_batch: int = 256
-    buckets: Optional[Tuple[int, ...]] = None
     mapped_io: bool = False
-    tf32: bool = False
     max_grid: int = 1024
     kernel_cache_dir: Optional[str] = None
     lanes: int = 2
 
     @classmethod
-    def from_kwargs(cls, **options) -> "CudaOptions":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise InputError(f"unknown CUDA backend option(s) {unknown}",
-                             hint=f"valid options: {', '.join(sorted(names))}")
-        if "buckets" in options and options["buckets"] is not None:
-            options["buckets"] = tuple(int(b) for b in options["buckets"])
-        opts = cls(**options)
-        if opts.lanes < 1 or opts.max_grid < 1 or opts.graph_max_batch < 1:
-            raise InputError("CUDA options lanes, max_grid and graph_max_batch must be >= 1")
+    def from_options(cls, options: Optional[Dict[str, Any]] = None, base=None):
+        """Settings from a dict (a target table or keywords); unknown keys are refused."""
+        from jei_edge.backends.base import parse_settings
+
+        opts = parse_settings(cls, options, "CUDA", base=base)
+        if opts.lanes < 1 or opts.max_grid < 1:
+            raise InputError("CUDA options lanes and max_grid must be >= 1")
+        if opts.kernel_cache_dir is not None and not isinstance(opts.kernel_cache_dir, str):
+            raise InputError(f"CUDA option kernel_cache_dir must be a path, got {opts.kernel_cache_dir!r}")
         return opts

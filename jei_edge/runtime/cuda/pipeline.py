@@ -15,18 +15,8 @@ import queue
 import threading
 from typing import List, Optional, Sequence
 
-import numpy as np
-
 from jei_edge.errors import InputError
 from jei_edge.runtime.loop import Results, run_conditional
-
-
-def merge_results(parts: Sequence[Results]) -> Results:
-    """Concatenate per-micro-batch results (in input order); ``reach`` is summed per stage."""
-    depth = max(len(p.reach) for p in parts)
-    reach = [sum(p.reach[k] for p in parts if k < len(p.reach)) for k in range(depth)]
-    return Results(probs=np.concatenate([p.probs for p in parts]),
-                   exit_index=np.concatenate([p.exit_index for p in parts]), reach=reach)
 
 
 class CudaPipeline:
@@ -93,7 +83,7 @@ class CudaPipeline:
         used = min(len(self.lanes), len(chunks))
         if used == 1:  # one lane, or one micro-batch: stay on the calling thread
             parts = [run_conditional(self.executor, self.lanes[0], x[a:b], mode, offsets) for a, b in chunks]
-            return parts[0] if len(parts) == 1 else merge_results(parts)
+            return parts[0] if len(parts) == 1 else Results.concat(parts)
         for i in range(used):
             self._inbox[i].put((x, chunks, mode, offsets))
         parts: List = [None] * len(chunks)
@@ -107,7 +97,7 @@ class CudaPipeline:
                 parts[i] = r
         if error is not None:
             raise error
-        return merge_results(parts)
+        return Results.concat(parts)
 
     def close(self) -> None:
         for q in self._inbox:
@@ -116,7 +106,5 @@ class CudaPipeline:
             t.join()
         self._threads = []
         for ws in self.lanes:
-            release = getattr(self.executor, "release", None)
-            if release is not None:
-                release(ws)
+            self.executor.release(ws)
             ws.close()

@@ -8,7 +8,9 @@ Buffers are allocated once, for ``max_batch`` rows, when the workspace is built:
 - per stage: its input buffer (stage 0: ``x``; stage k > 0: ``hidden_in``, where the kernel
   compacts the survivors of stage k - 1) and, for executors that write into workspace memory
   (TensorRT), its outputs ``hidden_out``/``probs``/``gate``. Executors that allocate their own
-  outputs (torch, CUDA graphs) call ``bind_outputs`` instead;
+  outputs (torch, CUDA graphs; ``Capability.BINDS_OUTPUTS``) call ``bind_outputs`` instead.
+  Shapes and element types come from the bundle manifest's stages: hidden states may be FP32 or
+  FP16 (the kernel copies rows as bytes); gates and probabilities are FP32;
 - running gate sum ``S`` (FP64, as in the numpy exit rule) and original indices: a constant
   initial pair and a ping-pong pair;
 - results (probs, class, confidence, exit index) in input order, and their pinned host mirrors;
@@ -21,33 +23,17 @@ counts boundaries executed (every executed stage ends in one, the final head inc
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from jei_edge.bundle.manifest import Stage
 from jei_edge.errors import InputError
 from jei_edge.runtime.cuda.driver import CudaError
 from jei_edge.runtime.cuda.kernel import (MAX_ROWS, MODE_ALL_EXIT, MODE_EXIT, MODE_NONE_EXIT, ExitKernel,
                                           KernelLauncher)
 from jei_edge.runtime.cuda.memory import DeviceBuffer, HostBuffer
-from jei_edge.runtime.loop import Results, Workspace
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """Per-row shapes of one stage's tensors (the batch dimension left out)."""
-
-    index: int
-    input_shape: Tuple[int, ...]
-    hidden_shape: Optional[Tuple[int, ...]]  # hidden_out; None for the last stage
-    exit_index: int  # the exit this stage ends in (0..G)
-    dtype: str = "float32"
-
-
-def _rows(shape: Sequence[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+from jei_edge.runtime.loop import Capability, Results, Workspace
 
 
 class CudaWorkspace(Workspace):
@@ -56,7 +42,7 @@ class CudaWorkspace(Workspace):
     Args:
         driver: the ``CudaDriver`` (or a test fake).
         kernel: the loaded ``ExitKernel``.
-        stages: ``StageSpec`` per stage.
+        stages: the manifest's stages (one exit each: merged stages are not run on CUDA yet).
         num_classes: C.
         max_batch: rows every buffer is sized for.
         own_outputs: allocate stage output buffers (executors that bind their own leave it False).
@@ -64,7 +50,9 @@ class CudaWorkspace(Workspace):
         max_grid: most blocks one exit-kernel launch uses.
     """
 
-    def __init__(self, driver, kernel: ExitKernel, stages: Sequence[StageSpec], num_classes: int,
+    capabilities = frozenset({Capability.BINDS_OUTPUTS, Capability.DEVICE_INPUT})
+
+    def __init__(self, driver, kernel: ExitKernel, stages: Sequence[Stage], num_classes: int,
                  max_batch: int, *, own_outputs: bool = True, mapped_io: bool = False, max_grid: int = 1024):
         if not 1 <= max_batch <= MAX_ROWS:
             raise InputError(f"max_batch={max_batch} is outside 1..{MAX_ROWS} supported by the CUDA exit kernel",
@@ -72,15 +60,19 @@ class CudaWorkspace(Workspace):
         if mapped_io and not getattr(driver, "can_map_host_memory", True):
             raise InputError("mapped_io=True but this GPU cannot map host memory", hint="use mapped_io=False")
         for a, b in zip(stages[:-1], stages[1:]):
-            if tuple(a.hidden_shape or ()) != tuple(b.input_shape):
-                raise CudaError(f"stage {a.index} outputs hidden rows of shape {a.hidden_shape} but stage "
-                                f"{b.index} expects {b.input_shape}")
+            if a.hidden is None or (a.hidden.shape, a.hidden.dtype) != (b.input.shape, b.input.dtype):
+                got = f"{list(a.hidden.shape)} {a.hidden.dtype}" if a.hidden is not None else "nothing"
+                raise CudaError(f"stage {a.index} outputs hidden rows of {got} but stage "
+                                f"{b.index} expects {list(b.input.shape)} {b.input.dtype}")
+        for s in stages:
+            for t in s.outputs:
+                if t.name in ("probs", "gate") and t.dtype != "float32":
+                    raise CudaError(f"stage {s.index} output '{t.name}' is {t.dtype}; the exit kernel reads float32")
         self.driver, self.kernel = driver, kernel
         self.stages, self.num_classes, self.max_batch = list(stages), int(num_classes), int(max_batch)
         self.mapped_io = mapped_io
         self.launcher = KernelLauncher(kernel, max_grid=max_grid)
         self.boundaries = 0
-        self.sync_seconds = 0.0  # host time spent waiting for survivor counts
         self.batch = 0
         self.last_classes: Optional[np.ndarray] = None
         self.last_confidence: Optional[np.ndarray] = None
@@ -89,20 +81,19 @@ class CudaWorkspace(Workspace):
         self.stream, self.copy_stream = d.stream_create(), d.stream_create()
         self._ev_in, self._ev_boundary, self._ev_done, self._ev_ext = (d.event_create() for _ in range(4))
         B, C = self.max_batch, self.num_classes
-        dtype = np.dtype(self.stages[0].dtype)
-
-        self.x_host = self._host((B,) + tuple(self.stages[0].input_shape), dtype, mapped_io, "x")
-        self.inputs: List = [self.x_host if mapped_io else self._dev((B,) + tuple(self.stages[0].input_shape), dtype, "x")]
+        x0 = self.stages[0].input
+        self.x_host = self._host((B,) + x0.shape, x0.dtype, mapped_io, "x")
+        self.inputs: List = [self.x_host if mapped_io else self._dev((B,) + x0.shape, x0.dtype, "x")]
         for s in self.stages[1:]:
-            self.inputs.append(self._dev((B,) + tuple(s.input_shape), s.dtype, f"hidden_in[{s.index}]"))
+            self.inputs.append(self._dev((B,) + s.input.shape, s.input.dtype, f"hidden_in[{s.index}]"))
         self.outputs: List[Optional[Dict[str, DeviceBuffer]]] = []
         self._bound: List[List[int]] = []
         for s in self.stages:
             outs = None
             if own_outputs:
                 outs = {"probs": self._dev((B, C), np.float32, f"probs[{s.index}]")}
-                if s.hidden_shape is not None:
-                    outs["hidden_out"] = self._dev((B,) + tuple(s.hidden_shape), s.dtype, f"hidden_out[{s.index}]")
+                if s.hidden is not None:
+                    outs["hidden_out"] = self._dev((B,) + s.hidden.shape, s.hidden.dtype, f"hidden_out[{s.index}]")
                     outs["gate"] = self._dev((B,), np.float32, f"gate[{s.index}]")
             self.outputs.append(outs)
             self._bound.append([outs["hidden_out"].ptr if outs and "hidden_out" in outs else 0,
@@ -149,13 +140,16 @@ class CudaWorkspace(Workspace):
     def num_stages(self) -> int:
         return len(self.stages)
 
+    @property
+    def capacity(self) -> int:
+        return self.max_batch
+
     def stage_input(self, k: int):
-        """Stage ``k``'s input buffer (``__cuda_array_interface__``; ``max_batch`` rows)."""
+        """Stage ``k``'s input buffer: ``device_ptr`` and ``__cuda_array_interface__``; ``capacity`` rows."""
         return self.inputs[k]
 
-    def stage_input_ptr(self, k: int) -> int:
-        buf = self.inputs[k]
-        return buf.device_ptr if isinstance(buf, HostBuffer) else buf.ptr
+    def _input_ptr(self, k: int) -> int:
+        return self.inputs[k].device_ptr
 
     def stage_outputs(self, k: int) -> Optional[Dict[str, DeviceBuffer]]:
         """Workspace-owned output buffers of stage ``k`` (None when the executor binds its own)."""
@@ -171,18 +165,18 @@ class CudaWorkspace(Workspace):
     def begin(self, x) -> int:
         d = self.driver
         d.make_current()
-        shape0 = tuple(self.stages[0].input_shape)
+        shape0 = self.stages[0].input.shape
         cai = getattr(x, "__cuda_array_interface__", None)
         if cai is not None:
             B = self._check_shape(tuple(cai["shape"]), shape0)
-            if np.dtype(cai["typestr"]) != np.dtype(self.stages[0].dtype) or cai.get("strides") not in (None,):
-                raise InputError(f"device input 'x' must be a contiguous {self.stages[0].dtype} array",
+            if np.dtype(cai["typestr"]) != np.dtype(self.stages[0].input.dtype) or cai.get("strides") not in (None,):
+                raise InputError(f"device input 'x' must be a contiguous {self.stages[0].input.dtype} array",
                                  hint="call .contiguous().float() first")
             producer = cai.get("stream")
             if producer:  # wait for the producer's stream (1: legacy default, 2: per-thread default)
                 d.event_record(self._ev_ext, int(producer))
                 d.stream_wait_event(self.stream, self._ev_ext)
-            d.memcpy_dtod_async(self.stage_input_ptr(0), int(cai["data"][0]), B * self.x_host.nbytes // self.max_batch,
+            d.memcpy_dtod_async(self._input_ptr(0), int(cai["data"][0]), B * self.x_host.nbytes // self.max_batch,
                                 self.stream)
         else:
             x = np.asarray(x)
@@ -224,14 +218,14 @@ class CudaWorkspace(Workspace):
         s_in, idx_in = self._pointers(k)
         last = mode == MODE_ALL_EXIT
         spec = self.stages[k]
-        row_bytes = 0 if last else _rows(spec.hidden_shape) * np.dtype(spec.dtype).itemsize
+        row_bytes = 0 if last else spec.hidden.row_bytes
         r = self._results_dev
         self.survivors.array[0] = -1
         self.launcher.launch(
-            self.stream, n=n, mode=mode, exit_index=spec.exit_index, num_classes=self.num_classes, delta=delta,
+            self.stream, n=n, mode=mode, exit_index=spec.exit, num_classes=self.num_classes, delta=delta,
             gate=gate, s_in=s_in, idx_in=idx_in, probs=probs, hidden_in=hidden, row_bytes=row_bytes,
             s_out=0 if last else self.s_pp[k % 2].ptr, idx_out=0 if last else self.idx_pp[k % 2].ptr,
-            hidden_out=0 if last else self.stage_input_ptr(k + 1),
+            hidden_out=0 if last else self._input_ptr(k + 1),
             out_probs=r["probs"], out_class=r["class"], out_conf=r["conf"], out_exit=r["exit"],
             survivors=self._survivors_dev)
         self.boundaries += 1
@@ -246,9 +240,7 @@ class CudaWorkspace(Workspace):
         if not self._map_count:
             d.memcpy_dtoh_async(self.survivors.ptr, self._survivors_dev, 4, self.stream)
         d.event_record(self._ev_boundary, self.stream)
-        t0 = time.perf_counter()
         d.event_synchronize(self._ev_boundary)
-        self.sync_seconds += time.perf_counter() - t0
         m = int(self.survivors.array[0])
         if not 0 <= m <= n:
             raise CudaError(f"exit kernel after stage {k} reported {m} survivors of {n} rows (kernel did not run?)")

@@ -1,17 +1,7 @@
-"""The compiled bundle ``NAME.jei/``: manifest schema, path rules and the integrity check.
+"""The compiled bundle ``NAME.jei/`` on disk: path rules and the integrity check.
 
-Layout (schema version 1)::
-
-    NAME.jei/
-      manifest.json        this file's schema: see ``SCHEMA`` / ``docs/runtime.md``
-      stages/stage0.onnx   one graph per stage (``x``/``hidden_in`` -> ``hidden_out, probs, gate``)
-      ...
-      plain.onnx           the plain backbone (no IMs, no gates) as one graph: ``x`` -> ``probs``
-      model.pt             optional: the checkpoint it was built from (torch-cuda executor)
-      report.json          the build report (parity, decision agreement, timings)
-      report.txt           the same for humans
-
-``manifest["files"]`` maps every other file's relative path to its sha256 and size. The check
+The layout and the manifest schema are ``jei_edge.bundle.manifest``.
+``Manifest.files`` maps every other file's relative path to its sha256 and size. The check
 here detects corruption and accidental edits; it is an **integrity check, not security**: whoever
 can edit a file can rewrite the manifest too. Every path (manifest entries, ONNX external data)
 must stay inside the bundle: absolute paths, ``..`` and symlinks leading out are refused.
@@ -20,18 +10,12 @@ must stay inside the bundle: absolute paths, ``..`` and symlinks leading out are
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, List, Optional
 
+from jei_edge.bundle.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, decode_manifest
 from jei_edge.errors import BundleError
-
-SCHEMA = "jei-edge/bundle"
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-REQUIRED_KEYS = ("schema", "schema_version", "stages", "input", "num_classes", "exits", "files",
-                 "target", "precision", "toolchain")
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -83,15 +67,16 @@ def _walk_files(root: Path) -> List[str]:
 
 
 class Bundle:
-    """A bundle directory and its manifest. ``Bundle.open`` verifies it (see ``verify``)."""
+    """A bundle directory and its typed manifest. ``Bundle.open`` parses and verifies it."""
 
-    def __init__(self, path, manifest: Dict[str, Any]):
+    def __init__(self, path, manifest: Manifest):
         self.path = Path(path)
         self.manifest = manifest
 
     # -- opening ---------------------------------------------------------------------------
     @staticmethod
-    def read_manifest(path) -> Dict[str, Any]:
+    def read_manifest(path) -> Manifest:
+        """Parse ``path/manifest.json`` (BundleError naming the field for anything malformed)."""
         path = Path(path)
         if not path.exists():
             raise BundleError(f"bundle '{path}' does not exist", hint="build one with `jei-edge build model.pt -o NAME.jei`")
@@ -102,23 +87,11 @@ class Bundle:
         if not mpath.is_file() or mpath.is_symlink():
             raise BundleError(f"bundle '{path}' has no {MANIFEST}", hint="it is not a jei-edge bundle, or the build did not finish")
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BundleError(f"bundle '{path}': {MANIFEST} is not valid JSON ({exc})", hint="rebuild the bundle") from exc
-        if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-            raise BundleError(f"bundle '{path}': {MANIFEST} is not a jei-edge bundle manifest (schema tag missing)")
-        version = manifest.get("schema_version")
-        if not isinstance(version, int) or version < 1:
-            raise BundleError(f"bundle '{path}': invalid schema_version {version!r}", hint="rebuild the bundle")
-        if version > SCHEMA_VERSION:
-            raise BundleError(f"bundle '{path}' has schema version {version}; this jei-edge reads up to {SCHEMA_VERSION}",
-                              hint="upgrade jei-edge on this device, or build with the jei-edge installed here")
-        if version != SCHEMA_VERSION:
-            raise BundleError(f"bundle '{path}' has unsupported schema version {version}", hint="rebuild the bundle")
-        missing = [k for k in REQUIRED_KEYS if k not in manifest]
-        if missing:
-            raise BundleError(f"bundle '{path}': {MANIFEST} lacks {missing}", hint="rebuild the bundle")
-        return manifest
+            with open(mpath, "rb") as f:
+                data = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise BundleError(f"bundle '{path}': {MANIFEST} cannot be read ({exc.strerror})") from None
+        return decode_manifest(data, f"bundle '{path}'")
 
     @classmethod
     def open(cls, path, verify: bool = True) -> "Bundle":
@@ -133,24 +106,13 @@ class Bundle:
         return bundle
 
     # -- integrity ---------------------------------------------------------------------------
-    def referenced_files(self) -> List[str]:
-        """Every path the manifest refers to besides ``files`` itself."""
-        m = self.manifest
-        refs = [s.get("file") for s in m.get("stages", [])]
-        if m.get("plain"):
-            refs.append(m["plain"].get("file"))
-        for key in ("model_file", "report", "report_text"):
-            if m.get(key):
-                refs.append(m[key])
-        return refs
-
     def verify(self, check_hashes: bool = True) -> List[str]:
         """All integrity problems (empty = ok): unsafe/missing/altered/unlisted files, external data."""
-        from jei_edge.runtime.onnx_scan import OnnxScanError, scan_onnx_file
+        from jei_edge.bundle.onnx_scan import OnnxScanError, scan_onnx_file
 
         problems: List[str] = []
-        files = self.manifest.get("files")
-        if not isinstance(files, dict) or not files:
+        files = self.manifest.files
+        if not files:
             return ["manifest lists no files"]
         safe: Dict[str, Path] = {}
         for rel, entry in sorted(files.items()):
@@ -158,9 +120,6 @@ class Bundle:
                 p = resolve_inside(self.path, rel, "manifest file entry")
             except BundleError as exc:
                 problems.append(exc.message)
-                continue
-            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-                problems.append(f"manifest entry for '{rel}' has no sha256")
                 continue
             if not p.is_file():
                 problems.append(f"file '{rel}' listed in the manifest is missing")
@@ -175,7 +134,7 @@ class Bundle:
         for rel in _walk_files(self.path):
             if rel != MANIFEST and rel not in files:
                 problems.append(f"file '{rel}' is in the bundle but not in its manifest")
-        for ref in self.referenced_files():
+        for ref in self.manifest.referenced_files():
             if ref not in files:
                 problems.append(f"manifest refers to '{ref}', which is not in its file list")
         for rel, p in safe.items():
@@ -205,32 +164,32 @@ class Bundle:
     # -- access ----------------------------------------------------------------------------------
     def file(self, relpath: str) -> Path:
         """Absolute path of a listed file inside the bundle (BundleError otherwise)."""
-        if relpath not in self.manifest.get("files", {}):
+        if relpath not in self.manifest.files:
             raise BundleError(f"bundle '{self.path}': '{relpath}' is not listed in its manifest")
         return resolve_inside(self.path, relpath, f"bundle '{self.path}'")
 
     @property
     def model_path(self) -> Optional[Path]:
         """The carried ``model.pt`` (None when the bundle was built without it)."""
-        rel = self.manifest.get("model_file")
+        rel = self.manifest.model_file
         return self.file(rel) if rel else None
 
     @property
-    def stages(self) -> List[Dict[str, Any]]:
-        return self.manifest["stages"]
+    def stages(self):
+        return self.manifest.stages
 
     @property
     def num_stages(self) -> int:
-        return len(self.manifest["stages"])
+        return self.manifest.num_stages
 
     @property
     def num_exits(self) -> int:
-        return len(self.manifest["exits"]["positions"]) + 1
+        return self.manifest.num_exits
 
     @property
     def input_shape(self) -> List[int]:
         """``[C, H, W]`` of one sample (model input, after preprocessing)."""
-        return [int(d) for d in self.manifest["input"]["shape"][1:]]
+        return list(self.manifest.input.shape)
 
     def __repr__(self) -> str:
         return f"Bundle('{self.path}', stages={self.num_stages})"

@@ -6,10 +6,9 @@ copy) and run on the workspace's stream (``torch.cuda.ExternalStream``), so the 
 follows on the same stream sees their outputs without extra synchronisation. Outputs stay in
 PyTorch memory; the executor hands their addresses to the workspace (``bind_outputs``).
 
-CUDA graphs: one graph per (workspace, stage, batch bucket) for batches up to
-``graph_max_batch``; a live count ``n`` replays the smallest bucket >= n (rows n..bucket-1 are
-computed on stale but finite data and ignored; every stage op is row-independent). Graphs are
-captured when a workspace is prepared, never in the steady state.
+CUDA graphs: one graph per (workspace, stage, batch bucket), buckets from the shared
+``jei_edge.runtime.cuda.graphs.Buckets``. Graphs are captured when a workspace is prepared, never
+in the steady state.
 
 It runs on any CUDA GPU PyTorch supports (the H100 included, which TensorRT-RTX does not) and is
 how the CUDA path is validated.
@@ -22,25 +21,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from jei_edge.errors import InputError
-from jei_edge.runtime.cuda.workspace import CudaWorkspace, StageSpec
-from jei_edge.runtime.loop import StageExecutor
-
-
-def default_buckets(max_batch: int) -> Tuple[int, ...]:
-    """Graph batch buckets: 1, 2, 4, 8, 16, then ~x1.25 steps rounded up to multiples of 8
-    (at most 25% padded rows), ending at ``max_batch``."""
-    out = [b for b in (1, 2, 4, 8, 16) if b < max_batch]
-    b = 16.0
-    while True:
-        b *= 1.25
-        v = int(-(-int(b + 0.999) // 8) * 8)
-        if v >= max_batch:
-            break
-        if v > out[-1]:
-            out.append(v)
-    out.append(max_batch)
-    return tuple(out)
+from jei_edge.bundle.manifest import Stage, TensorSpec
+from jei_edge.errors import BundleError, InputError
+from jei_edge.runtime.cuda.graphs import Buckets
+from jei_edge.runtime.cuda.workspace import CudaWorkspace
+from jei_edge.runtime.loop import Capability, StageExecutor
 
 
 def set_tf32(torch, enabled: bool) -> None:
@@ -88,7 +73,7 @@ class TorchCudaExecutor(StageExecutor):
         tf32: allow TF32 (faster on Ampere+, breaks FP32 parity); sets PyTorch's global flags.
     """
 
-    binds_outputs = True
+    capabilities = frozenset({Capability.BINDS_OUTPUTS})
 
     def __init__(self, model, *, device_index: int = 0, graphs: bool = True, graph_max_batch: int = 256,
                  buckets: Optional[Sequence[int]] = None, tf32: bool = False):
@@ -106,41 +91,15 @@ class TorchCudaExecutor(StageExecutor):
         self.model = model.eval().to(self.device)
         self.num_stages = len(model.stage_ranges())
         self.modules = [_Contiguous(model.stage(k).eval()) for k in range(self.num_stages)]
-        self.graphs_enabled = bool(graphs)
-        self.graph_max_batch = int(graph_max_batch)
-        self._buckets = tuple(sorted(set(int(b) for b in buckets))) if buckets else None
+        self.buckets = Buckets(graphs, graph_max_batch, buckets)
         self._lanes: Dict[int, _Lane] = {}
         self._lock = threading.Lock()
         self.graph_replays = 0
         self.eager_runs = 0
 
-    # -- shapes ----------------------------------------------------------------------------
-    def stage_specs(self) -> List[StageSpec]:
-        """Per-row shapes of every stage, found by running one zero row through the stages."""
-        torch = self.torch
-        specs, x = [], torch.zeros((1,) + tuple(self.model.input_shape), device=self.device)
-        with torch.no_grad():
-            for k, m in enumerate(self.modules):
-                out = m(x)
-                if k == self.num_stages - 1:
-                    specs.append(StageSpec(k, tuple(x.shape[1:]), None, k))
-                else:
-                    h = out[0]
-                    if h.dtype != torch.float32:
-                        raise InputError(f"stage {k} outputs a {h.dtype} hidden state; the torch-cuda executor "
-                                         "runs FP32 models only")
-                    specs.append(StageSpec(k, tuple(x.shape[1:]), tuple(h.shape[1:]), k))
-                    x = h
-        return specs
-
     @property
     def num_classes(self) -> int:
         return int(self.model.num_classes)
-
-    def buckets(self, max_batch: int) -> Tuple[int, ...]:
-        top = min(max_batch, self.graph_max_batch)
-        b = self._buckets or default_buckets(top)
-        return tuple(v for v in b if v <= top) or (top,)
 
     # -- lanes -----------------------------------------------------------------------------
     def prepare(self, ws: CudaWorkspace) -> None:
@@ -157,11 +116,11 @@ class TorchCudaExecutor(StageExecutor):
             self._lanes[id(ws)] = lane
             with torch.no_grad(), torch.cuda.stream(stream):
                 for k in range(self.num_stages):  # eager warm-up at the largest size
-                    self.modules[k](inputs[k][: ws.max_batch])
-            if self.graphs_enabled:
+                    self.modules[k](inputs[k][: ws.capacity])
+            if self.buckets.enabled:
                 lane.pool = torch.cuda.graph_pool_handle()
                 for k in range(self.num_stages):
-                    for b in self.buckets(ws.max_batch):
+                    for b in self.buckets.sizes(ws.capacity):
                         lane.graphs[(k, b)] = self._capture(lane, k, b)
             stream.synchronize()
 
@@ -182,15 +141,6 @@ class TorchCudaExecutor(StageExecutor):
         with self._lock:
             self._lanes.pop(id(ws), None)
 
-    def bucket_for(self, n: int, max_batch: int) -> Optional[int]:
-        """The graph bucket that serves ``n`` live rows (None: run eagerly)."""
-        if not self.graphs_enabled or n > min(max_batch, self.graph_max_batch):
-            return None
-        for b in self.buckets(max_batch):
-            if b >= n:
-                return b
-        return None
-
     # -- StageExecutor ---------------------------------------------------------------------
     def execute(self, k: int, n: int, ws: CudaWorkspace) -> None:
         lane = self._lanes.get(id(ws))
@@ -198,7 +148,7 @@ class TorchCudaExecutor(StageExecutor):
             self.prepare(ws)
             lane = self._lanes[id(ws)]
         torch = self.torch
-        b = self.bucket_for(n, ws.max_batch)
+        b = self.buckets.bucket_for(n, ws.capacity)
         with torch.cuda.stream(lane.stream):
             if b is not None:
                 g, out = lane.graphs[(k, b)]
@@ -214,3 +164,48 @@ class TorchCudaExecutor(StageExecutor):
         else:
             h, p, g_ = out
             ws.bind_outputs(k, hidden=h.data_ptr(), probs=p.data_ptr(), gate=g_.data_ptr())
+
+
+def stages_from_model(model, torch, device) -> List[Stage]:
+    """The stages of a JEIModel (one exit each) as manifest ``Stage`` specs, found by running one
+    zero row through its stage modules: for running a model without a bundle (tests, benchmarks)."""
+    stages, x = [], torch.zeros((1,) + tuple(model.input_shape), device=device)
+    ranges = model.stage_ranges()
+    last = len(ranges) - 1
+    with torch.no_grad():
+        for k in range(len(ranges)):
+            out = model.stage(k).eval()(x)
+            inp = TensorSpec("x" if k == 0 else "hidden_in", tuple(x.shape[1:]))
+            probs = TensorSpec("probs", (int(model.num_classes),))
+            if k == last:
+                outputs = (probs,)
+            else:
+                h = out[0]
+                if h.dtype != torch.float32:
+                    raise InputError(f"stage {k} outputs a {h.dtype} hidden state; the torch-cuda executor "
+                                     "runs FP32 models only")
+                outputs = (TensorSpec("hidden_out", tuple(h.shape[1:])), probs, TensorSpec("gate", ()))
+                x = h
+            stages.append(Stage(index=k, file="", blocks=tuple(ranges[k]), exits=(k,), gates=() if k == last else (k,),
+                                macs=0, input_guard=False, inputs=(inp,), outputs=outputs))
+    return stages
+
+
+def check_model_matches(manifest, model_stages: List[Stage], num_classes: int, where: str) -> None:
+    """The bundle's stages must be the model.pt's stages (same block ranges, shapes and classes)."""
+    if len(manifest.stages) != len(model_stages):
+        raise BundleError(f"{where}: manifest has {len(manifest.stages)} stages but its model.pt has "
+                          f"{len(model_stages)}", hint="rebuild the bundle from this model")
+    if manifest.num_classes != int(num_classes):
+        raise BundleError(f"{where}: manifest num_classes {manifest.num_classes} != model.pt {num_classes}",
+                          hint="rebuild the bundle from this model")
+    for st, ms in zip(manifest.stages, model_stages):
+        if st.blocks != ms.blocks and st.blocks != (ms.blocks[0], ms.blocks[1] - 1):
+            raise BundleError(f"{where}: stage {st.index} covers blocks {list(st.blocks)} in the manifest but "
+                              f"{list(ms.blocks)} in model.pt", hint="rebuild the bundle from this model")
+        for a in ("input", "hidden"):
+            got, want = getattr(st, a), getattr(ms, a)
+            if (got and got.shape) != (want and want.shape):
+                raise BundleError(f"{where}: stage {st.index} {a} has row shape {list(got.shape) if got else None} in "
+                                  f"the manifest but {list(want.shape) if want else None} from model.pt",
+                                  hint="rebuild the bundle from this model")

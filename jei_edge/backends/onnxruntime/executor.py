@@ -1,90 +1,13 @@
-"""The onnxruntime backend: session settings, session creation and the CPU stage executor.
-
-Several sessions share one CPU (one per stage, plus the plain backbone when benchmarking). Each
-session's intra-op pool spin-waits after a run by default, stealing the cores from the session
-that runs next; ``OrtSettings`` therefore turns spinning off (see ../shared/PLATFORM.md and
-``benchmarks/realized_speedup.py``, which measures the choice at batch 1 and 64).
-"""
+"""onnxruntime session creation and the CPU stage executor (``OrtStageExecutor``)."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-
 from jei_edge._deps import require
-from jei_edge.errors import BundleError, JeiEdgeError
-from jei_edge.runtime.loop import StageExecutor
-
-_OPT_LEVELS = ("disable", "basic", "extended", "all")
-
-
-@dataclass(frozen=True)
-class OrtSettings:
-    """onnxruntime session settings shared by every stage session (defaults live here only).
-
-    Attributes:
-        intra_op_threads: threads per session; 0 = onnxruntime's default (one per core).
-        inter_op_threads: threads for parallel graph branches (sequential execution uses 1).
-        allow_spinning: let idle pool threads spin-wait after a run (steals cores from the next
-            stage's session when several sessions share the CPU; off by default).
-        global_thread_pool: all sessions share one process-wide pool (set once per process,
-            before the first session; later settings cannot change it).
-        graph_optimization: ``disable`` | ``basic`` | ``extended`` | ``all``.
-        io_binding: run through IOBinding on the workspace's preallocated buffers (no output
-            allocation per stage); False uses ``session.run`` and copies outputs.
-        small_batch_rows: when > 0, every stage gets a second session with
-            ``small_batch_threads`` intra-op threads, used whenever at most this many rows are
-            live (batch-1 streaming, the tail of a batch after most rows exited). Splitting one
-            row's work over a pool costs a thread wake-up and a barrier per stage, more than it
-            saves on small stages. Costs a second copy of each stage's weights in memory.
-        small_batch_threads: intra-op threads of the small-batch sessions.
-    """
-
-    intra_op_threads: int = 0
-    inter_op_threads: int = 1
-    allow_spinning: bool = False
-    global_thread_pool: bool = False
-    graph_optimization: str = "all"
-    io_binding: bool = True
-    small_batch_rows: int = 0
-    small_batch_threads: int = 1
-
-    @property
-    def small_batch(self) -> Optional["OrtSettings"]:
-        """Settings of the small-batch sessions (None when they are off or would equal the main ones)."""
-        if self.small_batch_rows <= 0 or self.small_batch_threads == self.intra_op_threads \
-                or self.global_thread_pool:
-            return None
-        return dataclasses.replace(self, intra_op_threads=self.small_batch_threads, small_batch_rows=0)
-
-    @classmethod
-    def from_options(cls, options: Optional[Dict[str, Any]] = None, base: Optional["OrtSettings"] = None) -> "OrtSettings":
-        """Settings from a dict (a target's ``[onnxruntime]`` table or ``Runtime.load`` keywords)."""
-        base = base or cls()
-        options = dict(options or {})
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise JeiEdgeError(f"unknown onnxruntime option(s) {unknown}", hint=f"valid options: {sorted(names)}")
-        values = {}
-        for key, value in options.items():
-            default = getattr(cls(), key)
-            if isinstance(default, bool):
-                if not isinstance(value, (bool, np.bool_)):
-                    raise JeiEdgeError(f"onnxruntime option {key} must be true/false, got {value!r}")
-                value = bool(value)
-            elif isinstance(default, int):
-                if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                    raise JeiEdgeError(f"onnxruntime option {key} must be an integer >= 0, got {value!r}")
-                value = int(value)
-            elif key == "graph_optimization" and value not in _OPT_LEVELS:
-                raise JeiEdgeError(f"onnxruntime option graph_optimization must be one of {_OPT_LEVELS}, got {value!r}")
-            values[key] = value
-        return dataclasses.replace(base, **values)
-
+from jei_edge.backends.onnxruntime.settings import OrtSettings
+from jei_edge.errors import BundleError
+from jei_edge.runtime.loop import Capability, StageExecutor
 
 def import_ort():
     return require("onnxruntime", purpose="running a bundle on the CPU")
@@ -131,7 +54,7 @@ def create_session(path, settings: OrtSettings, what: str, built_with: Optional[
         return ort.InferenceSession(str(path), sess_options=session_options(settings),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)
-        from jei_edge.runtime.onnx_scan import scan_onnx_file
+        from jei_edge.bundle.onnx_scan import scan_onnx_file
 
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
         try:
@@ -154,6 +77,8 @@ class OrtStageExecutor(StageExecutor):
     ``n <= settings.small_batch_rows`` (see ``OrtSettings.small_batch_rows``).
     """
 
+    capabilities = frozenset({Capability.MERGED_STAGES})
+
     def __init__(self, sessions: List[Any], settings: OrtSettings, small_sessions: Optional[List[Any]] = None):
         self.sessions = list(sessions)
         self.num_stages = len(self.sessions)
@@ -174,7 +99,7 @@ class OrtStageExecutor(StageExecutor):
 
     def execute(self, k: int, n: int, ws) -> None:
         x = ws.stage_input(k)
-        outs = ws.stage_outputs(k)
+        outs = ws.stage_outputs(k)  # name -> array, in manifest order
         path = self._paths[1 if n <= self._small_rows else 0]
         bindings = path["bindings"]
         if bindings is not None:
@@ -188,11 +113,14 @@ class OrtStageExecutor(StageExecutor):
                 path["bound_in"][k] = (x, n)
             bound = path["bound_out"][k]
             if bound is None or bound[0] is not outs or bound[1] != n:
-                for name, buf in outs:
+                for name, buf in outs.items():
                     b.bind_output(name, "cpu", 0, buf.dtype, (n,) + buf.shape[1:], buf.ctypes.data)
                 path["bound_out"][k] = (outs, n)
             path["sessions"][k].run_with_iobinding(b)
         else:
-            res = path["sessions"][k].run([name for name, _ in outs], {self._in_names[k]: x[:n]})
-            for (name, buf), r in zip(outs, res):
+            res = path["sessions"][k].run(list(outs), {self._in_names[k]: x[:n]})
+            for buf, r in zip(outs.values(), res):
                 buf[:n] = r
+
+    def close(self) -> None:
+        self.sessions, self.small_sessions, self._paths = [], None, []

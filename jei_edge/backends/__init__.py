@@ -1,0 +1,73 @@
+"""Backends: one folder each (settings, executor, and later builder), one lazy registry.
+
+``get_backend(name)`` imports ``jei_edge.backends.<folder>`` only when asked; an entry of
+``UNAVAILABLE`` says why a backend cannot be used instead of disappearing. ``choose(manifest,
+device, backend)`` is how ``Runtime.load`` picks one: the bundle's target decides unless
+``device`` or ``backend`` overrides it.
+
+| name | device | folder | needs |
+|---|---|---|---|
+| ``onnxruntime`` | cpu | ``onnxruntime/`` | onnxruntime |
+| ``torch-cuda`` | cuda | ``torch_cuda/`` | cuda-python, torch (rebuilds stages from the bundle's model.pt) |
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, Optional
+
+from jei_edge.errors import BundleError, InputError
+
+DEVICES = ("cpu", "cuda")
+REGISTRY: Dict[str, str] = {
+    "onnxruntime": "jei_edge.backends.onnxruntime",
+    "torch-cuda": "jei_edge.backends.torch_cuda",
+}
+UNAVAILABLE: Dict[str, str] = {
+    "tensorrt": "TensorRT engines (Jetson) are not executed by this jei-edge yet; run the bundle's stage graphs "
+                "with `--device cpu`, or `--device cuda` (torch-cuda, needs the bundle's model.pt)",
+    "tensorrt_rtx": "TensorRT-RTX engines are not executed by this jei-edge yet; run the bundle's stage graphs "
+                    "with `--device cpu`, or `--device cuda` (torch-cuda, needs the bundle's model.pt)",
+}
+# the backend that runs any bundle's stage graphs on each device, when the target's backend does not
+DEFAULT_FOR_DEVICE = {"cpu": "onnxruntime", "cuda": "torch-cuda"}
+
+
+def get_backend(name: str):
+    """The ``Backend`` registered as ``name`` (its module is imported now)."""
+    if name in UNAVAILABLE:
+        raise BundleError(f"backend '{name}' is not available: {UNAVAILABLE[name]}")
+    if name not in REGISTRY:
+        raise InputError(f"unknown backend '{name}'", hint=f"choose one of {sorted(REGISTRY)}")
+    return importlib.import_module(REGISTRY[name]).BACKEND
+
+
+def device_of(name: str) -> Optional[str]:
+    """The device a registered backend runs on, without importing it."""
+    return {"onnxruntime": "cpu", "torch-cuda": "cuda", "tensorrt": "cuda", "tensorrt_rtx": "cuda"}.get(name)
+
+
+def choose(manifest, device: Optional[str] = None, backend: Optional[str] = None) -> str:
+    """The backend name for a bundle: ``backend`` if given (it must run on ``device``), else the
+    target's backend if it runs on ``device`` (or no device is asked for), else the device's
+    default backend."""
+    if device is not None and device not in DEVICES:
+        raise InputError(f"device must be one of {list(DEVICES)}, got {device!r}")
+    if backend is not None:
+        if backend not in REGISTRY and backend not in UNAVAILABLE:
+            raise InputError(f"unknown backend '{backend}'", hint=f"choose one of {sorted(REGISTRY)}")
+        if device is not None and device_of(backend) != device:
+            raise InputError(f"backend '{backend}' runs on {device_of(backend)}, not on {device}")
+        return backend
+    target = manifest.target.backend
+    if device is None or device_of(target) == device:
+        if target in UNAVAILABLE and device is None:
+            raise BundleError(f"this bundle was built for target '{manifest.target.name}' (backend '{target}'): "
+                              f"{UNAVAILABLE[target]}")
+        if target in REGISTRY:
+            return target
+        if device is None:
+            raise BundleError(f"the bundle's target '{manifest.target.name}' names backend '{target}', which this "
+                              "jei-edge does not know", hint=f"run it with --device cpu, or rebuild it for a target "
+                              f"of a known backend ({sorted(REGISTRY)})")
+    return DEFAULT_FOR_DEVICE[device]

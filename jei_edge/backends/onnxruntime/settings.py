@@ -1,0 +1,62 @@
+"""Settings of the onnxruntime backend: one frozen dataclass, defaults in one place.
+
+Several sessions share one CPU (one per stage, plus the plain backbone when benchmarking). Each
+session's intra-op pool spin-waits after a run by default, stealing the cores from the session
+that runs next; ``OrtSettings`` therefore turns spinning off (measured by
+``benchmarks/realized_speedup.py`` at batch 1 and 64; see docs/runtime.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from jei_edge.backends.base import parse_settings
+
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """onnxruntime session settings shared by every stage session (defaults live here only).
+
+    Attributes:
+        intra_op_threads: threads per session; 0 = onnxruntime's default (one per core).
+        inter_op_threads: threads for parallel graph branches (sequential execution uses 1).
+        allow_spinning: let idle pool threads spin-wait after a run (steals cores from the next
+            stage's session when several sessions share the CPU; off by default).
+        global_thread_pool: all sessions share one process-wide pool (set once per process,
+            before the first session; later settings cannot change it).
+        graph_optimization: ``disable`` | ``basic`` | ``extended`` | ``all``.
+        io_binding: run through IOBinding on the workspace's preallocated buffers (no output
+            allocation per stage); False uses ``session.run`` and copies outputs.
+        small_batch_rows: when > 0, every stage gets a second session with
+            ``small_batch_threads`` intra-op threads, used whenever at most this many rows are
+            live (batch-1 streaming, the tail of a batch after most rows exited). Splitting one
+            row's work over a pool costs a thread wake-up and a barrier per stage, more than it
+            saves on small stages. Costs a second copy of each stage's weights in memory.
+        small_batch_threads: intra-op threads of the small-batch sessions.
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    allow_spinning: bool = False
+    global_thread_pool: bool = False
+    graph_optimization: str = field(default="all", metadata={"choices": _OPT_LEVELS})
+    io_binding: bool = True
+    small_batch_rows: int = 0
+    small_batch_threads: int = 1
+
+    @property
+    def small_batch(self) -> Optional["OrtSettings"]:
+        """Settings of the small-batch sessions (None when they are off or would equal the main ones)."""
+        if self.small_batch_rows <= 0 or self.small_batch_threads == self.intra_op_threads \
+                or self.global_thread_pool:
+            return None
+        return dataclasses.replace(self, intra_op_threads=self.small_batch_threads, small_batch_rows=0)
+
+    @classmethod
+    def from_options(cls, options: Optional[Dict[str, Any]] = None, base: Optional["OrtSettings"] = None) -> "OrtSettings":
+        """Settings from a dict (a target's ``[onnxruntime]`` table or ``Runtime.load`` keywords)."""
+        return parse_settings(cls, options, "onnxruntime", base=base)

@@ -1,0 +1,48 @@
+"""The build report's text form (``report.txt`` in the bundle)."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+
+def _decision_lines(d: Dict) -> list:
+    b = d["rate_bound"]
+    rule = (f"(all within the tie band |g - thr| < {d['tolerance']:g})" if "min_agreement" not in d else
+            f"(INT8 vs the FP32 model; required >= {100 * d['min_agreement']:.1f}%; "
+            f"{d['disagreements_within_tie_band']} within the FP32 tie band)")
+    return [f"             agreement {100 * d['agreement']:.3f}%, {d['disagreements']} differ {rule}",
+            f"             rate of {b['counted']} < {100 * b['upper']:.3g}% ({100 * b['confidence']:.0f}% "
+            f"confidence, {b['k']} of {b['n']})",
+            f"             exit histogram PyTorch {d['exit_histogram_pytorch']}, bundle {d['exit_histogram_bundle']}",
+            f"             probs at exit max abs error {d['exit_probs_max_abs_error']:.2e}, "
+            f"full mode {d['full_mode_probs_max_abs_error']:.2e}"]
+
+
+def summary_text(report: Dict) -> str:
+    """Human-readable summary of a build report (``build_bundle``'s return value)."""
+    d, s, c = report["decisions"], report["stage_parity"], report["check"]
+    lines = [f"jei-edge build report: {report['bundle']}",
+             f"  model      {report['model']}",
+             f"  target     {report['target']} ({report['precision']}), {report['num_stages']} stages, "
+             f"opset {report['opset']}"]
+    q = report.get("quantization")
+    if q:
+        lines.append(f"  int8       recipe '{q['recipe']}' ({q['method']}, activations {q['activations']}, weights "
+                     f"{q['weights']}; FP32: {', '.join(q['fp32'])}); calibration {q['calibration_samples']} samples, "
+                     "rows per stage " + str([st['calibration_rows'] for st in q['stages']]))
+    lines.append(f"  parity     per stage on {s['samples']} inputs (tolerance {s['tolerance']:g}):")
+    for row in s["stages"]:
+        errs = ", ".join(f"{k} {v:.2e}" for k, v in row["max_abs_error"].items())
+        lines.append(f"             stage {row['stage']}: {errs}")
+    lines.append(f"             plain backbone: probs {s['plain']['max_abs_error']['probs']:.2e}")
+    sized = (f"auto: ~{c['budget_seconds']:g} s budget = 3 x export, {c['probe_ms_per_input']:g} ms/input measured"
+             if c["mode"] == "auto" else "explicit")
+    lines.append(f"  decisions  {d['samples']} inputs ({sized}; "
+                 f"{', '.join(f'{k} {v}' for k, v in report['parity_inputs'].items())})")
+    lines += _decision_lines(d)
+    r = report["references"]
+    lines += [f"  stored     {r['samples']} reference inputs in {r['file']} (`jei-edge verify` re-checks them)",
+              f"  lowering   {report['lowering']['note']}",
+              f"  time       {report['seconds']}"]
+    lines += [f"  note       {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
