@@ -13,8 +13,8 @@ build = ["torch>=2.6", "onnx>=1.15", "scikit-learn>=1.2", "tqdm>=4.60", "click>=
 images = ["pillow>=9"]
 plots = ["matplotlib>=3.6"]
 cuda = ["cuda-python>=12.6"]
-rtx = ["tensorrt-rtx"]
-dev = build + images + plots + ["pytest>=7", "vermin>=1.6", "build", "nvidia-cuda-nvrtc>=13,<14"] + cuda
+rtx = ["tensorrt-rtx>=1.7"]  # engines for RTX GPUs, built ahead of time without a GPU
+dev = build + images + plots + ["pytest>=7", "vermin>=1.6", "build", "nvidia-cuda-nvrtc>=13,<14"] + cuda + rtx
 
 setup(
     name="jei-edge",

@@ -1,9 +1,10 @@
 """Where a batch-1 call's time goes outside the stage runs (CPU runtime, onnxruntime).
 
-Replays ``Runtime.run`` for one row at a time with a timer around every piece of the real code
-path: the input check, ``begin``, each stage run, each boundary (``exit_and_compact``) and
-``collect``; then times small operations right after a stage run ("cold": the stage evicted the
-interpreter's and numpy's code) and again immediately after ("warm"). Medians over every call.
+Runs ``Runtime.run`` for one row at a time through ``jei_edge.profile.Breakdown`` (the real code
+path, with the executor and workspace wrapped by timing views): ``begin``, each stage run, each
+boundary (``exit_and_compact``), ``finish`` and ``collect``; the numpy input check alone; then
+times small operations right after a stage run ("cold": the stage evicted the interpreter's and
+numpy's code) and again immediately after ("warm"). Medians over every call.
 
     python benchmarks/batch1_breakdown.py                       # runs/bench/vit.jei (realized_speedup.py builds it)
     python benchmarks/batch1_breakdown.py --bundle B.jei --inputs T.npz --out results/x.json
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batch1_breakdown.json"))
     args = p.parse_args(argv)
 
+    from jei_edge.profile import Breakdown, median
     from jei_edge.runtime import Runtime
     from jei_edge.runtime.validate import check_batch
 
@@ -45,46 +47,25 @@ def main(argv=None) -> int:
     ex, ws = rt.executor, rt.workspace
     xs = [np.ascontiguousarray(x[i:i + 1]) for i in range(min(args.samples, len(x)))]
     shape = tuple(rt.input_shape)
-    seg: dict = {}
-
-    def add(key, ns):
-        seg.setdefault(key, []).append(ns / 1e3)
-
+    bd = Breakdown(rt)  # Runtime.run's own path, every step timed (begin, stage_K, boundary, finish, collect)
+    seg: dict = {"run_total": [], "numpy_finite_check": []}
     for _ in range(args.repeats):
         for b in xs:
             t0 = pc()
             rt.run(b)
-            add("run_total", pc() - t0)
-            # the same call, piece by piece (the numpy finiteness check is timed although the
-            # runtime skips it when stage 0 carries the input guard)
+            seg["run_total"].append((pc() - t0) / 1e3)
+            bd.run(b)
+            # the numpy finiteness check, timed although the runtime skips it when stage 0 carries
+            # the input guard
             t0 = pc()
-            xb = check_batch(b, shape, finite=True)
-            t1 = pc()
-            add("numpy_finite_check", t1 - t0)
-            n = ws.begin(xb)
-            add("begin", pc() - t1)
-            reach = []
-            for k in range(ex.num_stages):
-                reach.append(n)
-                ta = pc()
-                ex.execute(k, n, ws)
-                tb = pc()
-                add(f"stage_{k}", tb - ta)
-                if k == ex.num_stages - 1:
-                    ws.finish(k, n)
-                    break
-                n = ws.exit_and_compact(k, n, 0.0, True)
-                add("boundary", pc() - tb)
-                if n == 0:
-                    break
-            ta = pc()
-            ws.collect(reach)
-            add("collect", pc() - ta)
-    probs = ws.stage_outputs(0)
+            check_batch(b, shape, finite=True)
+            seg["numpy_finite_check"].append((pc() - t0) / 1e3)
+    seg.update({k: [1e6 * s for s in v] for k, v in bd.times.items()})
+    outs = ws.stage_outputs(0)
     probe = {
         "np_empty_3": lambda: np.empty(3),
-        "probs_row_copy": lambda: probs[1][1][:1].copy(),
-        "gate_item": lambda: probs[2][1].item(0),
+        "probs_row_copy": lambda: outs["probs"][:1].copy(),
+        "gate_item": lambda: outs["gate"].item(0),
         "boundary_decision": lambda: ws.exit_and_compact(0, 1, 0.0, True),
     }
     cold: dict = {}
@@ -103,9 +84,9 @@ def main(argv=None) -> int:
                 cold[name]["warm"].append((t2 - t1) / 1e3)
     out = {
         "bundle": args.bundle, "calls": len(xs) * args.repeats,
-        "median_us": {k: round(float(np.median(v)), 2) for k, v in seg.items()},
+        "median_us": {k: round(median(v), 2) for k, v in seg.items()},
         "count": {k: len(v) for k, v in seg.items()},
-        "after_stage_run_us": {k: {c: round(float(np.median(v)), 2) for c, v in d.items()} for k, d in cold.items()},
+        "after_stage_run_us": {k: {c: round(median(v), 2) for c, v in d.items()} for k, d in cold.items()},
         "input_guard": bool(ws.input_guard),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """Two bundles of one model timed side by side (shared by stage_planning.py and int8_speedup.py).
 
 ``compare(a, b, inputs, batch, n, repeats)`` loads both with the torch-free runtime, times them
-with ``jei_edge.profile.Passes`` in alternating order within each repeat (exit, ideal, full and
-plain passes), and returns per-bundle medians plus the per-repeat ratios ``a / b`` (how much
-faster ``b`` is). ``child(...)`` runs it in a fresh process; ``python compare_bundles.py A B
+with the package's protocol (``jei_edge.profile.interleaved``: exit, ideal, full and plain
+passes, the two bundles alternating within each repeat), and returns per-bundle medians plus the
+per-repeat ratios ``a / b`` (how much faster ``b`` is). ``child(...)`` runs it in a fresh process; ``python compare_bundles.py A B
 INPUTS BATCH N REPEATS`` is that process.
 """
 
@@ -20,13 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def median(v) -> float:
-    return float(np.median(np.asarray(v, dtype=np.float64)))
+from jei_edge.profile import median  # noqa: E402  (torch-free)
 
 
 def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int) -> dict:
-    from jei_edge.profile import Passes
+    from jei_edge.profile import Passes, interleaved, median_ratio
     from jei_edge.runtime import Runtime
 
     assert "torch" not in sys.modules
@@ -36,39 +34,27 @@ def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int) -> dict
     rts = {"a": Runtime.load(a, max_batch=bsz), "b": Runtime.load(b, max_batch=bsz)}
     passes = {k: Passes.for_runtime(rt, bsz) for k, rt in rts.items()}
     xs = Passes.batches(x, bsz, n)
-    exits = {k: np.concatenate([rt.run(bt).exit_index for bt in xs]) for k, rt in rts.items()}
-    preds = {k: np.concatenate([rt.run(bt).pred for bt in xs]) for k, rt in rts.items()}
-    reaches = {k: p.reaches(xs) for k, p in passes.items()}
-    t = {k: {"exit": [], "full": [], "ideal": [], "plain": []} for k in passes}
-    for p in passes.values():
-        for _ in range(2):
-            p.exit_pass(xs), p.full_pass(xs), p.plain_pass(xs)
-    for i in range(repeats):
-        for k in (("a", "b") if i % 2 == 0 else ("b", "a")):
-            p = passes[k]
-            p.prime(xs[0])
-            if i % 2 == 0:
-                t[k]["ideal"].append(p.ideal_pass(xs, reaches[k]))
-                t[k]["exit"].append(p.exit_pass(xs))
-            else:
-                t[k]["exit"].append(p.exit_pass(xs))
-                p.prime(xs[0])
-                t[k]["ideal"].append(p.ideal_pass(xs, reaches[k]))
-            t[k]["full"].append(p.full_pass(xs))
-            t[k]["plain"].append(p.plain_pass(xs))
+    res = {k: [rt.run(bt) for bt in xs] for k, rt in rts.items()}
+    exits = {k: np.concatenate([r.exit_index for r in v]) for k, v in res.items()}
+    preds = {k: np.concatenate([r.pred for r in v]) for k, v in res.items()}
+    reaches = {k: [r.reach for r in v] for k, v in res.items()}
+    # the package's protocol, both bundles in alternating order within each repeat
+    times = interleaved([passes["a"], passes["b"]], xs, [reaches["a"], reaches["b"]], repeats, warmup=2)
+    t = {"a": times[0], "b": times[1]}
     rows = len(xs) * bsz
     out = {"batch": bsz, "samples": rows,
            "exit_agreement": float(np.mean(exits["a"] == exits["b"])),
            "prediction_agreement": float(np.mean(preds["a"] == preds["b"]))}
     for mode in ("exit", "full", "plain"):
-        out[f"b_speedup_over_a_{mode}"] = median(np.asarray(t["a"][mode]) / np.asarray(t["b"][mode]))
+        out[f"b_speedup_over_a_{mode}"] = median_ratio(t["a"][mode], t["b"][mode])
     for k in passes:
-        arr = {m: np.asarray(v) for m, v in t[k].items()}
-        out[k] = {"stages": rts[k].bundle.num_stages, "exit_ms_per_sample": 1e3 * median(arr["exit"]) / rows,
-                  "full_ms_per_sample": 1e3 * median(arr["full"]) / rows,
-                  "plain_ms_per_sample": 1e3 * median(arr["plain"]) / rows,
-                  "speedup_vs_plain": median(arr["plain"] / arr["exit"]), "realized_speedup": median(arr["full"] / arr["exit"]),
-                  "efficiency": median(arr["ideal"] / arr["exit"]),
+        tk = t[k]
+        out[k] = {"stages": rts[k].bundle.num_stages, "exit_ms_per_sample": 1e3 * median(tk["exit"]) / rows,
+                  "full_ms_per_sample": 1e3 * median(tk["full"]) / rows,
+                  "plain_ms_per_sample": 1e3 * median(tk["plain"]) / rows,
+                  "speedup_vs_plain": median_ratio(tk["plain"], tk["exit"]),
+                  "realized_speedup": median_ratio(tk["full"], tk["exit"]),
+                  "efficiency": median_ratio(tk["ideal"], tk["exit"]),
                   "exit_histogram": np.bincount(exits[k], minlength=rts[k].num_exits).tolist()}
         if y is not None:
             out[k]["accuracy"] = float(np.mean(preds[k] == y[:rows]))
@@ -113,10 +99,11 @@ def bench_parser(doc: str, out_name: str):
     return p
 
 
-def compare_families(args, command: str, make_b) -> dict:
+def compare_families(args, command: str, bundle_b) -> dict:
     """For each family of ``realized_speedup.py``'s benchmark models and each batch size: bundle
-    A = the model's FP32 bundle with a stage per exit, bundle B = ``make_b(family, model_path,
-    batch, log)``; ``args.processes`` fresh processes of ``compare``, merged. Returns the results
+    A = the model's FP32 bundle with a stage per exit, bundle B = ``bundle_b(family, batch, data)``
+    -> ``(file name in --work, BuildOptions, what)``, built from the model unless it exists;
+    ``args.processes`` fresh processes of ``compare``, merged. Returns the results
     (``families[fam]["batch_N"]`` = merged numbers, ``per_process`` and ``b_bundle``)."""
     import time
 
@@ -139,7 +126,8 @@ def compare_families(args, command: str, make_b) -> dict:
         inputs = rs.test_inputs(model, work)
         fam_out = {}
         for bsz in (int(v) for v in args.batches.split(",")):
-            b = make_b(fam, model, bsz, log)
+            name, options, what = bundle_b(fam, bsz, rs.DATA)
+            b = cached_build(model, work / name, options, log, what)
             n = args.n1 if bsz == 1 else args.n64
             runs = [child(a, b, inputs, bsz, n, args.repeats) for _ in range(args.processes)]
             m = merge(runs)
@@ -150,6 +138,13 @@ def compare_families(args, command: str, make_b) -> dict:
                 f"{m['b_speedup_over_a_full']:.3f}x (full); exit agreement {100 * m['exit_agreement']:.1f}%")
         results["families"][fam] = fam_out
     return results
+
+
+def run_comparison(doc: str, script: str, bundle_b, argv=None):
+    """A two-bundle benchmark's command line and measurements: ``(args, compare_families(...))``."""
+    name = Path(script).stem
+    args = bench_parser(doc, f"{name}.json").parse_args(argv)
+    return args, compare_families(args, f"python benchmarks/{name}.py", bundle_b)
 
 
 def cached_build(model, path: Path, options, log, what: str) -> Path:
@@ -171,5 +166,12 @@ def write_results(results: dict, out: str, lines: list) -> None:
 
 
 if __name__ == "__main__":
-    a, b, inputs, bsz, n, repeats = sys.argv[1:7]
-    print(json.dumps(compare(a, b, inputs, int(bsz), int(n), int(repeats))))
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The measurement process: " + __doc__.split("\n\n")[0])
+    for name in ("a", "b", "inputs"):
+        ap.add_argument(name)
+    for name in ("batch", "n", "repeats"):
+        ap.add_argument(name, type=int)
+    args = ap.parse_args()
+    print(json.dumps(compare(args.a, args.b, args.inputs, args.batch, args.n, args.repeats)))

@@ -1,13 +1,17 @@
-"""Realized early-exit speedup of the CUDA runtime (torch-cuda executor + fused exit kernel).
+"""Realized early-exit speedup of the CUDA runtime (torch-cuda backend + fused exit kernel).
 
-Measures, on one GPU, for batch sizes 1, 64 and 256 (medians over repeats; times per batch):
+Measures, on one GPU, for batch sizes 1, 64 and 256 (times per batch; the package's timing
+protocol, ``jei_edge.profile.interleaved``: medians over repeats, ratios per repeat, every clock
+reading after a device synchronise):
 
 - ``exit`` and ``full`` mode of ``Runtime.load(bundle, device="cuda")`` (copy-in, stages, exit
   kernels, copy-out: everything ``Runtime.run`` does), with CUDA graphs (default) and eagerly;
-- the plain backbone (no IMs, no gates) run by PyTorch on the same GPU with the same settings
-  (TF32 off, CUDA graphs per batch size, pinned copy-in and copy-out);
-- the ideal exit time ``sum_k t_k(n_k)`` (DESIGN.md), ``t_k(n)`` = stage k alone on n rows with the
-  same executor (median wall time incl. its completion), and realized/ideal efficiency;
+- the plain backbone (no IMs, no gates: the model as one stage) run by the same torch-cuda backend
+  (``jei_edge.backends.torch_cuda.from_model``: same settings, TF32 off, CUDA graphs per bucket,
+  pinned copy-in and copy-out, the same loop);
+- the ideal exit time ``sum_k t_k(n_k)`` (docs/architecture.md): the exit pass's stage runs back to back
+  (``Passes.ideal_pass``) and the sum of per-stage medians (stage k alone on n rows, completion
+  included), and realized/ideal efficiency;
 - the exit kernel alone per boundary (CUDA events; microseconds) and the achieved bandwidth of its
   compaction copy; the host sync cost per boundary (launch -> survivor count on the host, stream
   idle, minus the kernel's own time);
@@ -25,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,7 @@ def prepare(out: Path, model: Path = None, work: Path = Path("runs/bench")) -> N
     from jei_edge.data import load_data
     from jei_edge.exit_rule import exit_levels
     from jei_edge.model.checkpoint import load_checkpoint
+    from jei_edge.model.jei import exit_decisions
 
     torch.set_num_threads(2)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,11 +74,11 @@ def prepare(out: Path, model: Path = None, work: Path = Path("runs/bench")) -> N
     net, ck = load_checkpoint(dst)
     rec = ck["training"]["data"]
     d = load_data(rec["source"], preprocessing=ck["preprocessing"], seed=rec.get("split_seed", 0))
-    with torch.no_grad():
-        g = torch.sigmoid(net(torch.from_numpy(d.test.x))[1]).numpy().astype(np.float64)
+    dec = exit_decisions(net, d.test.x)  # the torch model's gates and exit levels at offsets 0
+    g = dec.gates
     hist = np.bincount(exit_levels(g, offsets), minlength=g.shape[1] + 1).tolist()
     info = {"offsets": offsets, "data": rec["source"], "test_exit_histogram": hist,
-            "trained_test_exit_histogram": np.bincount(exit_levels(g), minlength=g.shape[1] + 1).tolist()}
+            "trained_test_exit_histogram": np.bincount(dec.levels, minlength=g.shape[1] + 1).tolist()}
     (out / "offsets.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info))
     if sum(h >= 0.05 * len(g) for h in hist) < 3:
@@ -83,75 +86,29 @@ def prepare(out: Path, model: Path = None, work: Path = Path("runs/bench")) -> N
     print(f"bundle: {out / 'model.jei'}")
 
 
-# -- timing helpers --------------------------------------------------------------------------------
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+# -- measurement (GPU) -----------------------------------------------------------------------------
+def plain_backbone(model, max_batch: int, graphs: bool):
+    """The plain backbone on the GPU through the package's torch-cuda backend: the model as one
+    stage (a JEIModel without exits sharing its weights), ``from_model``'s executor and workspace
+    (pinned copy-in and copy-out, CUDA graphs per bucket), run by the package's loop. Returns
+    ``(run(batch), close())``."""
+    from jei_edge.backends.torch_cuda import from_model
+    from jei_edge.model.jei import JEIModel
+    from jei_edge.runtime.loop import run_conditional
 
+    ex, ws = from_model(JEIModel(model.spec, exits=[], config=model.config), max_batch, graphs=graphs)
 
-class PlainRunner:
-    """The plain backbone on the GPU: pinned copy-in, CUDA graph per batch size, pinned copy-out."""
+    def close():
+        ex.release(ws)
+        ws.close()
+        ex.close()
 
-    def __init__(self, torch, model, batches, graphs: bool):
-        self.torch = torch
-        self.net = model.plain_backbone().eval()
-        dev = torch.device("cuda")
-        top = max(batches)
-        self.stream = torch.cuda.Stream()
-        self.x_pin = torch.zeros((top,) + tuple(model.input_shape), pin_memory=True)
-        self.x_dev = torch.zeros_like(self.x_pin, device=dev)
-        self.out_pin = torch.zeros((top, model.num_classes), pin_memory=True)
-        self.graphs = {}
-        with torch.no_grad(), torch.cuda.stream(self.stream):
-            self.net(self.x_dev)
-            if graphs:
-                pool = torch.cuda.graph_pool_handle()
-                for b in batches:
-                    for _ in range(2):
-                        self.net(self.x_dev[:b])
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool, stream=self.stream):
-                        out = self.net(self.x_dev[:b])
-                    self.graphs[b] = (g, out)
-        self.stream.synchronize()
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        torch, b = self.torch, len(x)
-        self.x_pin[:b].numpy()[...] = x
-        with torch.no_grad(), torch.cuda.stream(self.stream):
-            self.x_dev[:b].copy_(self.x_pin[:b], non_blocking=True)
-            if b in self.graphs:
-                g, out = self.graphs[b]
-                g.replay()
-            else:
-                out = self.net(self.x_dev[:b])
-            self.out_pin[:b].copy_(out[:b], non_blocking=True)
-        self.stream.synchronize()
-        return self.out_pin[:b].numpy().copy()
-
-
-def _batches(x, b):
-    return [x[i:i + b] for i in range(0, len(x) - b + 1, b)]
-
-
-def stage_table(ex, ws, needed, repeats):
-    """t_k(n): stage k alone on n rows (wall time incl. completion), median of repeats."""
-    table = {}
-    for k, n in sorted(needed):
-        def once(k=k, n=n):
-            ex.execute(k, n, ws)
-            ws.synchronize()
-        table[(k, n)] = _median_time(once, repeats)
-    return table
+    return (lambda b: run_conditional(ex, ws, b)), close
 
 
 def kernel_timing(rt, x, offsets=None, repeats=200):
-    """Exit kernel per boundary (events), compaction bandwidth, host sync round trip."""
+    """Exit kernel per boundary (CUDA events), compaction bandwidth, host sync round trip."""
+    from jei_edge.profile import median_time
     from jei_edge.runtime.cuda.kernel import MODE_EXIT, MODE_NONE_EXIT
 
     ex, ws, d = rt.executor, rt.workspace, rt.workspace.driver
@@ -161,13 +118,13 @@ def kernel_timing(rt, x, offsets=None, repeats=200):
     ws.begin(x[:n0])
     n = n0
     for k in range(ex.num_stages - 1):
+        delta = 0.0 if offsets is None else float(offsets[k])
         ex.execute(k, n, ws)
         ws.synchronize()
-        row_bytes = int(np.prod(ws.stages[k].hidden_shape)) * 4
+        row_bytes = ws.stages[k].hidden.row_bytes
         rec = {"stage": k, "rows": n, "row_bytes": row_bytes}
         for label, mode in (("exit_rule", MODE_EXIT), ("all_survive", MODE_NONE_EXIT)):
             d.event_record(e0, ws.stream)
-            delta = 0.0 if offsets is None else float(offsets[k])
             for _ in range(repeats):
                 ws._launch(k, n, mode, delta)
             d.event_record(e1, ws.stream)
@@ -179,13 +136,11 @@ def kernel_timing(rt, x, offsets=None, repeats=200):
                 rec["compaction_bytes"] = moved
                 rec["compaction_GBps"] = round(moved / (us * 1e-6) / 1e9, 1)
         # host sync round trip on an idle stream: launch -> event -> host reads the count
-        def trip(k=k, n=n):
-            ws.exit_and_compact(k, n, 0.0 if offsets is None else float(offsets[k]), True)
-        rt_s = _median_time(trip, 50)
+        rt_s = median_time(lambda: ws.exit_and_compact(k, n, delta, True), 50, sync=ws.synchronize)
         rec["host_round_trip_us"] = round(rt_s * 1e6, 2)
         rec["host_sync_cost_us"] = round(rt_s * 1e6 - rec["exit_rule_us"], 2)
         out.append(rec)
-        n = ws.exit_and_compact(k, n, 0.0 if offsets is None else float(offsets[k]), True)
+        n = ws.exit_and_compact(k, n, delta, True)
         if n == 0:
             break
     ws.finish(ex.num_stages - 1, 0)
@@ -195,38 +150,68 @@ def kernel_timing(rt, x, offsets=None, repeats=200):
     return out
 
 
+def time_batches(rt, plain, xb, offsets, repeats: int) -> dict:
+    """The package's protocol on the batches ``xb``: per batch, in ms (see the module docstring)."""
+    from jei_edge.profile import Passes, interleaved, median, median_ratio
+
+    p = Passes(rt, plain=plain)
+    reaches = p.reaches(xb, offsets)
+    pairs = sorted({(k, n) for r in reaches for k, n in enumerate(r)})
+    stage_t = {q: [] for q in pairs}
+
+    def stage_runs(i):  # standalone t_k(n) (completion included), interleaved with the repeats
+        p.prime(xb[0])
+        for k, n in pairs:
+            stage_t[(k, n)].append(p.stage_time(k, n))
+
+    t = interleaved([p], xb, [reaches], repeats, offsets, each_repeat=stage_runs)[0]
+    tk = {q: median(v) for q, v in stage_t.items()}
+    nb = len(xb)
+    ms = {m: 1e3 * median(t[m]) / nb for m in ("exit", "full", "plain", "ideal")}
+    ideal_medians = 1e3 * sum(tk[(k, n)] for r in reaches for k, n in enumerate(r)) / nb
+    return {
+        "exit_ms": round(ms["exit"], 4), "full_ms": round(ms["full"], 4), "plain_ms": round(ms["plain"], 4),
+        "ideal_exit_ms": round(ms["ideal"], 4), "ideal_from_stage_medians_ms": round(ideal_medians, 4),
+        "speedup_exit_vs_full": round(median_ratio(t["full"], t["exit"]), 3),
+        "speedup_exit_vs_plain": round(median_ratio(t["plain"], t["exit"]), 3),
+        "efficiency_realized_over_ideal": round(median_ratio(t["ideal"], t["exit"]), 3),
+        "efficiency_vs_stage_medians": round(ideal_medians / ms["exit"], 3),
+        "mean_reach": [round(v / nb, 2) for v in p.reach_total(reaches)],
+    }
+
+
 def bench(bundle: Path, data: str, out: Path, repeats: int, batch_sizes, samples: int, lanes: int,
           offsets=None) -> dict:
     import torch
 
+    from jei_edge.backends import get_backend
+    from jei_edge.bundle import Bundle
     from jei_edge.data import load_data
     from jei_edge.model.checkpoint import load_checkpoint
+    from jei_edge.profile import Passes, median_time
     from jei_edge.runtime import Runtime
-    from jei_edge.runtime.cuda import make_pipeline
-    from jei_edge.runtime.loop import run_conditional
 
-    pre = json.loads((Path(bundle) / "manifest.json").read_text())["preprocessing"]
-    ds = load_data(data, preprocessing=pre, seed=0)
+    man = Bundle.read_manifest(bundle)
+    ds = load_data(data, preprocessing=man.preprocessing.to_dict(), seed=0)
     reps = -(-samples // len(ds.test.x))
     x = np.concatenate([ds.test.x] * reps)[:samples].astype(np.float32)
     y = np.concatenate([ds.test.y] * reps)[:samples]
+    offsets = tuple(float(v) for v in offsets) if offsets else None
     max_b = max(batch_sizes)
     rt = Runtime.load(bundle, device="cuda", max_batch=max_b)
     rt_eager = Runtime.load(bundle, device="cuda", max_batch=max_b, graphs=False)
     ex, ws = rt.executor, rt.workspace
     drv = ws.driver
     model, _ = load_checkpoint(Path(bundle) / "model.pt")
-    model = model.cuda().eval()
-    plain = {True: PlainRunner(torch, model, batch_sizes, graphs=True),
-             False: PlainRunner(torch, model, batch_sizes, graphs=False)}
+    plain = {label: plain_backbone(model, max_b, graphs=label == "graphs") for label in ("graphs", "eager")}
 
     full_res = rt.run(x, "exit", offsets)
     hist = full_res.exit_histogram(rt.num_exits)
-    man = rt.manifest
-    cost = np.asarray(man["exits"]["cost"])[full_res.exit_index]
-    cost_plain = np.asarray(man["exits"]["cost_vs_plain"])[full_res.exit_index]
+    cost = np.asarray(man.exits.cost)[full_res.exit_index]
+    cost_plain = np.asarray(man.exits.cost_vs_plain)[full_res.exit_index]
     try:
-        cpu_res = Runtime.load(bundle, device="cpu", max_batch=max_b).run(x, "exit", offsets)
+        with Runtime.load(bundle, device="cpu", max_batch=max_b) as cpu_rt:
+            cpu_res = cpu_rt.run(x, "exit", offsets)
         parity = {"same_exit_index": float((cpu_res.exit_index == full_res.exit_index).mean()),
                   "same_class": float((cpu_res.pred == full_res.pred).mean()),
                   "max_abs_prob_diff": float(np.abs(cpu_res.probs - full_res.probs).max())}
@@ -237,7 +222,8 @@ def bench(bundle: Path, data: str, out: Path, repeats: int, batch_sizes, samples
         "torch": torch.__version__, "cuda_torch": torch.version.cuda, "python": platform.python_version(),
         "nvrtc": list(ws.kernel.compiled.nvrtc_version), "kernel_image": ws.kernel.compiled.kind,
         "command": " ".join(sys.argv), "bundle": str(bundle), "data": data, "samples": int(len(x)),
-        "backbone": man["backbone"], "stages": ex.num_stages, "repeats": repeats, "offsets": offsets,
+        "backbone": dict(man.backbone), "stages": ex.num_stages, "repeats": repeats,
+        "offsets": list(offsets) if offsets else None,
         "exit_histogram": hist, "exit_fractions": [round(h / len(x), 3) for h in hist],
         "accuracy_exit": round(float((full_res.pred == y).mean()), 4),
         "expected_cost_vs_full": round(float(cost.mean()), 4), "expected_cost_vs_plain": round(float(cost_plain.mean()), 4),
@@ -250,43 +236,31 @@ def bench(bundle: Path, data: str, out: Path, repeats: int, batch_sizes, samples
     print("exit kernel:", json.dumps(result["exit_kernel"]), flush=True)
     _save(out, result)
     for B in batch_sizes:
-        xb = _batches(x, B)
+        xb = Passes.batches(x, B)
         if B == 1:
             xb = xb[:64]
         row = {"batches_timed": len(xb)}
         for label, runtime in (("graphs", rt), ("eager", rt_eager)):
-            e, w = runtime.executor, runtime.workspace
-            t_exit = _median_time(lambda: [run_conditional(e, w, b, "exit", offsets) for b in xb], repeats) / len(xb)
-            t_full = _median_time(lambda: [run_conditional(e, w, b, "full") for b in xb], repeats) / len(xb)
-            pr = plain[label == "graphs"]
-            t_plain = _median_time(lambda: [pr.run(b) for b in xb], repeats) / len(xb)
-            reaches = [run_conditional(e, w, b, "exit", offsets).reach for b in xb]
-            needed = {(k, n) for r in reaches for k, n in enumerate(r)}
-            table = stage_table(e, w, needed, max(3, repeats))
-            t_ideal = float(np.mean([sum(table[(k, n)] for k, n in enumerate(r)) for r in reaches]))
-            row[label] = {
-                "exit_ms": round(t_exit * 1e3, 4), "full_ms": round(t_full * 1e3, 4),
-                "plain_ms": round(t_plain * 1e3, 4), "ideal_exit_ms": round(t_ideal * 1e3, 4),
-                "speedup_exit_vs_full": round(t_full / t_exit, 3),
-                "speedup_exit_vs_plain": round(t_plain / t_exit, 3),
-                "efficiency_realized_over_ideal": round(t_ideal / t_exit, 3),
-                "mean_reach": [round(float(v), 2) for v in np.mean(
-                    [r + [0] * (ex.num_stages - len(r)) for r in reaches], axis=0)],
-            }
+            row[label] = time_batches(runtime, plain[label][0], xb, offsets, repeats)
         result["batches"][str(B)] = row
         print(f"batch {B}: {json.dumps(row)}", flush=True)
         _save(out, result)  # partial results survive a time limit
 
     tp = {}
+    torch_cuda = get_backend("torch-cuda")
     for mb in (64, max_b):
         for L in (1, lanes):
-            pipe = make_pipeline(rt.bundle, max_batch=mb, lanes=L)
-            t = _median_time(lambda: pipe.run(x, "exit", offsets), repeats)
+            pipe = torch_cuda.pipeline(rt.bundle, max_batch=mb, lanes=L)
+            t = median_time(lambda: pipe.run(x, "exit", offsets), repeats)
             tp[f"micro_batch{mb}_lanes{L}_samples_per_s"] = round(len(x) / t, 1)
             pipe.close()
     result["pipeline"] = tp
     print("pipeline:", json.dumps(tp), flush=True)
     _save(out, result)
+    for _, close in plain.values():
+        close()
+    rt_eager.close()
+    rt.close()
     return result
 
 

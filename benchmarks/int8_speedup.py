@@ -20,24 +20,17 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
-
-from compare_bundles import bench_parser, cached_build, compare_families, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_bundles import run_comparison, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
-    args = bench_parser(__doc__, "int8_speedup.json").parse_args(argv)
-
     from jei_edge.compile import BuildOptions
-    from realized_speedup import DATA
 
-    def int8(fam, model, bsz, log):
-        return cached_build(model, Path(args.work) / f"{fam}_int8.jei",
-                            BuildOptions(precision="int8", data=DATA, force=True), log, "--precision int8")
+    def int8(fam, bsz, data):
+        return f"{fam}_int8.jei", BuildOptions(precision="int8", data=data, force=True), "--precision int8"
 
-    results = compare_families(args, "python benchmarks/int8_speedup.py", int8)
+    args, results = run_comparison(__doc__, __file__, int8, argv)
     lines = ["# INT8 vs FP32 (CPU, onnxruntime)", "",
              f"Machine: {results['machine']}. Command: `{results['command']}`. Medians over {results['repeats']} repeats "
              f"in each of {results['processes']} processes; the two bundles alternate within each repeat.", "",

@@ -1,4 +1,4 @@
-"""Realized early-exit speedup of the CPU runtime (onnxruntime), as defined in DESIGN.md.
+"""Realized early-exit speedup of the CPU runtime (onnxruntime), as defined in docs/architecture.md (Definitions).
 
 For each backbone family (a ViT and a ResNet, trained with JEI-DNN on the synthetic source so that
 at least 3 exits each take >= 5% of samples) and batch sizes 1 and 64, on the test split:
@@ -16,8 +16,9 @@ at least 3 exits each take >= 5% of samples) and batch sizes 1 and 64, on the te
 - **per-boundary overhead** = (exit time - ideal) / boundaries crossed, in microseconds (and the
   decide+compact time measured directly inside the loop).
 
-The passes are ``jei_edge.profile.Passes`` (the same code as ``jei-edge profile``); this script
-adds the protocol: fresh processes, per-stage medians, trained models and setting variants.
+The passes and their interleaved protocol are ``jei_edge.profile`` (``Passes``, ``interleaved``:
+the same code as ``jei-edge profile``; decide+compact from ``Breakdown``); this script adds fresh
+processes, per-stage medians, trained models and setting variants.
 It also compares onnxruntime thread settings (spinning, global pool, 1 thread, IOBinding) at both
 batch sizes. Every measurement runs in a fresh subprocess that imports only the torch-free runtime.
 Times are medians over ``--repeats`` interleaved repeats. Usage::
@@ -43,6 +44,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from jei_edge.bundle import Bundle  # noqa: E402  (torch-free, as the measurement child must stay)
+from jei_edge.profile import median  # noqa: E402
+
 # Harder than the default synthetic source (blends with another class's prototype up to 45%, pixel
 # noise up to 0.6, both scaled by a per-sample difficulty): easy samples are right at the first
 # exits, hard ones need depth, so the trained gates spread exits without threshold offsets. On the
@@ -112,18 +119,17 @@ def spread_offsets(model: Path, force: bool = False) -> list:
     that exits are spread evenly: gate l takes 1/(G+1-l) of the rows still live. Used when the
     trained operating point (offsets 0) is degenerate (fewer than 3 exits with >= 5% of samples),
     or with ``force`` (the "spread" scenario: rows cross every boundary, the overhead's worst case)."""
-    import torch
-
     from jei_edge.data import load_data
-    from jei_edge.exit_rule import exit_levels, exit_threshold
+    from jei_edge.exit_rule import exit_threshold
     from jei_edge.model.checkpoint import load_checkpoint
+    from jei_edge.model.jei import exit_decisions
 
     net, ck = load_checkpoint(model)
     rec = ck["training"]["data"]
     d = load_data(rec["source"], preprocessing=ck["preprocessing"], seed=rec.get("split_seed", 0))
-    with torch.no_grad():
-        g = torch.sigmoid(net(torch.from_numpy(d.val.x))[1]).numpy().astype(np.float64)
-    hist = np.bincount(exit_levels(g), minlength=g.shape[1] + 1) / len(g)
+    dec = exit_decisions(net, d.val.x)  # the torch model's gates and exit levels (offsets 0)
+    g = dec.gates
+    hist = np.bincount(dec.levels, minlength=g.shape[1] + 1) / len(g)
     if (hist >= 0.05).sum() >= 3 and not force:
         return [0.0] * g.shape[1]
     live = np.ones(len(g), bool)
@@ -153,12 +159,8 @@ def test_inputs(model: Path, work: Path) -> Path:
 
 
 # -- measurement (child process: torch-free runtime only) ------------------------------------------
-def _median(v):
-    return float(np.median(np.asarray(v, dtype=np.float64)))
-
-
 def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, options: dict, offsets=None) -> dict:
-    from jei_edge.profile import Passes
+    from jei_edge.profile import Breakdown, Passes, interleaved, median_ratio, settings_record
     from jei_edge.runtime import Runtime
 
     assert "torch" not in sys.modules
@@ -166,72 +168,47 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
     with np.load(inputs) as z:
         x, y = z["x"], z["y"]
     rt = Runtime.load(bundle, max_batch=max(batches), **options)
-    ex, ws = rt.executor, rt.workspace
-    num_stages = rt.bundle.num_stages
+    exits = rt.manifest.exits
     res_all = rt.run(x, offsets=offsets)
-    out = {"settings": vars(ex.settings) if hasattr(ex.settings, "__dict__") else str(ex.settings),
+    settings = settings_record(rt)
+    settings.pop("backend", None)
+    out = {"settings": settings,
            "offsets": list(offsets or []), "trained_exit_histogram": rt.run(x).exit_histogram(rt.num_exits),
            "test_samples": int(len(x)), "exit_histogram": res_all.exit_histogram(rt.num_exits),
            "accuracy_exit": float(np.mean(res_all.pred == y)),
            "accuracy_full": float(np.mean(rt.run(x, mode="full").pred == y)),
-           "mean_cost": float(np.mean(np.asarray(rt.manifest["exits"]["cost"])[res_all.exit_index])),
-           "mean_cost_vs_plain": float(np.mean(np.asarray(rt.manifest["exits"]["cost_vs_plain"])[res_all.exit_index]))}
+           "mean_cost": float(np.mean(np.asarray(exits.cost)[res_all.exit_index])),
+           "mean_cost_vs_plain": float(np.mean(np.asarray(exits.cost_vs_plain)[res_all.exit_index]))}
     for bsz in batches:
         n = n1 if bsz == 1 else n64
-        # the timed passes (jei_edge.profile.Passes, shared with `jei-edge profile`); the plain
-        # backbone gets the stages' thread policy (small-batch settings when the batch is small enough)
+        # the package's passes and protocol (jei_edge.profile, shared with `jei-edge profile`); the
+        # plain backbone gets the stages' thread policy (small-batch settings when the batch is small)
         p = Passes.for_runtime(rt, bsz)
         xs = p.batches(x, bsz, n)
         reaches = p.reaches(xs, offsets)
-        boundaries = sum(len(r) - (1 if len(r) == num_stages else 0) for r in reaches)
+        boundaries = p.boundaries(reaches)
         pairs = sorted({(k, m) for r in reaches for k, m in enumerate(r)})
-        for _ in range(2):  # warm-up
-            p.exit_pass(xs, offsets), p.full_pass(xs), p.plain_pass(xs)
-        samples = {"exit": [], "full": [], "plain": [], "ideal": []}
         stage_t = {q: [] for q in pairs}
         inner = 5 if bsz == 1 else 2
-        for i in range(repeats):
-            # exit and ideal side by side, their order alternating, so that drift and a shared
-            # machine's stalls hit both alike; ratios are taken per repeat (median of the ratios)
-            p.prime(xs[0])
-            if i % 2 == 0:
-                samples["ideal"].append(p.ideal_pass(xs, reaches))
-                samples["exit"].append(p.exit_pass(xs, offsets))
-            else:
-                samples["exit"].append(p.exit_pass(xs, offsets))
-                p.prime(xs[0])
-                samples["ideal"].append(p.ideal_pass(xs, reaches))
-            samples["full"].append(p.full_pass(xs))
-            samples["plain"].append(p.plain_pass(xs))
+
+        def stage_runs(i):  # standalone t_k(m), interleaved with the protocol's repeats
             for (k, m) in pairs:
                 for _ in range(inner):
                     stage_t[(k, m)].append(p.stage_time(k, m))
-        tk = {q: _median(v) for q, v in stage_t.items()}
+
+        samples = interleaved([p], xs, [reaches], repeats, offsets, warmup=2, each_repeat=stage_runs)[0]
+        tk = {q: median(v) for q, v in stage_t.items()}
         ideal_from_medians = sum(tk[(k, m)] for r in reaches for k, m in enumerate(r))
-        ideal = _median(samples["ideal"])
+        ideal = median(samples["ideal"])
         # decide + compact measured directly inside the loop (one extra, untimed pass)
-        acc = [0.0, 0]
-        orig = ws.exit_and_compact
-
-        def timed(*a):
-            t = time.perf_counter()
-            r = orig(*a)
-            acc[0] += time.perf_counter() - t
-            acc[1] += 1
-            return r
-
-        ws.exit_and_compact = timed
+        bd = Breakdown(rt)
         for b in xs:
-            rt.run(b, offsets=offsets)
-        del ws.exit_and_compact
-        te, tf, tp = (_median(samples[k]) for k in ("exit", "full", "plain"))
-
-        def ratio(a, b):  # median over repeats of the per-repeat ratio a/b
-            return _median(np.asarray(samples[a]) / np.asarray(samples[b]))
-
+            bd.run(b, offsets=offsets)
+        te, tf, tp = (median(samples[k]) for k in ("exit", "full", "plain"))
+        rows = len(xs) * bsz
         out[f"batch_{bsz}"] = {
-            "batches": len(xs), "samples": len(xs) * bsz, "boundaries": boundaries,
-            "reach_total": [int(v) for v in np.sum([r + [0] * (num_stages - len(r)) for r in reaches], axis=0)],
+            "batches": len(xs), "samples": rows, "boundaries": boundaries,
+            "reach_total": p.reach_total(reaches),
             "exit_s": te, "full_s": tf, "plain_s": tp, "ideal_s": ideal,
             "ideal_from_stage_medians_s": ideal_from_medians,
             "efficiency_vs_stage_medians": ideal_from_medians / te,
@@ -239,13 +216,14 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
             # medians: how much of the second reading's gap a zero-cost runtime would still show
             "back_to_back_vs_stage_medians": ideal_from_medians / ideal,
             "stage_ms": {f"{k}@{m}": round(1e3 * v, 4) for (k, m), v in sorted(tk.items()) if m in (1, bsz)},
-            "efficiency": ratio("ideal", "exit"), "realized_speedup": ratio("full", "exit"),
-            "speedup_vs_plain": ratio("plain", "exit"), "efficiency_ratio_of_medians": ideal / te,
+            "efficiency": median_ratio(samples["ideal"], samples["exit"]),
+            "realized_speedup": median_ratio(samples["full"], samples["exit"]),
+            "speedup_vs_plain": median_ratio(samples["plain"], samples["exit"]), "efficiency_ratio_of_medians": ideal / te,
             "ideal_speedup_vs_full": tf / ideal,
             "overhead_us_per_boundary": 1e6 * (te - ideal) / max(boundaries, 1),
-            "decide_compact_us_per_boundary": 1e6 * acc[0] / max(acc[1], 1),
-            "exit_ms_per_sample": 1e3 * te / (len(xs) * bsz), "full_ms_per_sample": 1e3 * tf / (len(xs) * bsz),
-            "plain_ms_per_sample": 1e3 * tp / (len(xs) * bsz),
+            "decide_compact_us_per_boundary": 1e6 * bd.mean("boundary"),
+            "exit_ms_per_sample": 1e3 * te / rows, "full_ms_per_sample": 1e3 * tf / rows,
+            "plain_ms_per_sample": 1e3 * tp / rows,
             "spread_exit_s": [min(samples["exit"]), max(samples["exit"])],
         }
     return out
@@ -260,7 +238,7 @@ def run_child(bundle: Path, inputs: Path, variant: str, args, offsets, processes
         merged = {}
         for field, v in runs[0][key].items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                merged[field] = _median([r[key][field] for r in runs])
+                merged[field] = median([r[key][field] for r in runs])
             else:
                 merged[field] = v
         merged["per_process"] = {f: [r[key][f] for r in runs] for f in ("efficiency", "realized_speedup",
@@ -398,7 +376,7 @@ def main(argv=None) -> int:
     load_before = [round(v, 2) for v in os.getloadavg()]
     res = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix()] + (argv or sys.argv[1:])),
            "machine": machine(), "repeats": args.repeats, "processes": args.processes, "load_before": load_before, "data": DATA,
-           "definitions": "DESIGN.md 'Definitions'", "goal": "efficiency >= 0.95 at batch 1 and 64", "families": {}}
+           "definitions": "docs/architecture.md#definitions", "goal": "efficiency >= 0.95 at batch 1 and 64", "families": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -410,10 +388,10 @@ def main(argv=None) -> int:
     for fam, (model, bundle, inputs, offsets) in prepared.items():
         log(f"measuring {fam} ({', '.join(map(str, batches))}), offsets {np.round(offsets, 3).tolist()}")
         r = run_child(bundle, inputs, "default", args, offsets)
-        man = json.loads((bundle / "manifest.json").read_text())
+        man = Bundle.read_manifest(bundle)
         r["model"] = MODELS[fam]
-        r["stages"] = len(man["stages"])
-        r["exit_cost"] = man["exits"]["cost"]
+        r["stages"] = man.num_stages
+        r["exit_cost"] = list(man.exits.cost)
         res["families"][fam] = r
         save()
         for key in (k for k in r if k.startswith("batch_")):

@@ -16,29 +16,22 @@ Results: ``benchmarks/results/stage_planning.json`` and ``.md``.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
-
-from compare_bundles import bench_parser, cached_build, compare_families, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_bundles import run_comparison, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
-    args = bench_parser(__doc__, "stage_planning.json").parse_args(argv)
-
+    from jei_edge.bundle import Bundle
     from jei_edge.compile import BuildOptions
-    from realized_speedup import DATA
 
-    def planned(fam, model, bsz, log):
-        return cached_build(model, Path(args.work) / f"{fam}_auto_b{bsz}.jei",
-                            BuildOptions(plan="auto", plan_batch=bsz, data=DATA, force=True), log,
-                            f"--plan auto at batch {bsz}")
+    def planned(fam, bsz, data):
+        return (f"{fam}_auto_b{bsz}.jei", BuildOptions(plan="auto", plan_batch=bsz, data=data, force=True),
+                f"--plan auto at batch {bsz}")
 
-    results = compare_families(args, "python benchmarks/stage_planning.py", planned)
+    args, results = run_comparison(__doc__, __file__, planned, argv)
     lines = ["# Stage planning (CPU, onnxruntime): a stage per exit vs `--plan auto`", "",
              f"Machine: {results['machine']}. Command: `{results['command']}`. Medians over {results['repeats']} repeats "
              f"in each of {results['processes']} processes; passes of the two bundles alternate within a repeat.", "",
@@ -47,7 +40,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|---|"]
     for fam, fo in results["families"].items():
         for key, m in fo.items():
-            m["plan"] = json.loads((Path(m["b_bundle"]) / "manifest.json").read_text())["plan"]
+            m["plan"] = dict(Bundle.read_manifest(m["b_bundle"]).plan)
             lines.append(f"| {fam} | {key[6:]} | {m['plan']['groups']} | {m['b_speedup_over_a_exit']:.3f}x | "
                          f"{m['b_speedup_over_a_full']:.3f}x | {m['a']['speedup_vs_plain']:.2f}x -> "
                          f"{m['b']['speedup_vs_plain']:.2f}x | {m['a']['efficiency']:.3f} -> {m['b']['efficiency']:.3f} | "

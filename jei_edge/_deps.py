@@ -20,7 +20,7 @@ _KNOWN = {
     "tqdm": ("tqdm", "build"),
     "cuda.bindings": ("cuda-python>=12", "cuda"),
     "tensorrt_rtx": ("tensorrt-rtx", "rtx"),
-    "tensorrt": ("tensorrt (from JetPack on Jetson)", "jetson"),
+    "tensorrt": ("tensorrt", None),  # from JetPack on Jetson boards, never from PyPI
 }
 
 
@@ -34,13 +34,7 @@ def require(name: str, purpose: str | None = None) -> ModuleType:
         req, extra = _KNOWN.get(name, (name, None))
         what = f" for {purpose}" if purpose else ""
         how = f"pip install 'jei-edge[{extra}]'" if extra else f"pip install {req}"
+        if name == "tensorrt":
+            how = "TensorRT comes with JetPack on Jetson boards (not from PyPI): run on the board, or use the JetPack image"
         raise DependencyError(f"'{name}' is needed{what} but could not be imported ({exc})", hint=how) from exc
 
-
-def available(name: str) -> bool:
-    """True when ``name`` imports."""
-    try:
-        importlib.import_module(name)
-        return True
-    except ImportError:
-        return False

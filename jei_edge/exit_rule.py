@@ -1,7 +1,7 @@
 """The JEI-DNN exit rule and gate features: the numpy reference (torch-free).
 
 Every backend (the PyTorch model, onnxruntime stages, the CUDA exit kernel) is tested against the
-functions here. See ../shared/JEI-DNN.md "Exit rule at inference".
+functions here. See docs/architecture.md, "Definitions".
 
 Exit rule: keep a per-sample running sum ``S`` of gate outputs, starting at 0. At gate ``l``::
 

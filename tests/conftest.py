@@ -23,3 +23,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Small bundles built once per test session and shared by every folder (bundle/, backends/,
+# runtime/, profile/): a ViT and a ResNet whose gates spread exits (tests/runtime/helpers.py).
+@pytest.fixture(scope="session")
+def vit_bundle(tmp_path_factory):
+    from tests.runtime.helpers import build_spread_bundle
+
+    return build_spread_bundle(tmp_path_factory.mktemp("vit"), "vit")
+
+
+@pytest.fixture(scope="session")
+def resnet_bundle(tmp_path_factory):
+    from tests.runtime.helpers import build_spread_bundle
+
+    return build_spread_bundle(tmp_path_factory.mktemp("resnet"), "resnet")

@@ -87,7 +87,7 @@ def test_runtime_sources_compile_on_python310():
     py310 = _python310()
     if py310 is None:
         pytest.skip("no Python 3.10 interpreter on this machine (vermin covers the check)")
-    files = [str(p) for p in (ROOT / "jei_edge/runtime").rglob("*.py")]
+    files = [str(p) for d in ("runtime", "bundle", "backends") for p in (ROOT / "jei_edge" / d).rglob("*.py")]
     files += [str(ROOT / "jei_edge" / f) for f in ("__init__.py", "errors.py", "exit_rule.py", "_deps.py", "_io.py")]
     r = subprocess.run([py310, "-m", "py_compile", *files], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -155,6 +155,35 @@ def _manifest(job: Job, stages, plain, plan: Dict, quant: Optional[Dict], refs: 
         quantization=quant)
 
 
+def _check_and_reference(job: Job, root: Path, stages, plain, strict: bool, probe: np.ndarray,
+                         export_seconds: float, progress: Progress):
+    """Size the checks, check every stage graph against PyTorch, compute the references.
+
+    Returns:
+        ``(stage parity report, sizing report, inputs of each kind, ReferenceSet)``.
+    """
+    from jei_edge.backends.onnxruntime import OrtSettings
+    from jei_edge.backends.onnxruntime.executor import create_session
+
+    opts = job.options
+    settings = OrtSettings.from_options(job.target.backend_options)
+    sessions = [create_session(root / s.file, settings, f"stage {s.index}") for s in stages]
+    plain_session = create_session(root / plain.file, settings, "plain backbone")
+
+    def stage_check(x: np.ndarray) -> Dict:
+        return check_stages(job.model, stages, sessions, plain, plain_session, x, opts.tolerance, strict=strict)
+
+    per_input = probe_seconds_per_input(stage_check, probe) if job.parity_samples == "auto" else 0.0
+    n, n_stage, sizing = size_check(job.parity_samples, opts.stage_samples, export_seconds, per_input)
+    x, counts = parity_inputs(job.ckpt["preprocessing"], job.real.x, n, opts.seed)
+    progress(f"parity: every stage on {n_stage} inputs, exit decisions on {n}")
+    stage_report = stage_check(x[::max(1, n // n_stage)][:n_stage])  # rows of every kind
+    del sessions, plain_session
+    with progress.bar(n, "references (PyTorch)") as update:
+        refs = compute_references(job.model, x, counts, progress=update)
+    return stage_report, sizing, counts, refs
+
+
 def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     """Step 1 (torch): graphs, per-stage parity, references and the manifest, written into ``root``.
 
@@ -168,8 +197,6 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     """
     import torch
 
-    from jei_edge.backends.onnxruntime import OrtSettings
-    from jei_edge.backends.onnxruntime.executor import create_session
     from jei_edge.compile.export import export_plain, export_stages
     from jei_edge.compile.plan import plan_stages
     from jei_edge.compile.planning import choose_groups
@@ -198,21 +225,9 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     seconds["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    settings = OrtSettings.from_options(job.target.backend_options)
-    sessions = [create_session(root / s.file, settings, f"stage {s.index}") for s in stages]
-    plain_session = create_session(root / plain.file, settings, "plain backbone")
-
-    def stage_check(x: np.ndarray) -> Dict:
-        return check_stages(model, stages, sessions, plain, plain_session, x, opts.tolerance, strict=quant is None)
-
-    per_input = probe_seconds_per_input(stage_check, probe) if job.parity_samples == "auto" else 0.0
-    n, n_stage, sizing = size_check(job.parity_samples, opts.stage_samples, seconds["export"], per_input)
-    x, counts = parity_inputs(ckpt["preprocessing"], job.real.x, n, opts.seed)
-    progress(f"parity: every stage on {n_stage} inputs, exit decisions on {n}")
-    stage_report = stage_check(x[::max(1, n // n_stage)][:n_stage])  # rows of every kind
-    del sessions, plain_session
-    with progress.bar(n, "references (PyTorch)") as update:
-        refs = compute_references(model, x, counts, progress=update)
+    stage_report, sizing, counts, refs = _check_and_reference(job, root, stages, plain, strict=quant is None,
+                                                              probe=probe, export_seconds=seconds["export"],
+                                                              progress=progress)
     stored = refs.stored_subset()
     stored.save(root / REFERENCE_FILE)
     if opts.include_model:

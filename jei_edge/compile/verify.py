@@ -100,7 +100,8 @@ def rate_upper_bound(k: int, n: int, confidence: float = CONFIDENCE) -> float:
     return hi
 
 
-def _err(a: np.ndarray, b: np.ndarray) -> float:
+def max_abs_error(a: np.ndarray, b: np.ndarray) -> float:
+    """Max abs difference in float64 (0 for empty arrays)."""
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
 
 
@@ -131,8 +132,8 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
     m = refs.margin[np.flatnonzero(diff), first]
     ties = np.abs(m) < tol
     same = ~diff
-    probs_err = _err(probs[same], refs.probs[same])
-    full_err = _err(full_probs, refs.full_probs)
+    probs_err = max_abs_error(probs[same], refs.probs[same])
+    full_err = max_abs_error(full_probs, refs.full_probs)
     beyond = int((~ties).sum())
     k = int(diff.sum()) if rule.min_agreement is not None else beyond
     report = {

@@ -21,7 +21,7 @@ from jei_edge.data.transforms import compute_preprocessing, raw_to_model
 from jei_edge.errors import InputError
 
 # train / validation / calibration / test fractions (validation: early stopping + gate pos_weights;
-# calibration: conformal qhat only, as JEI-DNN.md asks)
+# calibration: conformal qhat only, as JEI-DNN asks)
 SPLIT_FRACTIONS = (0.55, 0.15, 0.15, 0.15)
 SPLIT_NAMES = ("train", "val", "calib", "test")
 

@@ -4,7 +4,7 @@ Counted: ``nn.Linear`` (out elements x in_features), ``nn.Conv2d`` (out elements
 kernel area) and any module with an ``extra_macs(inputs, output)`` method (e.g. attention
 matmuls). Norms, activations and softmax count 0 (the usual MAC convention). Per sample (batch 1).
 
-Definitions (DESIGN.md): cost of exit l = MACs to reach and take exit l (blocks up to l, plus
+Definitions (docs/architecture.md): cost of exit l = MACs to reach and take exit l (blocks up to l, plus
 every IM and gate evaluated on the way) / MACs of the full model with all IMs and gates; also
 reported relative to the plain backbone (stem + blocks + head).
 """

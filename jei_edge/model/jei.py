@@ -212,7 +212,8 @@ def exit_decisions(model: JEIModel, x: np.ndarray, batch: int = 256, offsets: Op
     levels, margin = exit_levels(g, offsets, return_margin=True)
     if not probs:
         return ExitDecisions(levels, g, margin)
-    return ExitDecisions(levels, g, margin, np.concatenate(at_exit), np.concatenate(final))
+    none = np.zeros((0, model.num_classes), np.float32)
+    return ExitDecisions(levels, g, margin, np.concatenate(at_exit or [none]), np.concatenate(final or [none]))
 
 
 def build_model(config: Dict) -> JEIModel:

@@ -1,7 +1,7 @@
-"""Timed passes of a loaded ``Runtime`` over a list of batches, with DESIGN.md's definitions.
+"""Timed passes of a loaded ``Runtime`` over a list of batches, with the definitions of docs/architecture.md.
 
-``Passes`` is the one implementation of the measurements; ``profile_bundle`` (``jei-edge
-profile``) and ``benchmarks/realized_speedup.py`` both use it:
+This module is the one implementation of the measurements; ``profile_bundle`` (``jei-edge
+profile``) and every script in ``benchmarks/`` use it:
 
 - **exit** / **full** pass: ``Runtime.run`` on every batch, in ``exit`` or ``full`` mode (input
   check, decisions, compaction and result objects included);
@@ -9,8 +9,18 @@ profile``) and ``benchmarks/realized_speedup.py`` both use it:
   same batch's data) back to back, without decisions or compaction: the sum of t_k(n_k) with the
   same executor, buffers and session settings;
 - **plain** pass: the plain backbone (one graph, no IMs, no gates) on the same batches, with the
-  runtime's session settings;
+  runtime's session settings (or any callable the caller gives, e.g. a plain model on the GPU);
 - **stage** time: stage k alone on m rows (standalone t_k(m)).
+
+``interleaved(passes, xs, reaches, repeats)`` is the timing protocol: per repeat, exit and ideal
+side by side in alternating order (so that a shared machine's stalls hit both alike), then full and
+plain; with several ``Passes`` (bundles compared side by side) their order alternates too.
+``median`` / ``median_ratio`` summarise repeats (ratios are taken per repeat). ``Breakdown`` times
+each step of ``Runtime.run``'s own code path through declared wrappers of the executor and
+workspace (``TimedExecutor``, ``TimedWorkspace``).
+
+Device time: every clock reading is preceded by ``Workspace.synchronize()`` (a no-op on the CPU),
+so on CUDA a pass measures the work running to completion, not its queueing.
 
 Torch-free: needs only the runtime (numpy + the bundle's backend).
 """
@@ -23,25 +33,55 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from jei_edge.errors import InputError
+from jei_edge.runtime.loop import StageExecutor, Workspace
+
+MODES = ("exit", "ideal", "full", "plain")
 
 
 def median(values) -> float:
     return float(np.median(np.asarray(values, dtype=np.float64)))
 
 
-class Passes:
-    """Timing primitives over one runtime (see the module docstring)."""
+def median_ratio(num, den) -> float:
+    """Median over repeats of the per-repeat ratio ``num[i] / den[i]``."""
+    return median(np.asarray(num, dtype=np.float64) / np.asarray(den, dtype=np.float64))
 
-    def __init__(self, rt, plain: Optional[Any] = None):
+
+def median_time(fn: Callable[[], Any], repeats: int, sync: Optional[Callable[[], None]] = None,
+                warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones; ``sync``
+    (e.g. ``ws.synchronize``) runs before each start and end of the clock (device work completes)."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return median(times)
+
+
+class Passes:
+    """Timing primitives over one runtime (see the module docstring).
+
+    Args:
+        rt: a loaded ``Runtime``.
+        plain: the plain backbone as a callable ``plain(batch)`` (None: no plain pass).
+    """
+
+    def __init__(self, rt, plain: Optional[Callable[[np.ndarray], Any]] = None):
         self.rt = rt
         self.ex = rt.executor
         self.ws = rt.workspace
         self.num_stages = rt.bundle.num_stages
-        self.plain = plain  # an onnxruntime session of the plain backbone (or None)
+        self.plain = plain
 
     @classmethod
     def for_runtime(cls, rt, batch_size: Optional[int] = None) -> "Passes":
-        """With the bundle's plain backbone on the runtime's settings (CPU runtimes only; the
+        """With the bundle's plain backbone on the runtime's settings (onnxruntime runtimes only; the
         small-batch settings when ``batch_size`` is small enough for them, as the stages do)."""
         plain = None
         entry = rt.manifest.plain
@@ -52,9 +92,15 @@ class Passes:
             small = settings.small_batch
             use = small if small is not None and batch_size is not None and batch_size <= settings.small_batch_rows \
                 else settings
-            plain = create_session(rt.bundle.file(entry.file), use, "plain backbone", built_with=rt.manifest.toolchain)
+            run = create_session(rt.bundle.file(entry.file), use, "plain backbone",
+                                 built_with=rt.manifest.toolchain).run
+            names = ["probs"]
+
+            def plain(b):
+                return run(names, {"x": b})
         return cls(rt, plain)
 
+    # -- batches and reach counts ------------------------------------------------------------
     @staticmethod
     def batches(x: np.ndarray, batch_size: int, samples: Optional[int] = None) -> List[np.ndarray]:
         """Whole batches of ``batch_size`` rows from the first ``samples`` rows of ``x`` (contiguous copies)."""
@@ -69,63 +115,225 @@ class Passes:
         """The reach counts n_k of every batch (one untimed exit pass)."""
         return [self.rt.run(b, offsets=offsets).reach for b in xs]
 
+    def boundaries(self, reaches: Sequence[Sequence[int]]) -> int:
+        """Boundaries crossed by the batches (a batch that reached the last stage crossed one fewer)."""
+        return int(sum(len(r) - (1 if len(r) == self.num_stages else 0) for r in reaches))
+
+    def reach_total(self, reaches: Sequence[Sequence[int]]) -> List[int]:
+        """Rows that entered each stage, summed over the batches."""
+        total = np.zeros(self.num_stages, dtype=np.int64)
+        for r in reaches:
+            total[:len(r)] += r
+        return [int(v) for v in total]
+
+    # -- passes ------------------------------------------------------------------------------
+    def _clock(self) -> float:
+        self.ws.synchronize()  # queued device work is counted where it runs (no-op on the CPU)
+        return time.perf_counter()
+
     def prime(self, batch: np.ndarray) -> None:
         """Fill every stage's buffers with valid rows (a full pass over ``batch``) for standalone stage runs."""
-        ws, ex = self.ws, self.ex
-        n = ws.begin(batch)
-        for k in range(self.num_stages):
-            ex.execute(k, n, ws)
-            if k < self.num_stages - 1:
-                ws.exit_and_compact(k, n, 0.0, False)
+        self.rt.run(batch, mode="full")
 
     def exit_pass(self, xs, offsets=None, per_call: Optional[list] = None) -> float:
         run = self.rt.run
         if per_call is None:
-            t = time.perf_counter()
+            t = self._clock()
             for b in xs:
                 run(b, offsets=offsets)
-            return time.perf_counter() - t
+            return self._clock() - t
         total = 0.0
         for b in xs:
-            t = time.perf_counter()
+            t = self._clock()
             run(b, offsets=offsets)
-            dt = time.perf_counter() - t
+            dt = self._clock() - t
             per_call.append(dt)
             total += dt
         return total
 
     def full_pass(self, xs) -> float:
         run = self.rt.run
-        t = time.perf_counter()
+        t = self._clock()
         for b in xs:
             run(b, mode="full")
-        return time.perf_counter() - t
+        return self._clock() - t
 
     def ideal_pass(self, xs, reaches) -> float:
         # begin() only points stage 0 at the batch (and resets S); every later stage reads the
         # rows the previous stage left in its buffer
         ws, ex = self.ws, self.ex
-        t = time.perf_counter()
+        t = self._clock()
         for b, r in zip(xs, reaches):
             ws.begin(b)
             for k, m in enumerate(r):
                 ex.execute(k, m, ws)
-        return time.perf_counter() - t
+        return self._clock() - t
 
     def plain_pass(self, xs) -> float:
         if self.plain is None:
-            raise RuntimeError("no plain-backbone session")
-        run = self.plain.run
-        t = time.perf_counter()
+            raise RuntimeError("no plain backbone")
+        run = self.plain
+        t = self._clock()
         for b in xs:
-            run(["probs"], {"x": b})
-        return time.perf_counter() - t
+            run(b)
+        return self._clock() - t
 
     def stage_time(self, k: int, m: int) -> float:
         """One standalone run of stage ``k`` on ``m`` rows of its (primed) input buffer."""
-        t = time.perf_counter()
+        t = self._clock()
         self.ex.execute(k, m, self.ws)
-        return time.perf_counter() - t
+        return self._clock() - t
+
+    def warm_up(self, xs, offsets=None, times: int = 1) -> None:
+        for _ in range(times):
+            self.exit_pass(xs, offsets)
+            self.full_pass(xs)
+            if self.plain is not None:
+                self.plain_pass(xs)
+
+    def repeat(self, i: int, xs, reaches, offsets=None, per_call: Optional[list] = None) -> Dict[str, float]:
+        """Repeat ``i`` of the protocol: exit and ideal side by side (ideal first on even ``i``),
+        then full, then plain (when there is one). Seconds per pass."""
+        t: Dict[str, float] = {}
+        self.prime(xs[0])
+        if i % 2 == 0:
+            t["ideal"] = self.ideal_pass(xs, reaches)
+            t["exit"] = self.exit_pass(xs, offsets, per_call)
+        else:
+            t["exit"] = self.exit_pass(xs, offsets, per_call)
+            self.prime(xs[0])
+            t["ideal"] = self.ideal_pass(xs, reaches)
+        t["full"] = self.full_pass(xs)
+        if self.plain is not None:
+            t["plain"] = self.plain_pass(xs)
+        return t
+
+
+def interleaved(passes: Sequence[Passes], xs: Sequence[np.ndarray], reaches: Sequence, repeats: int,
+                offsets=None, *, warmup: int = 1, per_call: bool = False,
+                each_repeat: Optional[Callable[[int], None]] = None) -> List[Dict[str, List[float]]]:
+    """The timing protocol (see the module docstring) on the same batches ``xs``.
+
+    Args:
+        passes: one ``Passes`` per runtime (several: compared side by side, their order
+            alternating between repeats).
+        reaches: per ``Passes``, the reach counts of every batch (``Passes.reaches``).
+        repeats: interleaved repeats; ``warmup``: untimed exit/full/plain passes before them.
+        offsets: per-gate threshold offsets of the exit passes.
+        per_call: also record every exit-mode ``Runtime.run`` call (``"calls"``).
+        each_repeat: called with ``i`` after every repeat (more measurements interleaved with these).
+
+    Returns:
+        Per ``Passes``: ``{"exit", "ideal", "full", "plain"[, "calls"]: seconds per repeat}``
+        (``plain`` empty without a plain backbone).
+    """
+    if repeats < 1:
+        raise InputError(f"repeats must be >= 1, got {repeats}")
+    for p in passes:
+        p.warm_up(xs, offsets, warmup)
+    out = [{m: [] for m in MODES + (("calls",) if per_call else ())} for _ in passes]
+    order = list(range(len(passes)))
+    for i in range(repeats):
+        for j in (order if i % 2 == 0 else order[::-1]):
+            t = passes[j].repeat(i, xs, reaches[j], offsets, out[j]["calls"] if per_call else None)
+            for m, v in t.items():
+                out[j][m].append(v)
+        if each_repeat is not None:
+            each_repeat(i)
+    return out
+
+
+# -- per-step breakdown of Runtime.run ------------------------------------------------------------
+class TimedWorkspace(Workspace):
+    """A view of a workspace that times its loop side (``begin``, ``exit_and_compact`` as
+    ``boundary``, ``finish``, ``collect``) into ``times[name]`` (seconds per call; completion on
+    the device included). The executor side passes through; closing the view closes nothing."""
+
+    def __init__(self, inner: Workspace, times: Dict[str, List[float]]):
+        self.inner, self.times = inner, times
+        self.capabilities = inner.capabilities
+        self.input_guard = inner.input_guard
+        self.stream = inner.stream
+        self._sync = inner.synchronize if inner.stream is not None else None
+
+    def _timed(self, name: str, fn, *args):
+        t = time.perf_counter()
+        r = fn(*args)
+        if self._sync is not None:
+            self._sync()
+        self.times.setdefault(name, []).append(time.perf_counter() - t)
+        return r
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    def stage_input(self, k: int):
+        return self.inner.stage_input(k)
+
+    def stage_outputs(self, k: int):
+        return self.inner.stage_outputs(k)
+
+    def bind_outputs(self, k: int, **addresses) -> None:
+        self.inner.bind_outputs(k, **addresses)
+
+    def synchronize(self) -> None:
+        self.inner.synchronize()
+
+    def begin(self, x) -> int:
+        return self._timed("begin", self.inner.begin, x)
+
+    def exit_and_compact(self, k: int, n: int, delta, early_exit: bool) -> int:
+        return self._timed("boundary", self.inner.exit_and_compact, k, n, delta, early_exit)
+
+    def finish(self, k: int, n: int, delta=0.0, early_exit: bool = True) -> None:
+        self._timed("finish", self.inner.finish, k, n, delta, early_exit)
+
+    def collect(self, reach):
+        return self._timed("collect", self.inner.collect, reach)
+
+
+class TimedExecutor(StageExecutor):
+    """A view of an executor that times every stage run into ``times["stage_K"]`` (seconds per
+    call, completion on the device included). It runs the wrapped executor on the wrapped
+    workspace of a ``TimedWorkspace``, so the executor's per-workspace state is the runtime's own."""
+
+    def __init__(self, inner: StageExecutor, times: Dict[str, List[float]]):
+        self.inner, self.times = inner, times
+        self.num_stages = inner.num_stages
+        self.capabilities = inner.capabilities
+        self._names = [f"stage_{k}" for k in range(inner.num_stages)]
+
+    def execute(self, k: int, n: int, ws) -> None:
+        inner_ws = ws.inner if isinstance(ws, TimedWorkspace) else ws
+        t = time.perf_counter()
+        self.inner.execute(k, n, inner_ws)
+        if inner_ws.stream is not None:
+            inner_ws.synchronize()
+        self.times.setdefault(self._names[k], []).append(time.perf_counter() - t)
+
+
+class Breakdown:
+    """``Runtime.run`` of ``rt`` with every step timed: the runtime's own code path (input check,
+    offsets, the conditional loop) on ``TimedExecutor`` / ``TimedWorkspace`` views of its executor
+    and workspace. ``times``: ``begin``, ``stage_K``, ``boundary``, ``finish``, ``collect`` ->
+    seconds per call. Closing nothing: the runtime stays ``rt``'s to close."""
+
+    def __init__(self, rt):
+        from jei_edge.runtime.runtime import Runtime
+
+        self.times: Dict[str, List[float]] = {}
+        self.runtime = Runtime(rt.bundle, TimedExecutor(rt.executor, self.times),
+                               TimedWorkspace(rt.workspace, self.times), rt.max_batch, rt.device, rt.backend,
+                               rt.settings)
+
+    def run(self, x, mode: str = "exit", offsets=None):
+        return self.runtime.run(x, mode, offsets)
+
+    def mean(self, name: str) -> float:
+        """Mean seconds per call of step ``name`` (0 when it never ran)."""
+        v = self.times.get(name, [])
+        return float(np.mean(v)) if v else 0.0
 
 
 def _percentiles(seconds: Sequence[float]) -> Dict[str, float]:
@@ -140,11 +348,11 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
     """Profile a loaded runtime on model inputs ``x`` (``[N, C, H, W]``, preprocessed).
 
     For each batch size: exit / full / plain / ideal time per sample (medians over ``repeats``
-    interleaved repeats; exit and ideal side by side in alternating order), realized speedup,
-    speedup vs the plain backbone and realized/ideal efficiency (medians of per-repeat ratios),
-    throughput, per-call latency percentiles of the exit pass, the standalone latency of every
-    stage on a full batch, reach counts and the per-boundary overhead. Independent of the batch
-    size: the exit histogram and the theoretical speedup from the bundle's MAC costs.
+    repeats of ``interleaved``), realized speedup, speedup vs the plain backbone and
+    realized/ideal efficiency (medians of per-repeat ratios), throughput, per-call latency
+    percentiles of the exit pass, the standalone latency of every stage on a full batch, reach
+    counts and the per-boundary overhead. Independent of the batch size: the exit histogram and
+    the theoretical speedup from the bundle's MAC costs.
     """
     say = progress or (lambda msg: None)
     if repeats < 1:
@@ -166,7 +374,7 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
     out: Dict[str, Any] = {
         "bundle": str(rt.bundle.path), "device": rt.device, "stages": rt.bundle.num_stages,
         "samples": int(n_all), "repeats": int(repeats), "offsets": list(offsets) if offsets else None,
-        "settings": _settings(rt),
+        "settings": settings_record(rt),
         "exits": {"histogram": hist, "fraction": [h / n_all for h in hist], "cost": cost.tolist(),
                   "cost_vs_plain": cost_plain.tolist(), "mean_cost": mean_cost,
                   "mean_cost_vs_plain": mean_cost_plain,
@@ -185,25 +393,8 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
         p = Passes.for_runtime(rt, bsz)
         xs = p.batches(x, bsz, n_all)
         reaches = p.reaches(xs, offsets)
-        boundaries = sum(len(r) - (1 if len(r) == p.num_stages else 0) for r in reaches)
-        for _ in range(2 if bsz == 1 else 1):  # warm-up
-            p.exit_pass(xs, offsets), p.full_pass(xs)
-            if p.plain is not None:
-                p.plain_pass(xs)
-        t = {"exit": [], "full": [], "ideal": [], "plain": []}
-        calls: List[float] = []
-        for i in range(repeats):
-            p.prime(xs[0])
-            if i % 2 == 0:
-                t["ideal"].append(p.ideal_pass(xs, reaches))
-                t["exit"].append(p.exit_pass(xs, offsets, per_call=calls))
-            else:
-                t["exit"].append(p.exit_pass(xs, offsets, per_call=calls))
-                p.prime(xs[0])
-                t["ideal"].append(p.ideal_pass(xs, reaches))
-            t["full"].append(p.full_pass(xs))
-            if p.plain is not None:
-                t["plain"].append(p.plain_pass(xs))
+        boundaries = p.boundaries(reaches)
+        t = interleaved([p], xs, [reaches], repeats, offsets, warmup=2 if bsz == 1 else 1, per_call=True)[0]
         # standalone latency of every stage on a full batch (buffers primed with valid rows)
         p.prime(xs[0])
         stage_ms = []
@@ -211,32 +402,28 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
             ts = [p.stage_time(k, bsz) for _ in range(max(5, repeats) * (5 if bsz <= 8 else 1))]
             stage_ms.append(1e3 * median(ts))
         rows = len(xs) * bsz
-
-        def ratio(a, b):
-            return median(np.asarray(t[a]) / np.asarray(t[b]))
-
         te, tf, ti = median(t["exit"]), median(t["full"]), median(t["ideal"])
-        reach_total = np.sum([r + [0] * (p.num_stages - len(r)) for r in reaches], axis=0)
         entry = {
-            "batches": len(xs), "samples": rows, "boundaries": int(boundaries),
-            "reach_total": [int(v) for v in reach_total],
+            "batches": len(xs), "samples": rows, "boundaries": boundaries,
+            "reach_total": p.reach_total(reaches),
             "exit_ms_per_sample": 1e3 * te / rows, "full_ms_per_sample": 1e3 * tf / rows,
             "ideal_ms_per_sample": 1e3 * ti / rows,
             "throughput_exit": rows / te, "throughput_full": rows / tf,
-            "realized_speedup": ratio("full", "exit"), "efficiency": ratio("ideal", "exit"),
+            "realized_speedup": median_ratio(t["full"], t["exit"]), "efficiency": median_ratio(t["ideal"], t["exit"]),
             "overhead_us_per_boundary": 1e6 * (te - ti) / max(boundaries, 1),
-            "latency_ms_per_call": _percentiles(calls),
+            "latency_ms_per_call": _percentiles(t["calls"]),
             "stage_ms": stage_ms,  # stage k alone on bsz rows
         }
         if t["plain"]:
             tp = median(t["plain"])
             entry.update({"plain_ms_per_sample": 1e3 * tp / rows, "throughput_plain": rows / tp,
-                          "speedup_vs_plain": ratio("plain", "exit")})
+                          "speedup_vs_plain": median_ratio(t["plain"], t["exit"])})
         out["batches"][str(bsz)] = entry
     return out
 
 
-def _settings(rt) -> Dict[str, Any]:
+def settings_record(rt) -> Dict[str, Any]:
+    """The runtime's backend and settings as a JSON-ready dict (empty without settings)."""
     import dataclasses
 
     return {"backend": rt.backend, **dataclasses.asdict(rt.settings)} if rt.settings is not None else {}

@@ -1,6 +1,6 @@
 """Training settings: one frozen dataclass, defaults in one place.
 
-JEI-DNN reference defaults (../shared/JEI-DNN.md) are used where it names one: IM warm-up with
+JEI-DNN reference defaults (the paper's; docs/training.md lists them and where we depart) are used where it names one: IM warm-up with
 patience 2 and at most 6 epochs; bi-level phase with SGD lr 0.01, momentum 0.9, weight decay 5e-4,
 cosine to 2e-4, batch 64, lambda 0.7, pos_weight cap 5, plain mean-CE classifier loss. The
 reference fine-tunes an ImageNet-pretrained backbone; here the backbone trains from scratch

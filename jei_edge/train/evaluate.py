@@ -42,7 +42,7 @@ def evaluate_checkpoint(ckpt: Dict, data: DataSplits, budgets: Sequence[float] =
         data: splits normalised with the checkpoint's preprocessing.
         budgets: geometric budgets ``q`` swept for the baseline curve.
         offsets: per-gate threshold offsets for the JEI rule (default: the trained model; the qhat
-            table is then recomputed on the calibration split, as JEI-DNN.md requires).
+            table is then recomputed on the calibration split, as JEI-DNN requires).
 
     Returns:
         ``{"jei": summary, "baseline": {"curve": [...], "at_jei_cost": {...}}, "per_exit_accuracy": [...]}``.

@@ -1,5 +1,5 @@
 """Metrics and calibration of JEI-DNN outputs (numpy only): oracle exits, gate pos_weights,
-accuracy/cost, ECE and split-conformal sets (../shared/JEI-DNN.md, "Training" and "Uncertainty").
+accuracy/cost, ECE and split-conformal sets (docs/training.md, "Training" and "Evaluation").
 """
 
 from __future__ import annotations

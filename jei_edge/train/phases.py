@@ -1,4 +1,4 @@
-"""The three JEI-DNN training phases (../shared/JEI-DNN.md, "Training").
+"""The three JEI-DNN training phases (docs/training.md, "Training").
 
 1. ``train_backbone``: the plain backbone (stem, blocks, head) with CE on its head; best
    validation-accuracy weights are kept. It is frozen afterwards.

@@ -5,13 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from jei_edge.compile import BuildOptions, build_bundle
+from jei_edge.compile import BuildOptions, build_bundle, verify_bundle
 from jei_edge.compile.quantize import MIN_ROWS, Recipe, load_recipe, quantize_graph, stage_inputs
 from jei_edge.errors import BuildError, InputError
 from jei_edge.runtime import Runtime
 from tests.runtime.helpers import model_inputs, save_spread
 
 DATA = "synthetic:size=8,n=600,classes=5"
+# exit-decision agreement of these untrained spread models' INT8 bundles with FP32 (measured: ViT
+# 0.593, ResNet 0.943; the ViT's gates sit close to their thresholds by construction)
+AGREEMENT_FLOOR = {"vit": 0.5, "resnet": 0.85}
 
 
 @pytest.fixture(scope="module", params=["vit", "resnet"])
@@ -44,8 +47,12 @@ def test_int8_bundle_is_quantized_in_the_backbone_only(int8_bundle):
             if n.name.startswith(("/outs.", "/gates.", "/head", "/Flatten", "/ReduceSum")):
                 assert not set(n.input) & dq_out, (st["file"], n.name)
     d = report["decisions"]
-    assert "min_agreement" in d and 0.0 <= d["agreement"] <= 1.0
+    assert d["min_agreement"] == manifest["quantization"]["min_agreement"] == 0.0  # the floor verify applies
+    assert d["agreement"] == pytest.approx(1 - d["disagreements"] / d["samples"]) and d["rate_bound"]["k"] == d["disagreements"]
+    assert d["agreement"] >= AGREEMENT_FLOOR[fam], d
     assert "int8" in (out / "report.txt").read_text()
+    again = verify_bundle(out)["decisions"]  # the stored references reproduce the build's check
+    assert again["agreement"] == d["agreement"] and again["min_agreement"] == 0.0
 
 
 def test_int8_runtime_runs_and_keeps_the_input_guard(int8_bundle):

@@ -1,4 +1,4 @@
-"""MAC counting from real modules and the cost normalisations of DESIGN.md."""
+"""MAC counting from real modules and the cost normalisations of docs/architecture.md."""
 
 import pytest
 import torch

@@ -14,7 +14,7 @@ VECTORS = Path(__file__).parent / "vectors" / "jei_reference_gate_exit.npz"
 
 
 def product_form_levels(g):
-    """Independent implementation of the reference code's rule (JEI-DNN.md, "product form"):
+    """Independent implementation of the reference code's rule (the JEI-DNN paper's code, "product form"):
     p_exit_l = max(0, min(g_l, 1 - sum_{j<l} g_j)); c_l = p_exit_l / prod_{j<l}(1 - c_j) clipped
     to [0, 1]; exit at the first l with c_l >= 0.5. Scalar Python on purpose."""
     g = np.asarray(g, dtype=np.float64)

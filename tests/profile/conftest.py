@@ -1,8 +1,6 @@
 import pytest
 
-from tests.runtime.helpers import build_spread_bundle
-
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    return build_spread_bundle(tmp_path_factory.mktemp("profile"), "vit")
+def bundle(vit_bundle):
+    return vit_bundle

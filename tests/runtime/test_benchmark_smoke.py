@@ -1,7 +1,7 @@
 """The realized-speedup benchmark's measurement keeps working (a tiny bundle, one repeat).
 
 Numbers are not asserted against goals here (that is what the benchmark is for); the test checks
-that the torch-free measurement child runs and reports every figure DESIGN.md defines, with
+that the torch-free measurement child runs and reports every figure docs/architecture.md defines, with
 internally consistent values.
 """
 

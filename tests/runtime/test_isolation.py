@@ -29,6 +29,9 @@ def _run(code: str, *args):
 
 def test_import_runtime_without_torch_or_onnx():
     proc = _run("import jei_edge.runtime, jei_edge.runtime.cli, jei_edge.runtime.inspect, jei_edge.runtime.inputs\n"
+                "import jei_edge.bundle, jei_edge.backends, jei_edge.backends.onnxruntime, jei_edge.backends.onnxruntime.executor\n"
+                "import jei_edge.backends.torch_cuda, jei_edge.backends.torch_cuda.executor, jei_edge.runtime.cuda.backend\n"
+                "import jei_edge.backends.tensorrt.builder, jei_edge.backends.tensorrt.toolchain\n"
                 "import jei_edge.profile, jei_edge.profile.report\n"
                 "bad = [m for m in sys.modules if m.split('.')[0] in Blocker.BLOCKED]\n"
                 "assert not bad, bad\nprint('ok')")
@@ -54,7 +57,7 @@ def test_runtime_is_python_310_compatible():
     if not vermin.exists() and shutil.which("vermin") is None:
         pytest.skip("vermin is not installed (pip install vermin)")
     exe = str(vermin) if vermin.exists() else "vermin"
-    proc = subprocess.run([exe, "-t=3.10-", "--no-tips", "--violations", "jei_edge/runtime", "jei_edge/profile"],
-                          capture_output=True,
-                          text=True, cwd=ROOT)
+    proc = subprocess.run([exe, "-t=3.10-", "--no-tips", "--violations", "jei_edge/runtime", "jei_edge/profile",
+                           "jei_edge/bundle", "jei_edge/backends", "jei_edge/_data.py", "jei_edge/_deps.py"],
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr

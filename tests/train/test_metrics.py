@@ -58,7 +58,7 @@ def test_ece_by_hand_and_merged_bins():
 
 
 def test_conformal_quantile_is_the_higher_quantile_at_the_corrected_level():
-    """JEI-DNN.md: the min(1, ceil((n+1)(1-alpha))/n) quantile with numpy's 'higher' method, i.e. the
+    """JEI-DNN: the min(1, ceil((n+1)(1-alpha))/n) quantile with numpy's 'higher' method, i.e. the
     sorted score at index ceil(level * (n - 1)) (at least the usual finite-sample order statistic)."""
     rng = np.random.default_rng(1)
     s = rng.random(50)

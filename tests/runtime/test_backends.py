@@ -1,0 +1,104 @@
+"""Backend choice (the device follows the bundle), the registry, settings and Runtime's lifetime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jei_edge import backends
+from jei_edge.bundle import MANIFEST, Bundle
+from jei_edge.errors import BundleError, InputError, JeiEdgeError
+from jei_edge.runtime import Capability, Runtime
+from tests.runtime.helpers import model_inputs, rehash
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _with_target(src: Path, dst: Path, **target) -> Path:
+    """A copy of bundle ``src`` whose manifest names another target (re-hashed)."""
+    shutil.copytree(src, dst)
+    m = json.loads((dst / MANIFEST).read_text())
+    m["target"].update(target)
+    (dst / MANIFEST).write_text(json.dumps(m))
+    rehash(dst)
+    return dst
+
+
+def test_the_bundle_target_picks_the_backend(vit_bundle):
+    with Runtime.load(vit_bundle) as rt:
+        assert rt.backend == "onnxruntime" and rt.device == "cpu" and rt.settings.allow_spinning is False
+        assert Capability.MERGED_STAGES in rt.executor.capabilities and rt.workspace.capacity == rt.max_batch
+        rt.run(model_inputs(3))
+    with pytest.raises(JeiEdgeError, match="closed"):
+        rt.run(model_inputs(3))
+    rt.close()  # idempotent
+
+
+def test_choice_rules(vit_bundle):
+    m = Bundle.open(vit_bundle).manifest
+    assert backends.choose(m) == "onnxruntime"
+    assert backends.choose(m, device="cpu") == "onnxruntime"
+    assert backends.choose(m, device="cuda") == "torch-cuda"  # the stage graphs' model.pt on the GPU
+    assert backends.choose(m, backend="torch-cuda") == "torch-cuda"
+    with pytest.raises(InputError, match="runs on cuda, not on cpu"):
+        backends.choose(m, device="cpu", backend="torch-cuda")
+    with pytest.raises(InputError, match="unknown backend 'nope'"):
+        backends.choose(m, backend="nope")
+    with pytest.raises(InputError, match="device must be one of"):
+        backends.choose(m, device="tpu")
+
+
+def test_a_bundle_for_an_engine_target_says_how_to_run_it(vit_bundle, tmp_path):
+    b = _with_target(vit_bundle, tmp_path / "rtx.jei", name="rtx-ada", backend="tensorrt_rtx", device="cuda")
+    with pytest.raises(BundleError, match="TensorRT-RTX engines are not executed.*--device cpu"):
+        Runtime.load(b)
+    x = model_inputs(20, seed=3)
+    with Runtime.load(b, device="cpu") as rt, Runtime.load(vit_bundle) as ref:  # its stage graphs on the CPU
+        np.testing.assert_array_equal(rt.run(x).exit_index, ref.run(x).exit_index)
+    weird = _with_target(vit_bundle, tmp_path / "weird.jei", backend="fpga")
+    with pytest.raises(BundleError, match="names backend 'fpga'.*--device cpu"):
+        Runtime.load(weird)
+
+
+def test_target_settings_are_validated_at_load(vit_bundle, tmp_path):
+    b = _with_target(vit_bundle, tmp_path / "bad.jei", backend_options={"intra_op_thread": 2})
+    with pytest.raises(InputError, match=r"unknown onnxruntime option\(s\) \['intra_op_thread'\]"):
+        Runtime.load(b)
+    with Runtime.load(vit_bundle, intra_op_threads=1) as rt:  # keywords override the target's table
+        assert rt.settings.intra_op_threads == 1 and rt.settings.io_binding is True
+
+
+def test_registry_imports_backends_lazily():
+    code = ("import sys, jei_edge.backends as b; assert b.device_of('torch-cuda') == 'cuda'; "
+            "bad = [m for m in ('onnxruntime', 'torch', 'jei_edge.backends.onnxruntime') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _has_driver() -> bool:
+    try:
+        from cuda.bindings import driver as cu
+
+        return cu.cuInit(0)[0] == cu.CUresult.CUDA_SUCCESS
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(_has_driver(), reason="a CUDA driver is present")
+@pytest.mark.parametrize("entry", ["jei-edge", "jei-edge-run"])
+def test_device_cuda_without_a_driver_is_one_line(vit_bundle, tmp_path, entry):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))
+    args = (["run"] if entry == "jei-edge" else []) + [str(vit_bundle), str(tmp_path / "x.npy"), "--device", "cuda"]
+    exe = Path(sys.executable).parent / entry
+    r = subprocess.run([str(exe)] + args, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.startswith("error: ")
+    assert "no CUDA driver" in r.stderr or "could not be imported" in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) <= 2  # the error and its hint
