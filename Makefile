@@ -21,10 +21,11 @@ test: setup            ## fast test suite (what CI runs)
 test-all: setup        ## include slow tests
 	$(PY) -m pytest -m "not gpu or gpu"
 
-demo: setup            ## train a small JEI-DNN on digits, evaluate, build the CPU bundle, inspect, run and profile it
+demo: setup            ## train a small JEI-DNN on digits, evaluate, build the CPU bundle, verify, inspect, run and profile it
 	$(JEI) train --data digits --lambda 0.1 -o $(DEMO)/model.pt
 	$(JEI) eval $(DEMO)/model.pt --data digits
 	$(JEI) build $(DEMO)/model.pt --target cpu -o $(DEMO)/model.jei --force
+	$(JEI) verify $(DEMO)/model.jei
 	$(JEI) inspect $(DEMO)/model.jei
 	$(PY) -c "from jei_edge.data import load_data; import numpy as np; d = load_data('digits'); np.savez('$(DEMO)/test.npz', x=d.raw_test, y=d.test.y)"
 	$(JEI) run $(DEMO)/model.jei $(DEMO)/test.npz --show 8

@@ -268,8 +268,16 @@ def machine() -> dict:
         pass
     import onnxruntime
 
+    try:  # the code measured: the commit, and whether the working tree differed from it
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                                timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "jei_edge", "benchmarks"],
+                                    capture_output=True, text=True, cwd=ROOT, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "host": platform.node()}
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "host": platform.node(),
+            "commit": commit + ("+changes" if dirty else "")}
 
 
 def _batch_rows(section: dict):

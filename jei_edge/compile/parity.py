@@ -28,7 +28,8 @@ HIDDEN_RTOL = 1e-4  # hidden_out: max abs error <= HIDDEN_RTOL * max(1, max |hid
 AUTO_FACTOR = 3.0  # auto: checking may cost this multiple of the export ...
 AUTO_MIN = 1_000  # ... but check at least this many inputs ...
 AUTO_MIN_SECONDS = 120.0  # ... when they take at most this long
-AUTO_MAX = 10_000  # the full check
+AUTO_MAX = 10_000  # the full check ...
+AUTO_FULL_SECONDS = 15.0  # ... which auto runs whenever it is expected to take at most this long
 AUTO_FLOOR = 100  # never fewer than this
 PROBE_ROWS = 48  # inputs the auto probe times
 
@@ -130,6 +131,8 @@ def size_check(parity_samples: Union[int, str], stage_samples: int, export_secon
     budget = AUTO_FACTOR * export_seconds
     # the per-stage check adds up to a fifth of the decision inputs: both fit the budget
     n = max(budget / (1.2 * per), min(AUTO_MIN, AUTO_MIN_SECONDS / per))
+    if 1.2 * AUTO_MAX * per <= AUTO_FULL_SECONDS:  # a small model: the full check is cheap anyway
+        n = AUTO_MAX
     n = int(min(max(n, AUTO_FLOOR), AUTO_MAX))
     n_stage = min(stage_samples, max(PROBE_ROWS, n // 5))
     return n, n_stage, {"mode": "auto", "samples": n, "export_seconds": round(export_seconds, 3),

@@ -210,6 +210,12 @@ def test_auto_sizing_is_proportionate():
     n, n_stage, rep = size_check("auto", 512, export_seconds=60.0, seconds_per_input=1.0)
     assert (n, n_stage) == (150, 48) and rep["budget_seconds"] == 180
     assert size_check(300, 512) == (300, 300, {"mode": "explicit", "samples": 300})
+    # the quickstart model: checking costs ~1 ms an input and its export ~1 s: 3 x export would give
+    # ~2,500, but the full 10,000 takes ~12 s, cheap enough to always run
+    n, _, _ = size_check("auto", 512, export_seconds=1.0, seconds_per_input=1e-3)
+    assert n == AUTO_MAX
+    n, _, _ = size_check("auto", 512, export_seconds=1.0, seconds_per_input=2e-3)  # 24 s for 10,000: sized
+    assert AUTO_MIN <= n < AUTO_MAX
 
 
 def test_progress_bars_only_when_asked(capsys):
