@@ -20,18 +20,11 @@ from jei_edge.runtime.cuda.pipeline import CudaPipeline
 from jei_edge.runtime.cuda.workspace import CudaWorkspace
 from jei_edge.runtime.loop import run_conditional
 
+from tests.runtime.helpers import has_cuda_driver
+
 from .conftest import FakeDriver, MockExecutor, fake_kernel, own_outputs, specs_for, stage
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _has_driver() -> bool:
-    try:
-        from cuda.bindings import driver as cu
-
-        return cu.cuInit(0)[0] == cu.CUresult.CUDA_SUCCESS
-    except Exception:
-        return False
 
 
 def test_importing_the_cuda_packages_is_light():
@@ -44,7 +37,7 @@ def test_importing_the_cuda_packages_is_light():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.skipif(_has_driver(), reason="a CUDA driver is present")
+@pytest.mark.skipif(has_cuda_driver(), reason="a CUDA driver is present")
 def test_no_driver_is_a_clear_error():
     from jei_edge.runtime.cuda.driver import CudaDriver, CudaUnavailableError
 
@@ -53,7 +46,7 @@ def test_no_driver_is_a_clear_error():
     assert isinstance(info.value, JeiEdgeError) and "--device cpu" in str(info.value)
 
 
-@pytest.mark.skipif(_has_driver(), reason="a CUDA driver is present")
+@pytest.mark.skipif(has_cuda_driver(), reason="a CUDA driver is present")
 def test_torch_cuda_backend_without_driver_fails_before_loading_torch():
     """With torch blocked, creating the torch-cuda backend still fails with the driver error: the
     driver is checked before model.pt (and torch) is touched."""

@@ -100,3 +100,13 @@ def rehash(bundle: Path, exclude=frozenset()) -> None:
             files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     m["files"] = files
     (bundle / MANIFEST).write_text(json.dumps(m))
+
+
+def has_cuda_driver() -> bool:
+    """True when a CUDA driver initialises here (tests of the "no driver" errors skip then)."""
+    try:
+        from cuda.bindings import driver as cu
+
+        return cu.cuInit(0)[0] == cu.CUresult.CUDA_SUCCESS
+    except Exception:
+        return False

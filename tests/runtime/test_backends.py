@@ -15,7 +15,7 @@ from jei_edge import backends
 from jei_edge.bundle import MANIFEST, Bundle
 from jei_edge.errors import BundleError, InputError, JeiEdgeError
 from jei_edge.runtime import Capability, Runtime
-from tests.runtime.helpers import model_inputs, rehash
+from tests.runtime.helpers import has_cuda_driver, model_inputs, rehash
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,16 +82,7 @@ def test_registry_imports_backends_lazily():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def _has_driver() -> bool:
-    try:
-        from cuda.bindings import driver as cu
-
-        return cu.cuInit(0)[0] == cu.CUresult.CUDA_SUCCESS
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(_has_driver(), reason="a CUDA driver is present")
+@pytest.mark.skipif(has_cuda_driver(), reason="a CUDA driver is present")
 @pytest.mark.parametrize("entry", ["jei-edge", "jei-edge-run"])
 def test_device_cuda_without_a_driver_is_one_line(vit_bundle, tmp_path, entry):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))

@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple
 
 from jei_edge._io import atomic_write_bytes
 from jei_edge.backends.tensorrt.toolchain import logger, version
+from jei_edge.bundle import sha256_file
 from jei_edge.errors import BuildError
 
 RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
@@ -64,14 +65,6 @@ class BuiltEngine:
     seconds: float
     cached: bool
     layers: Dict[str, int] = field(default_factory=dict)  # network layers by output type (before fusion)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_key(graph_sha256: str, target: str, toolchain: str, req: EngineRequest) -> str:
@@ -133,7 +126,7 @@ def build_engine(trt, req: EngineRequest, target: str, cache: Optional[EngineCac
     """
     t0 = time.perf_counter()
     tc = version(trt)
-    key = cache_key(_sha256(req.graph), target, tc, req)
+    key = cache_key(sha256_file(req.graph), target, tc, req)
     if cache is not None:
         data = cache.get(key)
         if data is not None:
