@@ -297,4 +297,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jei_edge.errors import JeiEdgeError
+
+    try:
+        sys.exit(main())
+    except JeiEdgeError as exc:  # no GPU, no driver, a bad bundle: one line, not a traceback
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
