@@ -99,6 +99,19 @@ def test_argument_struct_layout_matches_the_kernel_source():
     assert int(re.search(r"#define JEI_BLOCK (\d+)", src).group(1)) == BLOCK
 
 
+def test_the_compiled_kernel_moves_hidden_rows_as_bytes():
+    """FP16 (or any element size) hidden states need no kernel variant: the compiled kernel's hidden
+    pointers are bytes and a row is ``row_bytes`` long, copied 16, 4 or 1 bytes at a time by
+    alignment; only the gate and the probabilities are typed (float32). The fake driver's
+    emulation copies the same bytes (tests/cuda/test_workspace.py runs FP16 rows through it)."""
+    src = nvrtc.kernel_source()
+    struct = re.search(r"struct ExitArgs \{(.*?)\};", src, re.S).group(1)
+    assert re.search(r"const unsigned char\* hidden_in;", struct) and re.search(r"unsigned char\* hidden_out;", struct)
+    assert re.search(r"const float\* gate;", struct) and re.search(r"const float\* probs;", struct)
+    copy = re.search(r"jei_copy_row\((.*?)\n\}", src, re.S).group(1)
+    assert "uint4" in copy and "unsigned int" in copy and "dst[j] = src[j]" in copy  # 16 B / 4 B / byte paths
+
+
 def _nvcc_archs():
     nvcc = shutil.which("nvcc")
     if nvcc is None:
