@@ -19,6 +19,8 @@ from typing import Dict, Optional
 from jei_edge.errors import BundleError, InputError
 
 DEVICES = ("cpu", "cuda")
+# the device each backend runs on, runnable here or not (the one table of it)
+BACKEND_DEVICE: Dict[str, str] = {"onnxruntime": "cpu", "torch-cuda": "cuda", "tensorrt": "cuda", "tensorrt_rtx": "cuda"}
 REGISTRY: Dict[str, str] = {
     "onnxruntime": "jei_edge.backends.onnxruntime",
     "torch-cuda": "jei_edge.backends.torch_cuda",
@@ -43,8 +45,8 @@ def get_backend(name: str):
 
 
 def device_of(name: str) -> Optional[str]:
-    """The device a registered backend runs on, without importing it."""
-    return {"onnxruntime": "cpu", "torch-cuda": "cuda", "tensorrt": "cuda", "tensorrt_rtx": "cuda"}.get(name)
+    """The device a backend runs on, without importing it (None for an unknown name)."""
+    return BACKEND_DEVICE.get(name)
 
 
 def choose(manifest, device: Optional[str] = None, backend: Optional[str] = None) -> str:

@@ -28,9 +28,10 @@ def parse_settings(cls: Type[S], options: Optional[Dict[str, Any]], what: str, b
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise InputError(f"unknown {what} option(s) {unknown}", hint=f"valid options: {', '.join(sorted(names))}")
+    defaults = cls()
     values = {}
     for key, value in options.items():
-        default = getattr(cls(), key)
+        default = getattr(defaults, key)
         choices = names[key].metadata.get("choices")
         if isinstance(default, bool):
             if type(value).__name__ not in ("bool", "bool_"):
@@ -61,14 +62,12 @@ class Backend(abc.ABC):
     """One way of executing a bundle's stages (see the module docstring).
 
     Attributes:
-        name: the registry key, as a target's ``backend`` names it.
-        device: ``cpu`` or ``cuda``.
+        name: the registry key, as a target's ``backend`` names it (its device: ``DEVICES`` there).
         settings_class: the frozen dataclass of its settings, with ``from_options(dict, base=None)``
             (built on ``parse_settings``).
     """
 
     name: str
-    device: str
     settings_class: type
 
     def settings(self, bundle, options: Optional[Dict[str, Any]] = None):
@@ -83,7 +82,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def create(self, bundle, max_batch: int, settings) -> Tuple[Any, Any]:
-        """``(executor, workspace)`` for ``bundle`` with buffers for ``max_batch`` rows."""
+        """``(executor, workspace)`` for ``bundle`` with buffers for ``max_batch`` rows, the executor
+        already prepared for the workspace (``executor.prepare(ws)``)."""
 
     def check(self, bundle) -> None:
         reason = self.unsupported(bundle)

@@ -2,7 +2,7 @@
 
 By default every exit is a boundary: stage k holds the blocks between exit k-1 and exit k, ends
 with exit k's IM and gate (in-graph), and the last stage ends with the backbone's head. A plan
-can also **merge** consecutive exits into one stage (DESIGN.md "Stage planning"): the stage then
+can also **merge** consecutive exits into one stage (docs/runtime.md, "Stage planning"): the stage then
 evaluates every IM and gate of its exits in-graph (``probs [B, E, C]``, ``gate [B, E]``) and the
 runtime applies the exit rule to them in order after the stage, so the earliest exit that fires
 wins and predictions equal the unmerged model's; only the compute spent on rows that leave

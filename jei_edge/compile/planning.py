@@ -1,4 +1,4 @@
-"""Automatic stage planning: which consecutive exits to merge into one stage (DESIGN.md).
+"""Automatic stage planning: which consecutive exits to merge into one stage (docs/runtime.md, "Stage planning").
 
 Every boundary costs a session run, layout conversions at the graph edges and the runtime's
 decision, and early gates often rarely fire. Given

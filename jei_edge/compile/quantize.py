@@ -1,6 +1,6 @@
 """INT8: exit-aware calibration and explicit (Q/DQ) quantization of the stage graphs.
 
-DESIGN.md "Calibration (INT8)":
+The INT8 design (docs/runtime.md, "INT8"):
 
 - **Exit-aware**: stage s is calibrated on the hidden states of the calibration samples that
   actually reach it under the FP32 model (offsets 0), the distribution it will see, not on every

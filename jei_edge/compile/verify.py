@@ -205,12 +205,12 @@ def verify_bundle(bundle_path, device: Optional[str] = None, progress=None, refe
             if m.references is None:
                 raise BundleError(f"bundle '{path}' stores no reference outputs to verify against",
                                   hint="it was built by an older jei-edge; rebuild it with `jei-edge build`")
-            references = ReferenceSet.load(path / m.references.file, m.num_gates, m.num_classes, m.input.shape)
+            references = ReferenceSet.load(rt.bundle.file(m.references.file), m.num_gates, m.num_classes,
+                                           m.input.shape)  # listed, hashed, inside the bundle
         rule = rule_for(m, tolerance)
-        progress(f"verifying {m.name} on {len(references)} reference inputs ({m.precision}, device "
-                 f"{device or m.target.device})")
+        progress(f"verifying {m.name} on {len(references)} reference inputs ({m.precision}, device {rt.device})")
         decisions = check_decisions(rt, references, rule, progress)
-    return {"bundle": str(path), "device": device or m.target.device, "precision": m.precision, "rule": asdict(rule),
+    return {"bundle": str(path), "device": rt.device, "backend": rt.backend, "precision": m.precision, "rule": asdict(rule),
             "input_guard": "probed at load" if m.stages[0].input_guard else "none (stage 0 has no gate)",
             "decisions": decisions, "seconds": round(time.perf_counter() - t0, 3)}
 

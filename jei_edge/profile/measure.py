@@ -47,21 +47,24 @@ def median_ratio(num, den) -> float:
     return median(np.asarray(num, dtype=np.float64) / np.asarray(den, dtype=np.float64))
 
 
+def timed_call(fn: Callable[..., Any], *args, sync: Optional[Callable[[], None]] = None):
+    """``(fn(*args), seconds)``; ``sync`` (e.g. ``ws.synchronize``) runs before the clock starts and
+    before it stops, so device work queued by ``fn`` is counted where it runs."""
+    if sync is not None:
+        sync()
+    t = time.perf_counter()
+    result = fn(*args)
+    if sync is not None:
+        sync()
+    return result, time.perf_counter() - t
+
+
 def median_time(fn: Callable[[], Any], repeats: int, sync: Optional[Callable[[], None]] = None,
                 warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones; ``sync``
-    (e.g. ``ws.synchronize``) runs before each start and end of the clock (device work completes)."""
-    sync = sync or (lambda: None)
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones (``timed_call``)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return median(times)
+    return median([timed_call(fn, sync=sync)[1] for _ in range(repeats)])
 
 
 class Passes:
@@ -180,9 +183,7 @@ class Passes:
 
     def stage_time(self, k: int, m: int) -> float:
         """One standalone run of stage ``k`` on ``m`` rows of its (primed) input buffer."""
-        t = self._clock()
-        self.ex.execute(k, m, self.ws)
-        return self._clock() - t
+        return timed_call(self.ex.execute, k, m, self.ws, sync=self.ws.synchronize)[1]
 
     def warm_up(self, xs, offsets=None, times: int = 1) -> None:
         for _ in range(times):
@@ -257,11 +258,8 @@ class TimedWorkspace(Workspace):
         self._sync = inner.synchronize if inner.stream is not None else None
 
     def _timed(self, name: str, fn, *args):
-        t = time.perf_counter()
-        r = fn(*args)
-        if self._sync is not None:
-            self._sync()
-        self.times.setdefault(name, []).append(time.perf_counter() - t)
+        r, seconds = timed_call(fn, *args, sync=self._sync)
+        self.times.setdefault(name, []).append(seconds)
         return r
 
     @property
@@ -306,11 +304,8 @@ class TimedExecutor(StageExecutor):
 
     def execute(self, k: int, n: int, ws) -> None:
         inner_ws = ws.inner if isinstance(ws, TimedWorkspace) else ws
-        t = time.perf_counter()
-        self.inner.execute(k, n, inner_ws)
-        if inner_ws.stream is not None:
-            inner_ws.synchronize()
-        self.times.setdefault(self._names[k], []).append(time.perf_counter() - t)
+        sync = inner_ws.synchronize if inner_ws.stream is not None else None
+        self.times.setdefault(self._names[k], []).append(timed_call(self.inner.execute, k, n, inner_ws, sync=sync)[1])
 
 
 class Breakdown:

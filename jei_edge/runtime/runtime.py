@@ -22,6 +22,7 @@ from jei_edge.errors import BundleError, InputError, JeiEdgeError
 from jei_edge.runtime.loop import MODES, Capability, Results, StageExecutor, Workspace, run_conditional
 from jei_edge.runtime.validate import GuardTripped, check_batch, check_mode, check_offsets, nonfinite_error
 
+
 class Runtime:
     """A loaded bundle with its executor and workspace. Use ``Runtime.load``."""
 
@@ -79,10 +80,9 @@ class Runtime:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise JeiEdgeError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         settings = be.settings(b, backend_options)
-        executor, ws = be.create(b, int(max_batch), settings)
+        executor, ws = be.create(b, int(max_batch), settings)  # prepared for each other
         try:
-            executor.prepare(ws)
-            return cls(b, executor, ws, int(max_batch), be.device, name, settings)
+            return cls(b, executor, ws, int(max_batch), backends.device_of(name), name, settings)
         except BaseException:
             _release(executor, ws)
             raise

@@ -47,7 +47,6 @@ def verify_input_guard(bundle, session) -> bool:
 
 class OnnxruntimeBackend(Backend):
     name = "onnxruntime"
-    device = "cpu"
     settings_class = OrtSettings
 
     def unsupported(self, bundle):

@@ -9,6 +9,7 @@ from jei_edge.backends.onnxruntime.settings import OrtSettings
 from jei_edge.errors import BundleError
 from jei_edge.runtime.loop import Capability, StageExecutor
 
+
 def import_ort():
     return require("onnxruntime", purpose="running a bundle on the CPU")
 

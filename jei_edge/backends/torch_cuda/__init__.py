@@ -41,7 +41,6 @@ def _bundle_model(bundle):
 
 class TorchCudaBackend(Backend):
     name = "torch-cuda"
-    device = "cuda"
     settings_class = TorchCudaSettings
 
     def unsupported(self, bundle):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
-from jei_edge.errors import BundleError
 from jei_edge.runtime.cuda.driver import get_driver
 from jei_edge.runtime.cuda.kernel import ExitKernel
 from jei_edge.runtime.cuda.options import CudaOptions
@@ -31,10 +30,6 @@ def load_kernel(driver, cache_dir: Optional[str] = None) -> ExitKernel:
 def cuda_workspace(executor, stages: Sequence, num_classes: int, max_batch: int, opts: CudaOptions,
                    driver) -> CudaWorkspace:
     """A workspace (one stream, buffers for ``max_batch`` rows) prepared for ``executor``."""
-    merged = [s.index for s in stages if s.merged]
-    if merged:
-        raise BundleError(f"stage(s) {merged} merge several exits, which the CUDA runtime does not run yet",
-                          hint="rebuild the bundle with `jei-edge build --plan every` for --device cuda")
     ws = CudaWorkspace(driver, load_kernel(driver, opts.kernel_cache_dir), stages, num_classes, max_batch,
                        own_outputs=Capability.BINDS_OUTPUTS not in executor.capabilities,
                        mapped_io=opts.mapped_io, max_grid=opts.max_grid)

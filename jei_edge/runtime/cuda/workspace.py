@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from jei_edge.bundle.manifest import Stage
-from jei_edge.errors import InputError
+from jei_edge.errors import BundleError, InputError
 from jei_edge.runtime.cuda.driver import CudaError
 from jei_edge.runtime.cuda.kernel import (MAX_ROWS, MODE_ALL_EXIT, MODE_EXIT, MODE_NONE_EXIT, ExitKernel,
                                           KernelLauncher)
@@ -59,6 +59,10 @@ class CudaWorkspace(Workspace):
                              hint=f"use max_batch <= {MAX_ROWS}; larger inputs are split into micro-batches")
         if mapped_io and not getattr(driver, "can_map_host_memory", True):
             raise InputError("mapped_io=True but this GPU cannot map host memory", hint="use mapped_io=False")
+        merged = [s.index for s in stages if s.merged]
+        if merged:  # the kernel decides one gate per boundary
+            raise BundleError(f"stage(s) {merged} merge several exits, which the CUDA runtime does not run yet",
+                              hint="rebuild the bundle with `jei-edge build --plan every` for --device cuda")
         for a, b in zip(stages[:-1], stages[1:]):
             if a.hidden is None or (a.hidden.shape, a.hidden.dtype) != (b.input.shape, b.input.dtype):
                 got = f"{list(a.hidden.shape)} {a.hidden.dtype}" if a.hidden is not None else "nothing"
