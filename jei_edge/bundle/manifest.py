@@ -105,6 +105,41 @@ class Engine:
 
 
 @dataclass(frozen=True)
+class Lowering:
+    """The lowering plan of a TensorRT / TensorRT-RTX bundle: how one engine per stage graph is built.
+
+    ``jei-edge build`` writes it from the target; the engines are then built on the host
+    (TensorRT-RTX builds ahead of time, without a GPU) or on the board (``jei-edge lower``, with
+    JetPack's TensorRT). Every engine of the bundle has the plan's precision and batch profile.
+
+    Attributes:
+        backend: ``tensorrt`` or ``tensorrt_rtx``.
+        precision: ``fp32`` | ``fp16`` | ``int8`` (the stage graphs are already in it: strongly typed).
+        compute_capability: the target GPU's (``"8.6"``; Orin ``"8.7"``).
+        profile: the optimisation profile's batch range ``(min, opt, max)``.
+        toolchain: the toolchain versions the target expects (``("10.3",)``: prefixes).
+        int8: how int8 is expressed: ``qdq`` (activations and weights, TensorRT) or
+            ``weight-only`` (INT8 weights, FP16 compute: TensorRT-RTX); None for fp32/fp16.
+        workspace_mib: the builder's workspace limit (None: the toolchain's default).
+        optimization_level: ``builder_optimization_level`` 0-5 (None: the default).
+    """
+
+    backend: str
+    precision: str
+    compute_capability: str
+    profile: Tuple[int, int, int]
+    toolchain: Tuple[str, ...] = ()
+    int8: Optional[str] = None
+    workspace_mib: Optional[int] = None
+    optimization_level: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"backend": self.backend, "precision": self.precision, "compute_capability": self.compute_capability,
+                "profile": list(self.profile), "toolchain": list(self.toolchain), "int8": self.int8,
+                "workspace_mib": self.workspace_mib, "optimization_level": self.optimization_level}
+
+
+@dataclass(frozen=True)
 class Stage:
     """Stage k: the blocks between two boundaries, compiled as one graph (plus engines).
 
@@ -287,6 +322,7 @@ class Manifest:
     references: Optional[References] = None
     plan: Dict[str, Any] = field(default_factory=dict)
     quantization: Optional[Dict[str, Any]] = None
+    lowering: Optional[Lowering] = None
     schema_version: int = SCHEMA_VERSION
 
     # -- derived -----------------------------------------------------------------------------
@@ -333,6 +369,7 @@ class Manifest:
             "report_text": self.report_text,
             "references": self.references.to_dict() if self.references else None,
             "plan": dict(self.plan), "quantization": self.quantization,
+            "lowering": self.lowering.to_dict() if self.lowering else None,
             "toolchain": dict(self.toolchain), "files": {k: dict(v) for k, v in self.files.items()},
         }
 
@@ -457,13 +494,52 @@ def _floats(f: _Field, lo: float = -1e300, hi: float = 1e300, max_len: int = 1 <
 
 
 def _engine(f: _Field) -> Engine:
-    profile = _ints(f.key("profile"), 1, MAX_BATCH, max_len=3)
-    if len(profile) != 3 or not profile[0] <= profile[1] <= profile[2]:
-        raise f.key("profile").fail("must be [min, opt, max] batch sizes with min <= opt <= max")
+    profile = _profile(f.key("profile"))
     return Engine(file=f.key("file").relpath(), backend=f.key("backend").choice(ENGINE_BACKENDS),
                   toolchain=f.key("toolchain").string(allow_empty=False, max_len=64),
                   compute_capability=f.key("compute_capability").string(allow_empty=False, max_len=16),
                   precision=f.key("precision").choice(PRECISIONS), profile=profile)
+
+
+INT8_FORMS = ("qdq", "weight-only")
+
+
+def _profile(f: _Field) -> Tuple[int, int, int]:
+    profile = _ints(f, 1, MAX_BATCH, max_len=3)
+    if len(profile) != 3 or not profile[0] <= profile[1] <= profile[2]:
+        raise f.fail("must be [min, opt, max] batch sizes with min <= opt <= max")
+    return profile
+
+
+def _lowering(f: _Field, precision: str, target: "TargetInfo", stages: Sequence["Stage"]) -> "Lowering":
+    def opt_int(name: str, lo: int, hi: int) -> Optional[int]:
+        x = f.key(name, None)
+        return None if x.value is None else x.integer(lo, hi)
+
+    int8_f = f.key("int8", None)
+    low = Lowering(backend=f.key("backend").choice(ENGINE_BACKENDS), precision=f.key("precision").choice(PRECISIONS),
+                   compute_capability=f.key("compute_capability").string(allow_empty=False, max_len=16),
+                   profile=_profile(f.key("profile")),
+                   toolchain=tuple(x.string(allow_empty=False, max_len=64) for x in f.key("toolchain", []).items(16)),
+                   int8=None if int8_f.value is None else int8_f.choice(INT8_FORMS),
+                   workspace_mib=opt_int("workspace_mib", 1, 1 << 24), optimization_level=opt_int("optimization_level", 0, 5))
+    if low.backend != target.backend:
+        raise f.key("backend").fail(f"must be the target's backend '{target.backend}'")
+    if low.precision != precision:
+        raise f.key("precision").fail(f"must be the bundle's precision '{precision}'")
+    if (low.int8 is not None) != (precision == "int8"):
+        raise f.key("int8").fail("must name the int8 form (qdq or weight-only) exactly when the precision is int8")
+    if low.profile[2] > target.max_batch:
+        raise f.key("profile").fail(f"must not exceed the target's max_batch {target.max_batch}")
+    built = [bool(s.engines) for s in stages]
+    if any(built) and not all(built):
+        raise f.fail(f"a lowered bundle has engines for every stage; stages {[s.index for s in stages if not s.engines]} have none")
+    for s in stages:
+        for e in s.engines:
+            if e.precision != low.precision or e.profile != low.profile:
+                raise f.fail(f"stage {s.index}'s engine '{e.file}' is {e.precision} {list(e.profile)}, not the plan's "
+                             f"{low.precision} {list(low.profile)}")
+    return low
 
 
 def _stage(f: _Field, k: int, last: bool, version: int) -> Stage:
@@ -650,12 +726,17 @@ def parse_manifest(raw: Any, where: str = "bundle") -> Manifest:
     for name, value in (("plan", plan), ("toolchain", toolchain), ("backbone", backbone)):
         if not isinstance(value, dict):
             raise root.key(name).fail("must be an object")
+    precision = root.key("precision").choice(PRECISIONS)
+    lf = root.key("lowering", None)
+    lowering = None if lf.value is None else _lowering(lf, precision, target, stages)
+    if lowering is None and any(s.engines for s in stages):
+        raise root.key("lowering").fail("must describe how the stages' engines were built (the bundle has engines)")
     return Manifest(
         name=root.key("name", "bundle").string(max_len=256), created=root.key("created", "").string(max_len=64),
-        target=target, precision=root.key("precision").choice(PRECISIONS), input=inp, num_classes=num_classes,
+        target=target, precision=precision, input=inp, num_classes=num_classes,
         class_names=class_names, preprocessing=pre, stages=stages, exits=exits, costs=costs, toolchain=toolchain,
         files=files, plain=plain, backbone=backbone, model_file=opt_path("model_file"), report=opt_path("report"),
-        report_text=opt_path("report_text"), references=refs, plan=plan, quantization=quant,
+        report_text=opt_path("report_text"), references=refs, plan=plan, quantization=quant, lowering=lowering,
         schema_version=version)
 
 

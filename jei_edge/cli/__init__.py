@@ -24,6 +24,7 @@ COMMANDS = {
     "train": "jei_edge.cli.train_cmd:train",
     "eval": "jei_edge.cli.eval_cmd:eval_command",
     "build": "jei_edge.cli.build_cmd:build",
+    "lower": "jei_edge.cli.lower_cmd:lower",
     "verify": "jei_edge.cli.verify_cmd:verify",
     "run": "jei_edge.cli.run_cmd:run",
     "inspect": "jei_edge.cli.inspect_cmd:inspect",
@@ -58,7 +59,9 @@ def cli(verbose: int, plugins):
     Pipeline:
       jei-edge train --data digits -o model.pt       train a JEI-DNN (backbone, IMs, gates)
       jei-edge eval model.pt --data digits           accuracy / cost / calibration vs baseline
-      jei-edge build model.pt -o model.jei           staged ONNX bundle for a target (CPU default)
+      jei-edge build model.pt -o model.jei           staged bundle for a target (CPU default; --target
+                                                     rtx-ada etc. adds TensorRT-RTX engines built here)
+      jei-edge lower model.jei                       on a Jetson board: build its TensorRT engines
       jei-edge verify model.jei                      re-check a bundle against its stored references
       jei-edge run model.jei inputs.npy              conditional execution with early exit
       jei-edge inspect model.pt|model.jei            architecture, exits, costs, integrity

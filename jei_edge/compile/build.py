@@ -4,9 +4,17 @@
    backbone to ONNX, quantize them (INT8: calibrated on the PyTorch model), check every stage
    graph against its PyTorch stage (``parity.check_stages``), compute the PyTorch model's reference
    outputs and exit decisions, store them (``reference/verify.npz``) and write the typed manifest.
-2. **lower** (torch-free; ``lower.lower_bundle``): backend compilation, nothing for onnxruntime.
+2. **lower** (torch-free; ``lower.lower_bundle``): one TensorRT-RTX engine per stage for RTX
+   targets (built here, no GPU needed); nothing for onnxruntime; for Jetson targets the lowering
+   plan only, unless JetPack's TensorRT is installed here (``jei-edge lower`` on the board).
 3. **verify** (torch-free; ``verify.verify_bundle``): the real runtime against the references;
-   a failure fails the build. ``jei-edge verify`` runs the same check later, elsewhere.
+   a failure fails the build. ``jei-edge verify`` runs the same check later, elsewhere. Engines
+   this jei-edge cannot run here are not run: their stage graphs are verified through onnxruntime
+   instead (the engines are built from exactly those graphs), and the report says so.
+
+Precisions: ``fp32``; ``fp16`` (stage graphs exported from ``half_precision(model)``: FP16 compute
+and hidden states, FP32 input guard, softmaxes and gates); ``int8`` (Q/DQ graphs: onnxruntime's
+asymmetric activations for cpu, symmetric for TensorRT).
 
 Then the build report is written, the manifest rehashed, and the staging directory fsynced and
 renamed into place (``writer.StagingDir``): a failure at any step leaves nothing at the output.
@@ -26,18 +34,18 @@ import numpy as np
 from jei_edge import __version__
 from jei_edge.bundle.manifest import Costs, Exits, Manifest, Preprocessing, References, TensorSpec
 from jei_edge.compile.inputs import RealData, calibration_inputs, load_real, parity_inputs
-from jei_edge.compile.lower import check_lowerable, lower_bundle
+from jei_edge.compile.lower import check_lowerable, int8_form, lower_bundle, lowering_note, lowering_plan
 from jei_edge.compile.parity import (AUTO_MAX, PROBE_ROWS, check_stages, parse_samples, probe_seconds_per_input,
                                      size_check)
 from jei_edge.compile.progress import Progress
 from jei_edge.compile.references import REFERENCE_FILE, ReferenceSet, compute_references
 from jei_edge.compile.report import summary_text
-from jei_edge.compile.verify import verify_bundle
+from jei_edge.compile.verify import verify_bundle, verify_device
 from jei_edge.compile.writer import StagingDir, write_json, write_manifest
 from jei_edge.errors import BuildError
 
 MIN_OPSET = 17
-PRECISIONS = ("fp32", "int8")  # what this build produces
+PRECISIONS = ("fp32", "fp16", "int8")  # what this build produces
 
 
 @dataclass(frozen=True)
@@ -69,12 +77,18 @@ class Job:
     precision: str
     opset: int
     recipe: Any  # jei_edge.compile.quantize.Recipe (INT8) or None
+    notes: tuple  # what the build changed or could not do, for the report
     parity_samples: Union[int, str]
     model_path: Path
     output: Path
     ckpt: Dict
     model: Any  # the JEIModel
     real: RealData
+
+    @property
+    def ort_options(self) -> Dict:
+        """onnxruntime settings of the build's own checks (the target's when it is an onnxruntime target)."""
+        return dict(self.target.backend_options) if self.target.backend == "onnxruntime" else {}
 
 
 @dataclass(frozen=True)
@@ -109,11 +123,21 @@ def prepare(model_path, output, options: BuildOptions) -> Job:
     if precision not in target.precisions or precision not in PRECISIONS:
         raise BuildError(f"precision '{precision}' is not available for target '{target.name}'",
                          hint=f"the target lists {list(target.precisions)}; this build produces {list(PRECISIONS)}")
-    recipe = None
+    if target.device == "cuda" and options.plan != "every":
+        raise BuildError(f"--plan {options.plan}: merged stages do not run on the CUDA runtime yet (target "
+                         f"'{target.name}')", hint="build GPU targets with --plan every (the default)")
+    recipe, notes = None, []
     if precision == "int8":
+        from dataclasses import replace
+
         from jei_edge.compile.quantize import load_recipe
 
+        form = int8_form(target)
         recipe = load_recipe(options.calibration)
+        if form == "qdq" and recipe.activations != "s8":
+            recipe = replace(recipe, activations="s8")
+            notes.append(f"calibration recipe '{recipe.name}': symmetric int8 activations (s8) instead of "
+                         f"u8: {target.backend}'s parser refuses non-zero zero points")
         if not 0.0 <= options.min_agreement <= 1.0:
             raise BuildError(f"min_agreement must be in [0, 1], got {options.min_agreement}")
     opset = int(options.opset or target.opset)
@@ -126,7 +150,7 @@ def prepare(model_path, output, options: BuildOptions) -> Job:
     ckpt = read_checkpoint(model_path)
     model = model_from_checkpoint(ckpt, source=f"checkpoint '{model_path}'")
     output = Path(output) if output is not None else model_path.with_suffix(".jei")
-    return Job(options, target, precision, opset, recipe, samples, model_path, output, ckpt, model,
+    return Job(options, target, precision, opset, recipe, tuple(notes), samples, model_path, output, ckpt, model,
                load_real(ckpt, options.data, options.seed))
 
 
@@ -152,7 +176,7 @@ def _manifest(job: Job, stages, plain, plan: Dict, quant: Optional[Dict], refs: 
         backbone={"name": ckpt["config"]["backbone"], "family": model.spec.family,
                   "kwargs": ckpt["config"].get("backbone_kwargs", {}), "blocks": len(model.blocks)},
         model_file="model.pt" if job.options.include_model else None, references=refs, plan=plan,
-        quantization=quant)
+        quantization=quant, lowering=lowering_plan(job.target, job.precision))
 
 
 def _check_and_reference(job: Job, root: Path, stages, plain, strict: bool, probe: np.ndarray,
@@ -166,7 +190,7 @@ def _check_and_reference(job: Job, root: Path, stages, plain, strict: bool, prob
     from jei_edge.backends.onnxruntime.executor import create_session
 
     opts = job.options
-    settings = OrtSettings.from_options(job.target.backend_options)
+    settings = OrtSettings.from_options(job.ort_options)
     sessions = [create_session(root / s.file, settings, f"stage {s.index}") for s in stages]
     plain_session = create_session(root / plain.file, settings, "plain backbone")
 
@@ -205,7 +229,7 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     seconds: Dict[str, float] = {}
     t = time.perf_counter()
     groups, plan_report = choose_groups(model, opts.plan, opts.plan_batch, job.real.x, root / ".planning",
-                                        job.target.backend_options, job.opset, progress)
+                                        job.ort_options, job.opset, progress)
     plans = plan_stages(model, ckpt["costs"], groups)
     seconds["plan"] = time.perf_counter() - t
 
@@ -213,7 +237,12 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     progress(f"exporting the stages of {len(model.stage_ranges())} exits + plain backbone (opset {job.opset})")
     probe, _ = parity_inputs(ckpt["preprocessing"], job.real.x, PROBE_ROWS, opts.seed)
     example = torch.from_numpy(probe[:2].copy())
-    stages = export_stages(model, plans, root, example, job.opset)
+    if job.precision == "fp16":
+        from jei_edge.model.jei import half_precision
+
+        stages = export_stages(half_precision(model), plans, root, example, job.opset)
+    else:
+        stages = export_stages(model, plans, root, example, job.opset)
     plain = export_plain(model, root, example, job.opset, macs=int(ckpt["costs"]["plain_macs"]))
     quant = None
     if job.recipe is not None:
@@ -225,7 +254,7 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     seconds["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    stage_report, sizing, counts, refs = _check_and_reference(job, root, stages, plain, strict=quant is None,
+    stage_report, sizing, counts, refs = _check_and_reference(job, root, stages, plain, strict=job.precision == "fp32",
                                                               probe=probe, export_seconds=seconds["export"],
                                                               progress=progress)
     stored = refs.stored_subset()
@@ -238,6 +267,20 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     report = {"parity_inputs": counts, "plan": plan_report, "quantization": quant, "check": sizing,
               "stage_parity": stage_report, "references": stored_rec.to_dict()}
     return Exported(manifest, refs, report, seconds)
+
+
+def _lower(root: Path, manifest: Manifest, progress: Progress):
+    """Step 2: build the engines when the toolchain is here (always for TensorRT-RTX); a Jetson
+    target without JetPack's TensorRT keeps its lowering plan for `jei-edge lower` on the board."""
+    import importlib.util
+
+    low = manifest.lowering
+    if low is not None and low.backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+        note = lowering_note(manifest)
+        progress(note)
+        return manifest, {"backend": low.backend, "engines": 0, "note": note}
+    lowered, report = lower_bundle(root, manifest, progress)
+    return (write_manifest(root, lowered) if lowered is not manifest else manifest), report
 
 
 def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions(),
@@ -261,7 +304,7 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
     t0 = time.perf_counter()
     prog = Progress.of(progress)
     job = prepare(model_path, output, options)
-    notes = [job.real.note] if job.real.note else []
+    notes = ([job.real.note] if job.real.note else []) + list(job.notes)
     seconds = {"load": time.perf_counter() - t0}
     with StagingDir(job.output, force=options.force) as staging:
         root = staging.tmp
@@ -269,13 +312,15 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
         seconds.update(exported.seconds)
 
         t = time.perf_counter()
-        manifest, lowering = lower_bundle(root, exported.manifest, job.target, prog)
-        if manifest is not exported.manifest:
-            manifest = write_manifest(root, manifest)
+        manifest, lowering = _lower(root, exported.manifest, prog)
         seconds["lower"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        verified = verify_bundle(root, progress=prog, references=exported.references, tolerance=options.tolerance)
+        device, what = verify_device(manifest)
+        if device is not None:
+            notes.append(what)
+        tol = options.tolerance if job.precision == "fp32" else None  # --tolerance is the fp32 tie band
+        verified = verify_bundle(root, device=device, progress=prog, references=exported.references, tolerance=tol)
         seconds["verify"] = time.perf_counter() - t
         d = verified["decisions"]
         if d["samples"] < AUTO_MAX:

@@ -16,9 +16,9 @@ from jei_edge.compile.plan import StagePlan
 from jei_edge.errors import BuildError
 
 
-def _spec(name: str, shape: Sequence[int]) -> TensorSpec:
-    """The manifest's float32 tensor of a traced output of shape ``[b, ...]`` (batch axis dropped)."""
-    return TensorSpec(name, tuple(int(d) for d in shape[1:]), "float32")
+def _spec(name: str, t) -> TensorSpec:
+    """The manifest's tensor of a traced tensor ``t`` of shape ``[b, ...]`` (batch axis dropped)."""
+    return TensorSpec(name, tuple(int(d) for d in t.shape[1:]), str(t.dtype).replace("torch.", ""))
 
 
 def _export(module, example, path: Path, input_name: str, output_names: Sequence[str], opset: int, what: str) -> None:
@@ -68,7 +68,8 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
     """Export every stage of ``model`` to ``out_dir / plan.file``.
 
     Args:
-        model: the JEIModel (eval mode).
+        model: the JEIModel (eval mode); ``half_precision(model)`` for FP16 stage graphs (their
+            hidden states are float16; ``x``, ``probs`` and ``gate`` stay float32).
         plans: from ``plan_stages``.
         out_dir: the bundle's staging directory.
         example: a small ``[b, C, H, W]`` float32 tensor (b >= 2) used for tracing.
@@ -93,8 +94,8 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
                 macs=plan.macs,
                 # stage 0's gate is NaN for a row with a non-finite input (StageModule's input guard)
                 input_guard=bool(getattr(module, "input_guard", False)),
-                inputs=(_spec(plan.input_name, h.shape),),
-                outputs=tuple(_spec(n, o.shape) for n, o in zip(plan.output_names, outs))))
+                inputs=(_spec(plan.input_name, h),),
+                outputs=tuple(_spec(n, o) for n, o in zip(plan.output_names, outs))))
             if plan.gated:
                 h = outs[0]
     return stages
@@ -121,4 +122,4 @@ def export_plain(model, out_dir: Path, example, opset: int, macs: int, name: str
     with torch.no_grad():
         probs = module(example)
     _export(module, example, out_dir / name, "x", ("probs",), opset, "the plain backbone")
-    return Graph(file=name, inputs=(_spec("x", example.shape),), outputs=(_spec("probs", probs.shape),), macs=int(macs))
+    return Graph(file=name, inputs=(_spec("x", example),), outputs=(_spec("probs", probs),), macs=int(macs))

@@ -18,6 +18,22 @@ def _decision_lines(d: Dict) -> list:
             f"full mode {d['full_mode_probs_max_abs_error']:.2e}"]
 
 
+def _lowering_lines(low: Dict) -> list:
+    if not low.get("stages"):
+        return [f"  lowering   {low['note']}"]
+    cache = low.get("cache") or {}
+    lines = [f"  engines    {low['engines']} x {low['backend']} {low['toolchain']}, compute capability "
+             f"{low['compute_capability']}, {low['precision']}" + (f" ({low['int8']})" if low.get("int8") else "")
+             + f", batch profile {low['profile']}; cache {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} built"]
+    for row in low["stages"]:
+        layers = ", ".join(f"{k} {v}" for k, v in sorted(row["layers"].items())) or "from the cache"
+        lines.append(f"             stage {row['stage']}: {row['bytes'] / 2**20:.2f} MiB in {row['seconds']:.2f} s "
+                     f"(network layers by output type: {layers})")
+    if low.get("note"):
+        lines.append(f"             {low['note']}")
+    return lines
+
+
 def summary_text(report: Dict) -> str:
     """Human-readable summary of a build report (``build_bundle``'s return value)."""
     d, s, c = report["decisions"], report["stage_parity"], report["check"]
@@ -42,7 +58,7 @@ def summary_text(report: Dict) -> str:
     lines += _decision_lines(d)
     r = report["references"]
     lines += [f"  stored     {r['samples']} reference inputs in {r['file']} (`jei-edge verify` re-checks them)",
-              f"  lowering   {report['lowering']['note']}",
+              *_lowering_lines(report["lowering"]),
               f"  time       {report['seconds']}"]
     lines += [f"  note       {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"

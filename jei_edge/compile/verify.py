@@ -4,11 +4,11 @@
 input-guard probe happen in ``Runtime.load``), runs it in ``exit`` and ``full`` mode on the stored
 reference inputs and compares with what PyTorch computed at build time (``references.py``):
 
-- **fp32** (and fp16, with a wider band): an exit decision may differ only where
+- **fp32** (and fp16, with a wider band, ``RULES``): an exit decision may differ only where
   ``|g - threshold| < tolerance`` at the first gate where the two part (a tie: float rounding
   differs between PyTorch and the backend); where decisions agree, the probabilities at the exit
   and the final head's probabilities in ``full`` mode must match within ``E2E_FACTOR x tolerance``
-  (rounding accumulates over stages).
+  (fp16: its own bound; rounding accumulates over stages).
 - **int8** (against the FP32 model): at least ``min_agreement`` of the exit decisions must agree
   (the floor recorded in the manifest's quantization record); probabilities are reported only.
 
@@ -50,15 +50,24 @@ class Rule:
     Attributes:
         tolerance: the tie band on ``|g - threshold|``; probabilities within ``E2E_FACTOR`` times it.
         min_agreement: None = the strict tie-band rule; else only this fraction of decisions must agree.
+        probs_tolerance: probabilities' max abs error (None: ``E2E_FACTOR`` x tolerance).
     """
 
     tolerance: float
     min_agreement: Optional[float] = None
+    probs_tolerance: Optional[float] = None
+
+    @property
+    def probs_bound(self) -> float:
+        return E2E_FACTOR * self.tolerance if self.probs_tolerance is None else self.probs_tolerance
 
 
-# fp16 is provisional (no fp16 build yet): half precision keeps ~3 significant digits, so gate
-# values drift by ~1e-3 over a few stages; tune on the first TensorRT fp16 bundles
-RULES = {"fp32": Rule(1e-5), "fp16": Rule(2e-3), "int8": Rule(1e-5, min_agreement=0.95)}
+# fp16: half precision keeps ~3 significant digits. Measured on the FP16 stage graphs through
+# onnxruntime (CPU) against the FP32 PyTorch model, 10,000 inputs each, on the test models whose
+# gates crowd the thresholds: disagreements at gate margins up to 5e-3 (ViT, 4 exits) and 1.6e-2
+# (ResNet, 3 exits), probabilities within 1.3e-3. The band is 2e-2, probabilities within 1e-2;
+# TensorRT's FP16 kernels accumulate in FP32 and are expected closer (to be measured on a board).
+RULES = {"fp32": Rule(1e-5), "fp16": Rule(2e-2, probs_tolerance=1e-2), "int8": Rule(1e-5, min_agreement=0.95)}
 
 
 def rule_for(manifest, tolerance: Optional[float] = None) -> Rule:
@@ -71,7 +80,7 @@ def rule_for(manifest, tolerance: Optional[float] = None) -> Rule:
     rule = RULES[manifest.precision]
     if manifest.precision == "int8":
         rule = Rule(rule.tolerance, float((manifest.quantization or {}).get("min_agreement", rule.min_agreement)))
-    return rule if tolerance is None else Rule(float(tolerance), rule.min_agreement)
+    return rule if tolerance is None else Rule(float(tolerance), rule.min_agreement, rule.probs_tolerance)
 
 
 def rate_upper_bound(k: int, n: int, confidence: float = CONFIDENCE) -> float:
@@ -137,7 +146,7 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
     beyond = int((~ties).sum())
     k = int(diff.sum()) if rule.min_agreement is not None else beyond
     report = {
-        "samples": n, "kinds": refs.kinds, "tolerance": tol, "probs_bound": E2E_FACTOR * tol,
+        "samples": n, "kinds": refs.kinds, "tolerance": tol, "probs_bound": rule.probs_bound,
         "agreement": float(np.mean(same)), "disagreements": int(diff.sum()),
         "disagreements_within_tie_band": int(ties.sum()),
         "max_abs_margin_of_disagreement": float(np.max(np.abs(m))) if m.size else 0.0,
@@ -165,7 +174,7 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
             f"|g - threshold| < {tol:g} (input {i}: PyTorch exit {int(levels[i])}, bundle exit {int(exits[i])}, "
             f"margin {float(m[~ties][0]):.3g}); tensor 'gate'",
             hint="the bundle's graphs do not compute the model's gates; rebuild it from the model")
-    bound = E2E_FACTOR * tol
+    bound = rule.probs_bound
     if not probs_err <= bound:
         raise ParityError(f"parity failed: end-to-end tensor 'probs' at the exit max abs error {probs_err:.3g} > {bound:g}",
                           hint="the bundle's graphs do not compute the model's exits; rebuild it from the model")
@@ -173,6 +182,20 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
         raise ParityError(f"parity failed: full-mode tensor 'probs' (final head) max abs error {full_err:.3g} > {bound:g}",
                           hint="the bundle's final stage does not compute the model's head; rebuild it from the model")
     return report
+
+
+def verify_device(manifest):
+    """``(device, note)`` a build or ``jei-edge lower`` verifies on: None (the target's backend)
+    unless this jei-edge cannot run the target's engines, in which case the stage graphs the
+    engines are built from run through onnxruntime on cpu (the note says so)."""
+    from jei_edge.backends import UNAVAILABLE
+
+    if manifest.target.backend not in UNAVAILABLE:
+        return None, ""
+    built = "engines built from these graphs, not run here" if all(s.engines for s in manifest.stages) \
+        else "engines to be built on the board"
+    return "cpu", (f"verified the {manifest.precision} stage graphs through onnxruntime on cpu ({built}: "
+                   f"{UNAVAILABLE[manifest.target.backend]})")
 
 
 def verify_bundle(bundle_path, device: Optional[str] = None, progress=None, references: Optional[ReferenceSet] = None,

@@ -1,4 +1,4 @@
-"""Exits: the gate (four softmax features -> Linear(4, 1) -> sigmoid) and the torch exit rule.
+"""Exits: the gate (four softmax features -> Linear(4, 1) as multiply-add -> sigmoid) and the torch exit rule.
 
 Everything is written with ONNX-exportable ops (log_softmax, exp, topk, reductions, where) so the
 gate is computed inside every stage graph. Features are computed in float32 whatever the input
@@ -36,7 +36,15 @@ class Gate(nn.Module):
         self.linear = nn.Linear(4, 1)
 
     def forward(self, im_logits: torch.Tensor) -> torch.Tensor:
-        return self.linear(gate_features(im_logits.detach())).squeeze(-1)
+        # ``Linear(4, 1)`` written as multiply-add: the same value, and no FP32 GEMM in the stage
+        # graph (TensorRT-RTX refuses any FP32 GEMM for Turing, even this one, inside FP16 stages)
+        f = gate_features(im_logits.detach())
+        w, b = self.linear.weight, self.linear.bias
+        return (f * w[0].to(f.dtype)).sum(-1) + b[0].to(f.dtype)
+
+    def extra_macs(self, inputs, output) -> int:
+        """The Linear(4, 1)'s MACs (``jei_edge.model.costs``; the module itself is not called)."""
+        return output.numel() * self.linear.in_features
 
 
 def exit_levels_torch(g: torch.Tensor, offsets: Optional[Sequence[float]] = None) -> torch.Tensor:

@@ -84,6 +84,22 @@ class JEIModel(nn.Module):
         return PlainBackbone(self)
 
 
+def half_precision(model: JEIModel) -> JEIModel:
+    """A copy of ``model`` that computes in FP16, for FP16 stage graphs.
+
+    The stem, blocks, IMs and head run in FP16; what decides exits stays FP32: the gates (their
+    softmax features are computed from ``logits.float()``, their weights are FP32), every
+    ``probs`` softmax (``StageModule`` casts logits to float32 first) and the input guard, which
+    reads the float32 input before the stage casts it to FP16. Hidden states between stages are FP16.
+    """
+    import copy
+
+    half = copy.deepcopy(model).half().requires_grad_(False).eval()
+    for gate in half.gates:
+        gate.float()
+    return half
+
+
 class StageModule(nn.Module):
     """The stage holding exits ``first..last`` (one exit: ``first == last``, the default plan).
 
@@ -122,7 +138,9 @@ class StageModule(nn.Module):
         self.input_guard = bool(input_guard) and k == 0 and len(self.gates) > 0
 
     def forward(self, x):
-        h = self.stem(x) if self.stem is not None else x
+        # an FP16 stage (``half_model``) takes the float32 model input and casts it after the input
+        # guard has read it in float32; hidden states arrive in the stage's own dtype
+        h = self.stem(x.to(next(self.stem.parameters()).dtype)) if self.stem is not None else x
         probs, gates = [], []
         for j, (blocks, out) in enumerate(zip(self.parts, self.outs)):
             for block in blocks:

@@ -82,7 +82,7 @@ def test_verify_cli_runs_without_torch_or_onnx(built):
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     assert rep["decisions"]["samples"] == 400 and rep["decisions"]["disagreements"] == 0
-    assert rep["rule"] == {"tolerance": 1e-5, "min_agreement": None} and rep["device"] == "cpu"
+    assert rep["rule"] == {"tolerance": 1e-5, "min_agreement": None, "probs_tolerance": None} and rep["device"] == "cpu"
     assert rep["input_guard"] == "probed at load"
     assert rep["decisions"]["rate_bound"]["upper"] == pytest.approx(1 - 0.05 ** (1 / 400))
 

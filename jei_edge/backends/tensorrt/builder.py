@@ -9,9 +9,11 @@ max must be legal). TensorRT-RTX builds ahead of time for the compute capabiliti
 GPU it runs on (Jetson: on the board).
 
 Measured with tensorrt-rtx 1.7.1 on the CPU-only build host: a 2-block ViT stage builds in ~0.5 s
-(SM89, FP32, profile 1/8/256); TensorRT-RTX refuses FP32 GEMMs for Turing (SM75: "FP32 GEMM is
-not supported"), so Turing needs FP16 graphs; its timing cache is a no-op (deprecated since 1.2),
-which is why the engine cache, not a timing cache, is what makes a rebuild cheap here.
+(SM89, FP32, profile 1/8/256); TensorRT-RTX refuses every FP32 GEMM for Turing (SM75: "FP32 GEMM
+is not supported"), so Turing takes FP16 graphs only (the gate's Linear(4, 1) is written as a
+multiply-add for that reason); it parses and builds symmetric INT8 Q/DQ graphs for SM80+ and refuses
+asymmetric ones ("Non-zero zero point is not supported"). Its timing cache is a no-op (deprecated
+since 1.2), which is why the engine cache, not a timing cache, is what makes a rebuild cheap here.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ log = logging.getLogger("jei_edge.tensorrt")
 _LOGGERS: Dict[str, object] = {}
 
 
-def import_toolchain(backend: str) -> ModuleType:
-    """The Python module of ``backend`` (``tensorrt`` or ``tensorrt_rtx``)."""
+def import_toolchain(backend: str, purpose: str = "building") -> ModuleType:
+    """The Python module of ``backend`` (``tensorrt`` or ``tensorrt_rtx``); ``purpose`` words the error."""
     if backend not in MODULES:
         raise ValueError(f"not a TensorRT backend: {backend!r}")
-    return require(MODULES[backend], purpose=f"building {backend} engines")
+    return require(MODULES[backend], purpose=f"{purpose} {backend} engines")
 
 
 def version(trt: ModuleType) -> str:
