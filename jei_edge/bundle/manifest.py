@@ -522,7 +522,8 @@ def _lowering(f: _Field, precision: str, target: "TargetInfo", stages: Sequence[
                    profile=_profile(f.key("profile")),
                    toolchain=tuple(x.string(allow_empty=False, max_len=64) for x in f.key("toolchain", []).items(16)),
                    int8=None if int8_f.value is None else int8_f.choice(INT8_FORMS),
-                   workspace_mib=opt_int("workspace_mib", 1, 1 << 24), optimization_level=opt_int("optimization_level", 0, 5))
+                   workspace_mib=opt_int("workspace_mib", 1, 1 << 24),
+                   optimization_level=opt_int("optimization_level", 0, 5))
     if low.backend != target.backend:
         raise f.key("backend").fail(f"must be the target's backend '{target.backend}'")
     if low.precision != precision:
@@ -533,7 +534,8 @@ def _lowering(f: _Field, precision: str, target: "TargetInfo", stages: Sequence[
         raise f.key("profile").fail(f"must not exceed the target's max_batch {target.max_batch}")
     built = [bool(s.engines) for s in stages]
     if any(built) and not all(built):
-        raise f.fail(f"a lowered bundle has engines for every stage; stages {[s.index for s in stages if not s.engines]} have none")
+        none = [s.index for s in stages if not s.engines]
+        raise f.fail(f"a lowered bundle has engines for every stage; stages {none} have none")
     for s in stages:
         for e in s.engines:
             if e.precision != low.precision or e.profile != low.profile:

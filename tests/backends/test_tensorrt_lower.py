@@ -62,7 +62,8 @@ def _build(tmp: Path, family: str, target: str, precision: str, name: str = None
 def builds(tmp_path_factory, cache_dir):
     """Every (family, target, precision) built once: {key: (bundle path, report)}."""
     tmp = tmp_path_factory.mktemp("rtx")
-    return {(f, t, p): _build(tmp, f, t, p) for f in ("vit", "resnet") for t in TARGETS for p in ("fp32", "fp16", "int8")}
+    return {(f, t, p): _build(tmp, f, t, p)
+            for f in ("vit", "resnet") for t in TARGETS for p in ("fp32", "fp16", "int8")}
 
 
 _LAYER_TYPE = {"fp32": "float", "fp16": "half", "int8": "int8"}
