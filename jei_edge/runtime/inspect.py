@@ -14,8 +14,9 @@ def _io(entries) -> str:
     return ", ".join(f"{e['name']} {e.get('dtype', 'float32')}[{', '.join(str(d) for d in e['shape'])}]" for e in entries)
 
 
-def _io_short(entries) -> str:
-    return ", ".join(f"{e['name']}[{','.join(str(d) for d in e['shape'][1:])}]" for e in entries)
+def _io_short(entries) -> str:  # element type shown when not float32 (FP16 hidden states)
+    return ", ".join(f"{e['name']}{'' if e.get('dtype', 'float32') == 'float32' else ' ' + e['dtype']}"
+                     f"[{','.join(str(d) for d in e['shape'][1:])}]" for e in entries)
 
 
 def describe_bundle(path) -> Dict[str, Any]:
@@ -53,6 +54,7 @@ def describe_bundle(path) -> Dict[str, Any]:
         "parity": (report.get("decisions") or {}).get("agreement") if isinstance(report, dict) else None,
         "input_guard": bool(stages and stages[0]["input_guard"]),
         "plan": m.plan or {"mode": "every", "groups": [s["exits"] for s in stages]},
+        "lowering": md["lowering"],
     }
 
 
@@ -86,6 +88,15 @@ def format_bundle(info: Dict[str, Any]) -> str:
                      f"ms/sample vs {plan.get('expected_ms_per_sample_every_exit')} with a stage per exit")
     elif plan.get("mode") == "manual":
         lines.append(f"  plan:      manual, exits grouped {plan.get('groups')}")
+    low = info.get("lowering")
+    if low:
+        engines = [e for st in info["stages"] for e in st.get("engines", [])]
+        what = (f"{len(engines)} x {engines[0]['backend']} {engines[0]['toolchain']} for compute capability "
+                f"{engines[0]['compute_capability']}, " + f"{sum(info['files'].get(e['file']) or 0 for e in engines):,} bytes"
+                if engines else f"not built yet: run `jei-edge lower` on the board ({low['backend']} "
+                f"{' or '.join(low['toolchain'])})")
+        lines.append(f"  engines:   {what}; {low['precision']}" + (f" ({low['int8']})" if low.get("int8") else "")
+                     + f", batch profile {low['profile']}")
     if info.get("parity") is not None:
         lines.append(f"  build parity: exit-decision agreement {100 * info['parity']:.3f}% (see report.txt)")
     lines.append("  inputs:    NaN/inf rows caught by stage 0's in-graph guard" if info.get("input_guard")

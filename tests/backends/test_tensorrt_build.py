@@ -49,3 +49,60 @@ def test_what_cannot_be_built_is_a_clear_error(vit_bundle, tmp_path):
     bad.write_bytes(b"not onnx")
     with pytest.raises(BuildError, match="cannot parse 'bad.onnx'"):
         build_engine(trt, EngineRequest(bad, "stage 0", (1, 8, 64), "8.9"), "rtx-ada")
+
+
+class _FakeTimingCache:
+    """Test double of TensorRT's ITimingCache (host logic only; no TensorRT here)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def serialize(self):
+        return self.data + b"+timings"
+
+
+class _FakeConfig:
+    """Test double of an IBuilderConfig's timing-cache calls."""
+
+    def __init__(self):
+        self.created_from, self.set = None, None
+
+    def create_timing_cache(self, data):
+        self.created_from = data
+        return _FakeTimingCache(data)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self.set = (cache, ignore_mismatch)
+
+    def get_timing_cache(self):
+        return self.set[0]
+
+
+def test_timing_cache_is_kept_between_full_tensorrt_builds(tmp_path):
+    import types
+
+    from jei_edge.backends.tensorrt.builder import timing_cache
+
+    cache = EngineCache(tmp_path)
+    fake_trt = types.SimpleNamespace(__name__="tensorrt")  # stands in for JetPack's module
+    first = _FakeConfig()
+    timing_cache(fake_trt, first, cache, "10.3.0.30")()
+    assert first.created_from == b"" and first.set[1] is False
+    second = _FakeConfig()
+    timing_cache(fake_trt, second, cache, "10.3.0.30")()
+    assert second.created_from == b"+timings"  # the first build's timings, read back
+    assert timing_cache(fake_trt, _FakeConfig(), None, "10.3.0.30") is None  # no cache, no timing cache
+    # TensorRT-RTX: its timing cache is a no-op, never attached
+    assert timing_cache(trt, _FakeConfig(), cache, trt.__version__) is None
+
+
+def test_engine_host_code_is_never_allowed():
+    from pathlib import Path
+
+    import jei_edge
+
+    root = Path(jei_edge.__file__).parent
+    uses = [p for p in root.rglob("*.py") for line in p.read_text().splitlines()
+            if "engine_host_code_allowed" in line and not line.lstrip().startswith(("#", "\"", "'"))
+            and "never" not in line]
+    assert uses == []

@@ -106,6 +106,33 @@ class EngineCache:
             pass
 
 
+def timing_cache(trt, config, cache: Optional[EngineCache], toolchain: str):
+    """Attach TensorRT's timing cache (measured kernel timings) to ``config``, read from the engine
+    cache's folder; returns a function that writes it back after a build (or None).
+
+    Full TensorRT only: it times kernels on the GPU it builds on, so the cache makes a board's
+    rebuilds faster (one file per toolchain version; TensorRT ignores entries of another GPU). In
+    TensorRT-RTX the timing cache is a no-op (deprecated since 1.2) and is not used.
+    """
+    if cache is None or trt.__name__ != "tensorrt" or not hasattr(config, "create_timing_cache"):
+        return None
+    path = cache.root / f"timing-{trt.__name__}-{toolchain}.cache"
+    try:
+        old = path.read_bytes()
+    except OSError:
+        old = b""
+    config.set_timing_cache(config.create_timing_cache(old), False)  # ignore_mismatch=False
+
+    def save() -> None:
+        data = bytes(config.get_timing_cache().serialize())
+        if data and data != old:
+            try:
+                atomic_write_bytes(path, lambda f: f.write(data))
+            except OSError:  # like the engine cache: never fail a build over a cache
+                pass
+    return save
+
+
 def _network_types(net) -> Dict[str, int]:
     counts: Dict[str, int] = {}
     for i in range(net.num_layers):
@@ -171,6 +198,7 @@ def build_engine(trt, req: EngineRequest, target: str, cache: Optional[EngineCac
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(req.workspace_mib) << 20)
     if req.optimization_level is not None:
         config.builder_optimization_level = int(req.optimization_level)
+    save_timing = timing_cache(trt, config, cache, tc)
     plan = builder.build_serialized_network(net, config)
     if plan is None:
         last = next((m for lvl, m in reversed(lg.messages) if lvl in ("ERROR", "CRITICAL")), "no error message")
@@ -178,6 +206,8 @@ def build_engine(trt, req: EngineRequest, target: str, cache: Optional[EngineCac
                          f"{req.compute_capability or 'of this GPU'} in {req.precision}: {last[:400]}",
                          hint="Turing (7.5) needs fp16 graphs with TensorRT-RTX; see `jei-edge targets`")
     data = bytes(plan)
+    if save_timing is not None:
+        save_timing()
     if cache is not None:
         cache.put(key, data)
     return BuiltEngine(data, key, tc, time.perf_counter() - t0, False, types)
