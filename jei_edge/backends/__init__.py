@@ -9,6 +9,10 @@ device, backend)`` is how ``Runtime.load`` picks one: the bundle's target decide
 |---|---|---|---|
 | ``onnxruntime`` | cpu | ``onnxruntime/`` | onnxruntime |
 | ``torch-cuda`` | cuda | ``torch_cuda/`` | cuda-python, torch (rebuilds stages from the bundle's model.pt) |
+| ``tensorrt`` | cuda | ``tensorrt/`` | cuda-python, JetPack's TensorRT (the bundle's engines) |
+| ``tensorrt_rtx`` | cuda | ``tensorrt/`` | cuda-python, tensorrt-rtx (the bundle's engines) |
+
+A registry value is ``module`` (its ``BACKEND``) or ``module:ATTRIBUTE`` (two backends sharing a folder).
 """
 
 from __future__ import annotations
@@ -24,13 +28,10 @@ BACKEND_DEVICE: Dict[str, str] = {"onnxruntime": "cpu", "torch-cuda": "cuda", "t
 REGISTRY: Dict[str, str] = {
     "onnxruntime": "jei_edge.backends.onnxruntime",
     "torch-cuda": "jei_edge.backends.torch_cuda",
+    "tensorrt": "jei_edge.backends.tensorrt:TENSORRT",
+    "tensorrt_rtx": "jei_edge.backends.tensorrt:TENSORRT_RTX",
 }
-UNAVAILABLE: Dict[str, str] = {
-    "tensorrt": "TensorRT engines (Jetson) are not executed by this jei-edge yet; run the bundle's stage graphs "
-                "with `--device cpu`, or `--device cuda` (torch-cuda, needs the bundle's model.pt)",
-    "tensorrt_rtx": "TensorRT-RTX engines are not executed by this jei-edge yet; run the bundle's stage graphs "
-                    "with `--device cpu`, or `--device cuda` (torch-cuda, needs the bundle's model.pt)",
-}
+UNAVAILABLE: Dict[str, str] = {}  # name -> why this jei-edge cannot run it (none at present)
 # the backend that runs any bundle's stage graphs on each device, when the target's backend does not
 DEFAULT_FOR_DEVICE = {"cpu": "onnxruntime", "cuda": "torch-cuda"}
 
@@ -41,7 +42,8 @@ def get_backend(name: str):
         raise BundleError(f"backend '{name}' is not available: {UNAVAILABLE[name]}")
     if name not in REGISTRY:
         raise InputError(f"unknown backend '{name}'", hint=f"choose one of {sorted(REGISTRY)}")
-    return importlib.import_module(REGISTRY[name]).BACKEND
+    module, _, attr = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), attr or "BACKEND")
 
 
 def device_of(name: str) -> Optional[str]:

@@ -184,18 +184,25 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
     return report
 
 
-def verify_device(manifest):
-    """``(device, note)`` a build or ``jei-edge lower`` verifies on: None (the target's backend)
-    unless this jei-edge cannot run the target's engines, in which case the stage graphs the
-    engines are built from run through onnxruntime on cpu (the note says so)."""
-    from jei_edge.backends import UNAVAILABLE
+def verify_device(bundle_path):
+    """``(device, note)`` a build or ``jei-edge lower`` verifies on: None (the target's backend:
+    the engines themselves where they can run here), else the stage graphs the engines are built
+    from, through onnxruntime on cpu, with a note saying why the engines could not run."""
+    from jei_edge.bundle import Bundle
 
-    if manifest.target.backend not in UNAVAILABLE:
+    bundle = Bundle.open(bundle_path, verify=False)
+    m = bundle.manifest
+    if m.lowering is None:
         return None, ""
-    built = "engines built from these graphs, not run here" if all(s.engines for s in manifest.stages) \
+    from jei_edge.backends.tensorrt.validity import engine_check_error
+
+    exc = engine_check_error(bundle)
+    if exc is None:
+        return None, ""
+    built = "engines built from these graphs, not run here" if all(s.engines for s in m.stages) \
         else "engines to be built on the board"
-    return "cpu", (f"verified the {manifest.precision} stage graphs through onnxruntime on cpu ({built}: "
-                   f"{UNAVAILABLE[manifest.target.backend]})")
+    return "cpu", (f"verified the {m.precision} stage graphs through onnxruntime on cpu ({built}: "
+                   f"{getattr(exc, 'message', exc)})")
 
 
 def verify_bundle(bundle_path, device: Optional[str] = None, progress=None, references: Optional[ReferenceSet] = None,

@@ -73,10 +73,6 @@ class Runtime:
         from jei_edge import backends
 
         b = Bundle.open(bundle.path if isinstance(bundle, Bundle) else bundle, verify=verify)
-        if device is None and backend is None and b.manifest.lowering is not None:
-            from jei_edge.backends.tensorrt.validity import check_engines
-
-            check_engines(b)  # each engine against this machine, before any is deserialized
         name = backends.choose(b.manifest, device, backend)
         be = backends.get_backend(name)
         if max_batch is None:

@@ -55,8 +55,9 @@ def test_choice_rules(vit_bundle):
 
 
 def test_a_bundle_for_an_engine_target_says_how_to_run_it(vit_bundle, tmp_path):
-    b = _with_target(vit_bundle, tmp_path / "rtx.jei", name="rtx-ada", backend="tensorrt_rtx", device="cuda")
-    with pytest.raises(BundleError, match="TensorRT-RTX engines are not executed.*--device cpu"):
+    b = _with_target(vit_bundle, tmp_path / "rtx.jei", name="rtx-ada", backend="tensorrt_rtx", device="cuda",
+                     backend_options={})
+    with pytest.raises(BundleError, match="cannot run on the tensorrt_rtx backend: it holds no tensorrt_rtx engines"):
         Runtime.load(b)
     x = model_inputs(20, seed=3)
     with Runtime.load(b, device="cpu") as rt, Runtime.load(vit_bundle) as ref:  # its stage graphs on the CPU

@@ -1,0 +1,140 @@
+"""The TensorRT executor's host logic on the CUDA core, without a GPU or TensorRT.
+
+``FakeDriver`` (host memory, numpy exit-kernel emulation) and ``FakeTensorRT`` (recorded engines
+that compute a ``MockExecutor``'s stages at the addresses they are given) are test doubles: these
+tests check what the executor asks of TensorRT (shapes, addresses, streams, order, errors) and
+that the results through the whole CUDA path equal the reference; they are **not** hardware or
+TensorRT validation (docs/tensorrt.md says what has run where).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jei_edge.runtime.cuda.backend as cuda_backend_module
+from jei_edge.backends.tensorrt import from_engines
+from jei_edge.errors import BundleError
+from jei_edge.runtime.cuda.driver import CudaError
+from jei_edge.runtime.loop import run_conditional
+
+from .conftest import FakeDriver, MockExecutor, fake_kernel, specs_for
+from .fake_tensorrt import FakeTensorRT, record_engine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _setup(hidden_dtype="float32", max_batch=32, pipeline=False, profile=(1, 8, 64), engines=None, **kw):
+    model = MockExecutor(seed=5, hidden_dtype=hidden_dtype)
+    stages = specs_for(model)
+    trt = FakeTensorRT(model, **kw)
+    drv = FakeDriver()
+    cuda_backend_module._KERNELS[(id(drv), None)] = fake_kernel(drv)
+    engines = engines or [record_engine(s, profile) for s in stages]
+    return model, trt, drv, from_engines(trt, engines, stages, model.num_classes, max_batch, driver=drv,
+                                         pipeline=pipeline)
+
+
+@pytest.mark.parametrize("hidden_dtype", ["float32", "float16"])
+def test_engines_through_the_cuda_core_match_the_reference(hidden_dtype):
+    model, trt, drv, (ex, ws) = _setup(hidden_dtype)
+    x = np.random.default_rng(0).normal(size=(29, 3, 5)).astype(np.float32)
+    res = run_conditional(ex, ws, x, "exit")
+    levels, probs, _ = model.reference(x)
+    np.testing.assert_array_equal(res.exit_index, levels)
+    np.testing.assert_array_equal(res.probs, probs)
+    # per stage: the input shape set to the live rows, then one enqueue on the workspace's stream
+    calls = [c for c in trt.log if c[0] in ("shape", "enqueue")]
+    ran = [k for k in range(model.num_stages) if res.reach[k]]
+    expect = []
+    for k in ran:
+        n = res.reach[k]
+        expect += [("shape", k, "x" if k == 0 else "hidden_in", (n, 3, 5)), ("enqueue", k, n, ws.stream)]
+    assert calls == expect and ex.enqueues == len(ran)
+    full = run_conditional(ex, ws, x, "full")
+    assert (full.exit_index == model.num_stages - 1).all()
+    ws.close()
+    ex.close()
+
+
+def test_addresses_are_the_workspace_buffers_and_set_once():
+    model, trt, drv, (ex, ws) = _setup()
+    bound = ex.bound_addresses(ws)
+    for k, s in enumerate(specs_for(model)):
+        assert bound[k][s.input.name] == ws.stage_input(k).device_ptr
+        for t in s.outputs:  # outputs written where the next exit-kernel launch reads them
+            assert bound[k][t.name] == ws.stage_outputs(k)[t.name].ptr
+    assert bound[1]["hidden_in"] != bound[0]["hidden_out"]  # the kernel compacts between them
+    n_addr = sum(c[0] == "address" for c in trt.log)
+    x = np.random.default_rng(1).normal(size=(20, 3, 5)).astype(np.float32)
+    for _ in range(3):
+        run_conditional(ex, ws, x, "exit")
+    assert sum(c[0] == "address" for c in trt.log) == n_addr  # never re-bound in the steady state
+    assert sum(c[0] == "context" for c in trt.log) == model.num_stages  # one context per stage
+
+
+def test_pipeline_lanes_get_their_own_contexts():
+    model, trt, drv, pipe = _setup(pipeline=True, max_batch=16)
+    x = np.random.default_rng(2).normal(size=(50, 3, 5)).astype(np.float32)
+    res = pipe.run(x, "exit", micro_batch=16)
+    levels, probs, _ = model.reference(x)
+    np.testing.assert_array_equal(res.exit_index, levels)
+    np.testing.assert_array_equal(res.probs, probs)
+    assert sum(c[0] == "context" for c in trt.log) == 2 * model.num_stages  # two lanes
+    streams = {c[3] for c in trt.log if c[0] == "enqueue"}
+    assert len(streams) == 2
+    pipe.close()
+
+
+def test_error_paths_are_clear():
+    model = MockExecutor(seed=5)
+    stages = specs_for(model)
+    good = [record_engine(s) for s in stages]
+    with pytest.raises(BundleError, match="could not deserialize stage 1's engine"):
+        _setup(engines=[good[0], b"corrupt", *good[2:]])
+    wrong = json.loads(good[1])
+    wrong["io"][0][2] = "float16"  # an engine built from another graph
+    with pytest.raises(BundleError, match=r"stage 1's engine tensor 'hidden_in' is float16.*manifest's float32"):
+        _setup(engines=[good[0], json.dumps(wrong).encode(), *good[2:]])
+    renamed = json.loads(good[0])
+    renamed["io"][1][0] = "features"
+    with pytest.raises(BundleError, match="stage 0's engine has tensors"):
+        _setup(engines=[json.dumps(renamed).encode(), *good[1:]])
+    with pytest.raises(BundleError, match="batch profile ends at 16.*max_batch <= 16"):
+        _setup(max_batch=32, profile=(1, 8, 16))
+    with pytest.raises(BundleError, match="2 engines for 4 stages"):
+        _setup(engines=good[:2])
+    _, trt, _, (ex, ws) = _setup(fail_at=2)
+    x = np.random.default_rng(3).normal(size=(30, 3, 5)).astype(np.float32)
+    with pytest.raises(CudaError, match="stage 2: execute_async_v3 failed"):
+        run_conditional(ex, ws, x, "full")
+
+
+def test_the_board_path_needs_neither_torch_nor_onnxruntime():
+    """`jei-edge run` on a board imports numpy, cuda-python and the toolchain only: with torch,
+    onnx and onnxruntime blocked, the TensorRT backend runs engines (doubles) through the CUDA
+    core, and the CLI reaches the GPU check (no driver here) without importing any of them."""
+    code = textwrap.dedent("""
+        import sys
+        for m in ("torch", "onnx", "onnxruntime"):
+            sys.modules[m] = None
+        import numpy as np
+        import jei_edge.cli.run_cmd, jei_edge.runtime, jei_edge.backends.tensorrt.executor
+        import jei_edge.backends.tensorrt.validity
+        from tests.cuda.test_tensorrt_executor import _setup
+        from jei_edge.runtime.loop import run_conditional
+        model, trt, drv, (ex, ws) = _setup("float16")
+        x = np.random.default_rng(0).normal(size=(17, 3, 5)).astype(np.float32)
+        res = run_conditional(ex, ws, x, "exit")
+        assert (res.exit_index == model.reference(x)[0]).all()
+        loaded = [m for m in ("torch", "onnx", "onnxruntime") if sys.modules.get(m) is not None]
+        print("loaded", loaded)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("loaded []"), r.stdout + r.stderr
