@@ -20,6 +20,7 @@ _KNOWN = {
     "tqdm": ("tqdm", "build"),
     "cuda.bindings": ("cuda-python>=12", "cuda"),
     "tensorrt_rtx": ("tensorrt-rtx", "rtx"),
+    "polygraphy": ("polygraphy", "selftest"),
     "tensorrt": ("tensorrt", None),  # from JetPack on Jetson boards, never from PyPI
 }
 

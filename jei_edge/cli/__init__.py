@@ -29,6 +29,7 @@ COMMANDS = {
     "run": "jei_edge.cli.run_cmd:run",
     "inspect": "jei_edge.cli.inspect_cmd:inspect",
     "profile": "jei_edge.cli.profile_cmd:profile",
+    "selftest": "jei_edge.cli.selftest_cmd:selftest",
     "targets": "jei_edge.cli.targets_cmd:targets",
 }
 
@@ -66,6 +67,7 @@ def cli(verbose: int, plugins):
       jei-edge run model.jei inputs.npy              conditional execution with early exit
       jei-edge inspect model.pt|model.jei            architecture, exits, costs, integrity
       jei-edge profile model.jei inputs.npy          stage latency, exits, realized vs theoretical speedup
+      jei-edge selftest model.jei                    on your board: every backend vs onnxruntime, decisions, speed
       jei-edge targets [NAME]                        the hardware targets a bundle can be built for
     """
     if plugins:  # read by jei_edge.model.backbone (PLUGIN_ENV) when a checkpoint names a plugin
