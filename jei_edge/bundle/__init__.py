@@ -9,10 +9,11 @@ Example::
 """
 
 from jei_edge.bundle.bundle import Bundle, check_relpath, resolve_inside, sha256_file
-from jei_edge.bundle.manifest import (MANIFEST, SCHEMA, SCHEMA_VERSION, Costs, Engine, Exits, Graph, Lowering,
+from jei_edge.bundle.manifest import (MANIFEST, SCHEMA, SCHEMA_VERSION, Costs, Deploy, Engine, Exits, Graph,
+                                      Lowering,
                                       Manifest, Preprocessing, References, Stage, TargetInfo, TensorSpec, decode_manifest,
                                       parse_manifest)
 
-__all__ = ["Bundle", "Costs", "Engine", "Exits", "Graph", "Lowering", "MANIFEST", "Manifest", "Preprocessing", "References",
+__all__ = ["Bundle", "Costs", "Deploy", "Engine", "Exits", "Graph", "Lowering", "MANIFEST", "Manifest", "Preprocessing", "References",
            "SCHEMA", "SCHEMA_VERSION", "Stage", "TargetInfo", "TensorSpec", "check_relpath", "decode_manifest",
            "parse_manifest", "resolve_inside", "sha256_file"]

@@ -297,6 +297,31 @@ class References:
 
 
 @dataclass(frozen=True)
+class Deploy:
+    """The deploy profile ``jei-edge tune`` chose: threshold offsets used by default at run time,
+    and the conformal table recomputed for them.
+
+    Attributes:
+        offsets: per-gate threshold offsets ``delta_l`` (``num_gates`` values).
+        alphas: the conformal alphas of ``qhat``.
+        qhat: per-exit conformal thresholds ``[num_exits][len(alphas)]`` for these offsets
+            (calibration data disjoint from the data that chose them), or empty.
+        budget: what was asked (``cost<=0.5``, ``latency-ms<=2.0 at batch 8``).
+        info: how it was chosen (data source, sizes, validation accuracy and cost, seed).
+    """
+
+    offsets: Tuple[float, ...]
+    alphas: Tuple[float, ...] = ()
+    qhat: Tuple[Tuple[float, ...], ...] = ()
+    budget: str = ""
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"offsets": list(self.offsets), "alphas": list(self.alphas), "qhat": [list(r) for r in self.qhat],
+                "budget": self.budget, "info": dict(self.info)}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed, validated manifest. Build one with ``parse_manifest`` (reading) or the
     constructor (writing; ``validate()`` then checks it as a reader would)."""
@@ -323,6 +348,7 @@ class Manifest:
     plan: Dict[str, Any] = field(default_factory=dict)
     quantization: Optional[Dict[str, Any]] = None
     lowering: Optional[Lowering] = None
+    deploy: Optional[Deploy] = None
     schema_version: int = SCHEMA_VERSION
 
     # -- derived -----------------------------------------------------------------------------
@@ -370,6 +396,7 @@ class Manifest:
             "references": self.references.to_dict() if self.references else None,
             "plan": dict(self.plan), "quantization": self.quantization,
             "lowering": self.lowering.to_dict() if self.lowering else None,
+            "deploy": self.deploy.to_dict() if self.deploy else None,
             "toolchain": dict(self.toolchain), "files": {k: dict(v) for k, v in self.files.items()},
         }
 
@@ -542,6 +569,21 @@ def _lowering(f: _Field, precision: str, target: "TargetInfo", stages: Sequence[
                 raise f.fail(f"stage {s.index}'s engine '{e.file}' is {e.precision} {list(e.profile)}, not the plan's "
                              f"{low.precision} {list(low.profile)}")
     return low
+
+
+def _deploy(f: _Field, num_gates: int, num_exits: int) -> "Deploy":
+    offsets = _floats(f.key("offsets"), -1.0, 1.0, max_len=MAX_STAGES)
+    if len(offsets) != num_gates:
+        raise f.key("offsets").fail(f"must have one offset per gate ({num_gates}), got {len(offsets)}")
+    alphas = _floats(f.key("alphas", []), 1e-9, 1.0, max_len=64)
+    qf = f.key("qhat", [])
+    qhat = tuple(_floats(r, -1.0, 2.0, max_len=64) for r in qf.items(max_len=MAX_STAGES))
+    if qhat and (len(qhat) != num_exits or any(len(r) != len(alphas) for r in qhat)):
+        raise qf.fail(f"must have {num_exits} rows (one per exit) of {len(alphas)} values (one per alpha)")
+    info = f.key("info", {}).free() or {}
+    if not isinstance(info, dict):
+        raise f.key("info").fail("must be an object")
+    return Deploy(offsets=offsets, alphas=alphas, qhat=qhat, budget=f.key("budget", "").string(max_len=256), info=info)
 
 
 def _stage(f: _Field, k: int, last: bool, version: int) -> Stage:
@@ -733,13 +775,15 @@ def parse_manifest(raw: Any, where: str = "bundle") -> Manifest:
     lowering = None if lf.value is None else _lowering(lf, precision, target, stages)
     if lowering is None and any(s.engines for s in stages):
         raise root.key("lowering").fail("must describe how the stages' engines were built (the bundle has engines)")
+    df = root.key("deploy", None)
+    deploy = None if df.value is None else _deploy(df, exits.num_gates, exits.num_exits)
     return Manifest(
         name=root.key("name", "bundle").string(max_len=256), created=root.key("created", "").string(max_len=64),
         target=target, precision=precision, input=inp, num_classes=num_classes,
         class_names=class_names, preprocessing=pre, stages=stages, exits=exits, costs=costs, toolchain=toolchain,
         files=files, plain=plain, backbone=backbone, model_file=opt_path("model_file"), report=opt_path("report"),
         report_text=opt_path("report_text"), references=refs, plan=plan, quantization=quant, lowering=lowering,
-        schema_version=version)
+        deploy=deploy, schema_version=version)
 
 
 def decode_manifest(data: bytes, where: str = "bundle") -> Manifest:

@@ -30,6 +30,7 @@ COMMANDS = {
     "inspect": "jei_edge.cli.inspect_cmd:inspect",
     "profile": "jei_edge.cli.profile_cmd:profile",
     "selftest": "jei_edge.cli.selftest_cmd:selftest",
+    "tune": "jei_edge.cli.tune_cmd:tune",
     "targets": "jei_edge.cli.targets_cmd:targets",
 }
 
@@ -68,6 +69,7 @@ def cli(verbose: int, plugins):
       jei-edge inspect model.pt|model.jei            architecture, exits, costs, integrity
       jei-edge profile model.jei inputs.npy          stage latency, exits, realized vs theoretical speedup
       jei-edge selftest model.jei                    on your board: every backend vs onnxruntime, decisions, speed
+      jei-edge tune model.jei --data digits --budget cost=0.3   most accurate exits within a budget
       jei-edge targets [NAME]                        the hardware targets a bundle can be built for
     """
     if plugins:  # read by jei_edge.model.backbone (PLUGIN_ENV) when a checkpoint names a plugin

@@ -50,7 +50,9 @@ def run(bundle, inputs, device, mode, offsets, alpha, batch_size, preprocessed, 
     seconds = time.perf_counter() - t
     recs = records(res, rt, batch.sources, alpha, batch.y)
     summ = summary(res, rt, mode, seconds, batch.y, alpha)
+    summ["offsets"] = rt.offsets_label(offs) if mode == "exit" else "full mode (no exits)"
     if as_json:
         emit_json({"bundle": str(bundle), "samples": recs, "summary": summ})
     else:
         click.echo(format_table(recs, summ, show))
+        click.echo(f"offsets: {summ['offsets']}")

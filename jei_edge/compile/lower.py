@@ -191,13 +191,12 @@ def lower_existing(bundle_path, toolchain: Optional[str] = None, compute_capabil
     """
     import importlib.util
     import json
-    import shutil
 
-    from jei_edge.bundle import MANIFEST, Bundle
+    from jei_edge.bundle import Bundle
     from jei_edge.compile.progress import Progress
     from jei_edge.compile.report import summary_text
     from jei_edge.compile.verify import verify_bundle, verify_device
-    from jei_edge.compile.writer import StagingDir, write_json, write_manifest
+    from jei_edge.compile.writer import StagingDir, copy_bundle, write_json, write_manifest
 
     progress = Progress.of(progress)
     path = Path(bundle_path)
@@ -214,12 +213,7 @@ def lower_existing(bundle_path, toolchain: Optional[str] = None, compute_capabil
     m = m.replace(stages=tuple(replace(s, engines=()) for s in m.stages))
     with StagingDir(path, force=True) as staging:
         root = staging.tmp
-        for rel in m.files:
-            if rel not in old_engines:
-                dst = root / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(bundle.file(rel), dst)
-        shutil.copyfile(path / MANIFEST, root / MANIFEST)
+        copy_bundle(bundle, root, skip=old_engines)
         m, lowering = lower_bundle(root, m, progress, toolchain=toolchain, compute_capability=compute_capability,
                                    cache=cache)
         m = write_manifest(root, m)

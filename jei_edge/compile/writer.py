@@ -144,3 +144,15 @@ class StagingDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed and self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def copy_bundle(bundle, root: Path, skip=()) -> None:
+    """Copy an opened (verified) ``bundle``'s files and manifest into ``root`` (a staging
+    directory), except the relative paths in ``skip``: the first step of rewriting a bundle
+    atomically (``jei-edge lower``, ``jei-edge tune``)."""
+    for rel in bundle.manifest.files:
+        if rel not in skip:
+            dst = root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(bundle.file(rel), dst)
+    shutil.copyfile(Path(bundle.path) / MANIFEST, root / MANIFEST)

@@ -369,6 +369,7 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
     out: Dict[str, Any] = {
         "bundle": str(rt.bundle.path), "device": rt.device, "stages": rt.bundle.num_stages,
         "samples": int(n_all), "repeats": int(repeats), "offsets": list(offsets) if offsets else None,
+        "offsets_used": rt.offsets_label(offsets),
         "settings": settings_record(rt),
         "exits": {"histogram": hist, "fraction": [h / n_all for h in hist], "cost": cost.tolist(),
                   "cost_vs_plain": cost_plain.tolist(), "mean_cost": mean_cost,

@@ -16,6 +16,7 @@ def format_profile(info: Dict[str, Any]) -> str:
     lines = [
         f"{info['bundle']}: {info['samples']} samples, device {info['device']}, {info['stages']} stages, "
         f"medians over {info['repeats']} repeats",
+        f"  offsets    {info.get('offsets_used', 'offsets 0')}",
         f"  exits      {ex['histogram']} (mean cost {ex['mean_cost']:.3f} of the full model, "
         f"{ex['mean_cost_vs_plain']:.3f} of the plain backbone)",
         f"  theoretical speedup (MACs)  {ex['theoretical_speedup']:.2f}x vs full depth, "

@@ -64,21 +64,6 @@ def facts() -> Dict[str, Any]:
     return out
 
 
-def _stage_feeds(bundle, x: np.ndarray) -> List[Dict[str, np.ndarray]]:
-    """The input of every stage on the rows ``x``: stage 0 gets ``x``, stage k > 0 onnxruntime's
-    hidden state of stage k-1 (every row, no exits: a per-stage comparison, not a run)."""
-    from jei_edge.backends.onnxruntime import OrtSettings
-    from jei_edge.backends.onnxruntime.executor import create_session
-
-    feeds, h = [], x
-    for s in bundle.manifest.stages:
-        feeds.append({s.input.name: np.ascontiguousarray(h.astype(s.input.dtype, copy=False))})
-        if s.gated:
-            sess = create_session(bundle.file(s.file), OrtSettings(), f"stage {s.index}")
-            h = sess.run(["hidden_out"], feeds[-1])[0]
-    return feeds
-
-
 def compare_stages(bundle, runner_for: Callable[[Any], Any], x: np.ndarray, tolerance: float,
                    name: str) -> Dict[str, Any]:
     """Every stage through ``runner_for(stage)`` (a Polygraphy runner) vs onnxruntime on its graph.
@@ -98,7 +83,9 @@ def compare_stages(bundle, runner_for: Callable[[Any], Any], x: np.ndarray, tole
         _Simple = CompareFunc.simple
     G_LOGGER.module_severity = G_LOGGER.ERROR
     rows = []
-    for s, feed in zip(bundle.manifest.stages, _stage_feeds(bundle, x)):
+    from jei_edge.backends.onnxruntime.chain import chain_stages
+
+    for s, (feed, _) in zip(bundle.manifest.stages, chain_stages(bundle, x)):
         ort = OnnxrtRunner(SessionFromOnnx(str(bundle.file(s.file)), providers=["cpu"]), name="onnxruntime")
         results = Comparator.run([runner_for(s), ort], data_loader=[feed])
         acc = Comparator.compare_accuracy(results, compare_func=_Simple(atol=tolerance, rtol=0.0))

@@ -56,6 +56,7 @@ def run_stream(args) -> None:
     offsets = expand_offsets(parse_offsets(args.offsets), rt.num_gates)
     if args.alpha is not None:
         rt.qhat(args.alpha)  # validate before any work
+    sys.stderr.write(f"jei-edge-run: {rt.offsets_label(offsets) if args.mode == 'exit' else 'full mode'}\n")
     prep = rt.preprocessing
     files = [p for p in args.inputs if p != "-"]
     if files and len(files) != len(args.inputs):
@@ -81,7 +82,8 @@ def run_stream(args) -> None:
         if done:
             allb = concat([b for b, _ in done])
             res = Results.concat([r for _, r in done])
-            _emit({"summary": summary(res, rt, args.mode, seconds, allb.y, args.alpha)})
+            _emit({"summary": {**summary(res, rt, args.mode, seconds, allb.y, args.alpha),
+                               "offsets": rt.offsets_label(offsets)}})
         else:
             _emit({"summary": {"samples": 0}})
 

@@ -41,6 +41,8 @@ class Runtime:
         # NaN/inf: checked by stage 0's verified in-graph guard, else by numpy before the run
         self._check_finite = not workspace.input_guard
         self._closed = False
+        # the deploy profile (`jei-edge tune`): its offsets are the default; use_deploy(False) drops it
+        self.deploy = bundle.manifest.deploy
         if executor.num_stages != bundle.num_stages:
             raise BundleError(f"backend built {executor.num_stages} stages, the manifest has {bundle.num_stages}")
         merged = [s.index for s in bundle.manifest.stages if s.merged]
@@ -117,6 +119,25 @@ class Runtime:
     def num_exits(self) -> int:
         return self.num_gates + 1
 
+    def use_deploy(self, on: bool = True) -> "Runtime":
+        """Use the bundle's deploy profile (offsets and conformal table; the default) or not (offsets 0)."""
+        self.deploy = self.manifest.deploy if on else None
+        return self
+
+    @property
+    def default_offsets(self) -> Optional[tuple]:
+        """The offsets ``run`` uses when given none: the deploy profile's, or None (0 for every gate)."""
+        return tuple(self.deploy.offsets) if self.deploy is not None else None
+
+    def offsets_label(self, offsets=None) -> str:
+        """Which offsets a run with ``offsets`` uses, in words (the CLIs print it)."""
+        if offsets is not None:
+            return "given offsets " + ", ".join(f"{float(o):+g}" for o in offsets)
+        if self.deploy is not None:
+            return (f"deploy profile ({self.deploy.budget or 'tuned'}): "
+                    + ", ".join(f"{o:+.3g}" for o in self.deploy.offsets))
+        return "offsets 0 (no deploy profile)"
+
     @property
     def class_names(self) -> List[str]:
         return list(self.manifest.class_names)
@@ -133,7 +154,8 @@ class Runtime:
         Args:
             x: float ``[B, C, H, W]`` (already preprocessed).
             mode: ``exit`` (per-sample early termination) or ``full`` (every stage, final head).
-            offsets: per-gate threshold offsets ``delta_l`` (``num_gates`` values; default 0).
+            offsets: per-gate threshold offsets ``delta_l`` (``num_gates`` values; default: the deploy
+                profile's, else 0).
 
         Returns:
             ``Results`` in input order (``reach`` summed over chunks).
@@ -142,6 +164,8 @@ class Runtime:
             raise JeiEdgeError("this Runtime was closed", hint="load the bundle again")
         if mode not in MODES:
             check_mode(mode)
+        if offsets is None:
+            offsets = self.default_offsets
         if offsets is None:
             offs = None
         elif offsets is self._offsets_seen[0]:  # the same (unchanged) object as last call: already checked
@@ -169,14 +193,19 @@ class Runtime:
         return Results.concat(parts)
 
     # -- conformal sets --------------------------------------------------------------------------
+    def _table(self):
+        if self.deploy is not None and self.deploy.qhat:
+            return list(self.deploy.alphas), self.deploy.qhat  # recomputed for the deploy offsets
+        return list(self.manifest.exits.alphas), self.manifest.exits.qhat
+
     @property
     def alphas(self) -> List[float]:
-        return list(self.manifest.exits.alphas)
+        return self._table()[0]
 
     def qhat(self, alpha: float) -> Optional[List[float]]:
-        """Per-exit qhat for ``alpha`` from the bundle's table (None if the model was not calibrated)."""
-        alphas = self.alphas
-        table = self.manifest.exits.qhat  # validated: one row per exit, one value per alpha
+        """Per-exit qhat for ``alpha`` (None if the model was not calibrated): the deploy profile's
+        table when it is in use, else the training calibration's (for offsets 0)."""
+        alphas, table = self._table()  # validated: one row per exit, one value per alpha
         if not alphas or not table:
             return None
         for j, a in enumerate(alphas):
