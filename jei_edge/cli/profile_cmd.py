@@ -38,10 +38,16 @@ def _batch_sizes(text: str):
 @device_option
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Folder for profile.json and profile.png (default: NAME.profile beside the bundle).")
-@click.option("--no-plot", is_flag=True, help="Skip the PNG.")
+@click.option("--no-plot", is_flag=True, help="Skip the PNG and the plots of the HTML page (its tables stay).")
+@click.option("--power", is_flag=True,
+              help="Jetson boards: also measure energy per inference of the exit, full and plain passes "
+                   "(tegrastats, or jtop when jetson-stats is installed; module power, carrier board not "
+                   "included). Elsewhere it says it is unavailable and the profile still runs.")
+@click.option("--power-seconds", type=float, default=2.0, show_default=True,
+              help="With --power: seconds each pass is repeated for (after 1 s of idle power).")
 @json_option
 def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, preprocessed, backend_opts, device,
-            output, no_plot, as_json):
+            output, no_plot, power, power_seconds, as_json):
     """Profile BUNDLE on INPUTS (files or folders, as for `jei-edge run`) or on --data.
 
     \b
@@ -51,7 +57,9 @@ def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, prepro
       - realized/ideal efficiency (the stage runs alone / the early-exit time);
       - throughput, per-call latency percentiles, and each stage's latency on a full batch;
     plus the exit histogram and the theoretical speedup that counted MACs promise.
-    Writes profile.json and profile.png (matplotlib, the plots extra) into -o.
+    With --power on a Jetson: energy per inference (exit, full, plain) and the board's facts.
+    Writes profile.json, profile.png (matplotlib, the plots extra) and profile.html (one
+    self-contained page: plots embedded, no network needed) into -o.
 
     \b
     Example:
@@ -88,10 +96,14 @@ def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, prepro
         raise InputError(f"{n} sample(s) are fewer than the largest batch size {max(sizes)}",
                          hint="give more samples (--samples) or smaller --batch-sizes")
     log = (lambda msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
-    info = profile_bundle(rt, x, y, batch_sizes=sizes, repeats=repeats, samples=n, offsets=offs, progress=log)
     out_dir = Path(output) if output else Path(bundle).with_suffix(".profile")
     if out_dir.exists() and not out_dir.is_dir():
         raise JeiEdgeError(f"output '{out_dir}' exists and is not a folder", hint="pass -o FOLDER")
+    if power_seconds <= 0:
+        raise InputError(f"--power-seconds must be > 0, got {power_seconds}")
+    info = profile_bundle(rt, x, y, batch_sizes=sizes, repeats=repeats, samples=n, offsets=offs, progress=log)
+    if power:
+        info["energy"] = _energy(rt, x, sizes, n, offs, power_seconds, log)
     info["files"] = {"json": str(out_dir / "profile.json")}
     if not no_plot:
         try:
@@ -99,9 +111,44 @@ def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, prepro
         except DependencyError as exc:
             info["files"]["png"] = None
             log(f"no plot: {exc.message} ({exc.hint})")
+    from jei_edge.profile import write_html
+
+    info["files"]["html"] = str(out_dir / "profile.html")
+    write_html(info, out_dir / "profile.html", energy=_energy_table(info.get("energy")))
     write_json(info, out_dir / "profile.json")
     if as_json:
         emit_json(info)
     else:
         click.echo(format_profile(info))
         click.echo("  wrote " + ", ".join(v for v in info["files"].values() if v))
+
+
+def _energy(rt, x, sizes, n, offsets, seconds, log):
+    """``measure_energy`` under a running power sampler, or why there is none here."""
+    from jei_edge.profile import measure_energy
+    from jei_edge.profile.power import CARRIER_NOTE, PowerSampler, available, board_facts
+
+    reason = available()
+    if reason is not None:
+        log(f"power: unavailable here: {reason}")
+        return {"available": False, "reason": reason}
+    with PowerSampler(interval_ms=50) as sampler:
+        sampler.wait_for(2, timeout=3.0)
+        out = measure_energy(rt, x, sizes, sampler, seconds=seconds, offsets=offsets, samples=n, progress=log)
+        out.update({"available": True, "source": sampler.source, "board": board_facts(), "note": CARRIER_NOTE,
+                    "sampler_note": sampler.note, "skipped_lines": sampler.skipped})
+    return out
+
+
+def _energy_table(energy):
+    """The HTML page's energy section: per batch size and pass, mJ per inference and power."""
+    if not energy or not energy.get("available"):
+        return None
+    table = {}
+    for bsz, entry in energy["batches"].items():
+        for mode in ("exit", "full", "plain"):
+            if mode in entry:
+                e = entry[mode]
+                table[f"batch {bsz} {mode}"] = {"mj_per_inference": e["mj_per_inference"], "mean_mw": e["mean_mw"],
+                                                "idle_mw": e["idle_mw"]}
+    return {**table, "board": energy.get("board", {}), "note": energy.get("note", "")}

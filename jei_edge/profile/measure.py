@@ -423,3 +423,53 @@ def settings_record(rt) -> Dict[str, Any]:
     import dataclasses
 
     return {"backend": rt.backend, **dataclasses.asdict(rt.settings)} if rt.settings is not None else {}
+
+
+def measure_energy(rt, x: np.ndarray, batch_sizes: Sequence[int], sampler, seconds: float = 2.0,
+                   idle_seconds: float = 1.0, offsets=None, samples: Optional[int] = None,
+                   progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """Energy per inference of the exit, full and plain passes (``jei_edge.profile.power``).
+
+    For each batch size and pass: idle power over ``idle_seconds`` of doing nothing, then the pass
+    repeated for at least ``seconds`` (the sampler needs several readings), and
+    ``(mean power during it - idle power) x time / samples``. The sampler must be running.
+
+    Returns:
+        ``{"batches": {"B": {"exit": {...}, "full": {...}, "plain": {...}}}, "exit_vs_full": ...}``.
+    """
+    from jei_edge.profile.power import energy_per_inference, measure_idle
+
+    say = progress or (lambda msg: None)
+    out: Dict[str, Any] = {"batches": {}}
+    for bsz in batch_sizes:
+        p = Passes.for_runtime(rt, bsz)
+        xs = p.batches(x, bsz, samples)
+        rows = len(xs) * bsz
+        modes = {"exit": lambda: p.exit_pass(xs, offsets), "full": lambda: p.full_pass(xs)}
+        if p.plain is not None:
+            modes["plain"] = lambda: p.plain_pass(xs)
+        entry = {}
+        for mode, run in modes.items():
+            say(f"power: batch {bsz}, {mode} passes for {seconds:g} s after {idle_seconds:g} s idle")
+            run()  # warm
+            idle = measure_idle(sampler, idle_seconds)
+            t0, n = p._clock(), 0
+            while True:
+                run()
+                n += rows
+                t1 = p._clock()
+                if t1 - t0 >= seconds:
+                    break
+            active = sampler.window(t0, t1)
+            ok = active.total_mw is not None and idle.total_mw is not None
+            entry[mode] = {"mj_per_inference": energy_per_inference(active.total_mw, idle.total_mw, t1 - t0, n)
+                           if ok else None, "mean_mw": active.total_mw, "idle_mw": idle.total_mw,
+                           "seconds": t1 - t0, "inferences": n, "power_samples": active.samples,
+                           "note": "" if ok else (active.note or idle.note or "no total power rail")}
+        e = {m: v["mj_per_inference"] for m, v in entry.items()}
+        if e.get("exit") and e.get("full"):
+            entry["energy_saved_vs_full"] = 1.0 - e["exit"] / e["full"]
+        if e.get("exit") and e.get("plain"):
+            entry["energy_vs_plain"] = e["exit"] / e["plain"]
+        out["batches"][str(bsz)] = entry
+    return out
