@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import click
@@ -114,7 +115,12 @@ def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, prepro
     from jei_edge.profile import write_html
 
     info["files"]["html"] = str(out_dir / "profile.html")
-    write_html(info, out_dir / "profile.html", energy=_energy_table(info.get("energy")))
+    curve = None
+    if y is not None and importlib.util.find_spec("onnxruntime") is not None:
+        from jei_edge.profile.tune import offset_curve
+
+        curve = offset_curve(rt.bundle, x[:n], y[:n], offs if offs is not None else rt.default_offsets)
+    write_html(info, out_dir / "profile.html", energy=_energy_table(info.get("energy")), curve=curve)
     write_json(info, out_dir / "profile.json")
     if as_json:
         emit_json(info)

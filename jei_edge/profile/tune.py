@@ -322,6 +322,26 @@ def tune(bundle_path, data: str, budget: Budget, seed: int = 0, repeats: int = 5
     return report
 
 
+def offset_curve(bundle, x: np.ndarray, y: np.ndarray, offsets=None) -> Dict:
+    """Accuracy against MAC cost on labelled ``x`` for shared offsets on ``OFFSET_GRID`` (the JEI
+    rule) and for max-softmax thresholding on the same exits (thresholds fitted on ``x`` itself:
+    an in-sample curve, for the profile page), plus the point of ``offsets`` (None: 0)."""
+    from jei_edge.backends.onnxruntime.chain import exit_outputs
+    from jei_edge.train.baseline import baseline_curve
+
+    m = bundle.manifest
+    gates, probs = exit_outputs(bundle, x)
+    sc = Scorer(gates, probs, y, m.exits.cost)
+    jei = pareto([sc((d,) * m.num_gates) for d in OFFSET_GRID])
+    logp = np.log(np.clip(probs, 1e-30, None))
+    base = baseline_curve(logp, logp, np.asarray(y), {"cost": m.exits.cost, "cost_vs_plain": m.exits.cost_vs_plain})
+    here = sc(tuple(offsets) if offsets is not None else (0.0,) * m.num_gates)
+    return {"JEI exit rule (shared offset)": {"cost": [s.cost for s in jei], "accuracy": [s.accuracy for s in jei]},
+            "max-softmax thresholding (in-sample)": {"cost": [p["mean_cost"] for p in base],
+                                                     "accuracy": [p["accuracy"] for p in base]},
+            "chosen": {"cost": here.cost, "accuracy": here.accuracy}}
+
+
 def write_deploy(bundle, deploy) -> None:
     """Replace ``bundle``'s deploy profile (None removes it), atomically and re-hashed."""
     from jei_edge.compile.writer import StagingDir, copy_bundle, write_manifest
