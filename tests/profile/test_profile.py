@@ -66,7 +66,7 @@ def test_profile_command_writes_json_and_png(bundle, tmp_path, capsys):
     assert set(info["batches"]) == {"1", "8"} and info["samples"] == 24 and "accuracy" in info
     assert json.loads((out / "profile.json").read_text())["exits"] == info["exits"]
     assert (out / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in out.iterdir()) == ["profile.json", "profile.png"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["profile.html", "profile.json", "profile.png"]  # no temp files
     rc = cli_main(["profile", str(bundle), str(tmp_path / "t.npz"), "-o", str(out), "--repeats", "1",
                    "--batch-sizes", "4", "--no-plot"])
     stdout, err = capsys.readouterr()
