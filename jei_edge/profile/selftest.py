@@ -26,7 +26,7 @@ import importlib
 import importlib.util
 import platform
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
@@ -103,7 +103,7 @@ def _stage_comparison(bundle, backend: str, x: np.ndarray) -> Dict[str, Any]:
     if importlib.util.find_spec("polygraphy") is None:
         return {"ran": False, "reason": "Polygraphy is not installed (pip install polygraphy)"}
     if backend == "onnxruntime":
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        from polygraphy.backend.onnxrt import OnnxrtRunner
 
         def unoptimized(s):  # onnxruntime's optimized graph (the runtime's) vs the graph as exported
             import onnxruntime

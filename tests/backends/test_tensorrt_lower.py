@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ import pytest
 
 from jei_edge.bundle import Bundle
 from jei_edge.errors import BuildError, BundleError
-from tests.runtime.helpers import rehash, save_spread
+from tests.runtime.helpers import cli_blocked, rehash, save_spread
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install 'jei-edge[rtx]')")
 
@@ -151,12 +149,7 @@ def test_turing_builds_fp16_and_refuses_what_it_cannot(tmp_path, cache_dir):
     assert not (tmp_path / "vit-rtx-turing-fp32.jei").exists()
 
 
-def _cli(*args, block=("torch", "onnxruntime", "onnx")):
-    """``jei-edge ARGS`` in a child process with ``block`` unimportable (as on a bare board)."""
-    code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in block) +
-            "from jei_edge.cli import main\nsys.exit(main(sys.argv[1:]))")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+_cli = cli_blocked
 
 
 def test_jetson_path_host_build_then_lower_on_the_board(tmp_path, cache_dir):

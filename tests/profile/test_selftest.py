@@ -6,24 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.runtime.helpers import rehash
+from tests.runtime.helpers import cli_blocked, rehash
 
 ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("polygraphy", reason="polygraphy is not installed (pip install 'jei-edge[dev]')")
 
 
 def _cli(*args, block=("torch",)):
-    code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in block) +
-            "from jei_edge.cli import main\nsys.exit(main(sys.argv[1:]))")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    return cli_blocked(*args, block=block)
 
 
 def test_cpu_bundle_passes_every_check_that_runs_here(vit_bundle, tmp_path):

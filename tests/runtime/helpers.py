@@ -110,3 +110,16 @@ def has_cuda_driver() -> bool:
         return cu.cuInit(0)[0] == cu.CUresult.CUDA_SUCCESS
     except Exception:
         return False
+
+
+def cli_blocked(*args, block=("torch", "onnxruntime", "onnx"), timeout: int = 600):
+    """``jei-edge ARGS`` in a child process with the modules ``block`` unimportable (a bare board)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in block) +
+            "from jei_edge.cli import main\nsys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=timeout)

@@ -52,20 +52,14 @@ def check_engines(bundle, trt=None, driver=None) -> Dict[str, object]:
     if missing:
         raise BundleError(f"{where} has no engines yet (stages {missing}): target '{m.target.name}' builds them on "
                           "the board", hint=f"run `jei-edge lower {bundle.path}` on the board (JetPack's TensorRT)")
-    for s in m.stages:
-        e = s.engines[0]
-        if e.backend != m.target.backend:
-            raise BundleError(f"{where}: stage {s.index}'s engine '{e.file}' was built by {e.backend} standing in for "
-                              f"the target's {m.target.backend}; it does not run on '{m.target.name}'",
-                              hint=rebuild_hint(bundle))
+    _refuse(bundle, lambda e: e.backend != m.target.backend,
+            lambda e: f"was built by {e.backend} standing in for the target's {m.target.backend}; it does not run on "
+                      f"'{m.target.name}'")
     trt = trt if trt is not None else import_toolchain(m.target.backend, purpose="running")
     here = version(trt)
-    for s in m.stages:
-        e = s.engines[0]
-        if e.toolchain != here:
-            raise BundleError(f"{where}: stage {s.index}'s engine '{e.file}' was built by {e.backend} {e.toolchain}, "
-                              f"this machine has {here}; engines do not cross toolchain versions",
-                              hint=rebuild_hint(bundle))
+    _refuse(bundle, lambda e: e.toolchain != here,
+            lambda e: f"was built by {e.backend} {e.toolchain}, this machine has {here}; engines do not cross "
+                      "toolchain versions")
     if driver is None:
         from jei_edge.runtime.cuda.driver import CudaDriver, CudaUnavailableError
 
@@ -78,12 +72,9 @@ def check_engines(bundle, trt=None, driver=None) -> Dict[str, object]:
                 hint="run it where that GPU is; here `--device cpu` runs (and `jei-edge verify --device cpu` "
                      "checks) the stage graphs the engines were built from") from None
     cc = "{}.{}".format(*driver.compute_capability)
-    for s in m.stages:
-        e = s.engines[0]
-        if e.compute_capability != cc:
-            raise BundleError(f"{where}: stage {s.index}'s engine '{e.file}' is for compute capability "
-                              f"{e.compute_capability}, this GPU ({getattr(driver, 'name', 'GPU')}) is {cc}",
-                              hint=rebuild_hint(bundle))
+    _refuse(bundle, lambda e: e.compute_capability != cc,
+            lambda e: f"is for compute capability {e.compute_capability}, this GPU "
+                      f"({getattr(driver, 'name', 'GPU')}) is {cc}")
     runtime = trt.Runtime(logger(trt))
     if hasattr(runtime, "get_engine_validity"):
         valid = getattr(getattr(trt, "EngineValidity", None), "VALID", None)
@@ -96,6 +87,15 @@ def check_engines(bundle, trt=None, driver=None) -> Dict[str, object]:
                                   f"valid on this GPU ({_name(state)}; diagnostics {_diagnostics(trt, diagnostics)})",
                                   hint=rebuild_hint(bundle))
     return {"toolchain": here, "compute_capability": cc, "engines": len(m.stages)}
+
+
+def _refuse(bundle, wrong, why) -> None:
+    """BundleError for the first stage whose engine is ``wrong(engine)``, saying ``why(engine)``."""
+    for s in bundle.manifest.stages:
+        e = s.engines[0]
+        if wrong(e):
+            raise BundleError(f"bundle '{bundle.path}': stage {s.index}'s engine '{e.file}' {why(e)}",
+                              hint=rebuild_hint(bundle))
 
 
 def _name(value) -> str:
