@@ -15,7 +15,9 @@ plots = ["matplotlib>=3.6"]
 cuda = ["cuda-python>=12.6"]
 rtx = ["tensorrt-rtx>=1.7"]  # engines for RTX GPUs, built ahead of time without a GPU
 selftest = ["polygraphy>=0.49"]  # `jei-edge selftest`: per-stage comparison with Polygraphy's comparator
-dev = build + images + plots + ["pytest>=7", "vermin>=1.6", "build", "nvidia-cuda-nvrtc>=13,<14"] + cuda + rtx + selftest
+sign = ["cryptography>=42"]  # `jei-edge keygen / sign`, and runtimes that require signed bundles (Ed25519)
+dev = (build + images + plots + ["pytest>=7", "hypothesis>=6.100", "vermin>=1.6", "build", "nvidia-cuda-nvrtc>=13,<14"]
+       + cuda + rtx + selftest + sign)
 
 setup(
     name="jei-edge",
@@ -33,7 +35,7 @@ setup(
     include_package_data=True,
     install_requires=["numpy>=1.22", "click>=8.0", "tomli>=1.1; python_version < '3.11'"],
     extras_require={"cpu": cpu, "build": build, "images": images, "plots": plots, "cuda": cuda,
-                    "rtx": rtx, "selftest": selftest, "dev": dev, "all": build + images + plots + cuda},
+                    "rtx": rtx, "selftest": selftest, "sign": sign, "dev": dev, "all": build + images + plots + cuda},
     entry_points={"console_scripts": ["jei-edge=jei_edge.cli:main", "jei-edge-run=jei_edge.runtime.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

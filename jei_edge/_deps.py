@@ -21,6 +21,7 @@ _KNOWN = {
     "cuda.bindings": ("cuda-python>=12", "cuda"),
     "tensorrt_rtx": ("tensorrt-rtx", "rtx"),
     "polygraphy": ("polygraphy", "selftest"),
+    "cryptography": ("cryptography", "sign"),
     "tensorrt": ("tensorrt", None),  # from JetPack on Jetson boards, never from PyPI
 }
 

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 from jei_edge.bundle.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, decode_manifest
 from jei_edge.errors import BundleError
 
+SIGNATURE = "manifest.sig"  # the one unlisted file a bundle may hold (jei_edge.bundle.signing)
+
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -132,7 +134,7 @@ class Bundle:
                 continue
             safe[rel] = p
         for rel in _walk_files(self.path):
-            if rel != MANIFEST and rel not in files:
+            if rel not in (MANIFEST, SIGNATURE) and rel not in files:
                 problems.append(f"file '{rel}' is in the bundle but not in its manifest")
         for ref in self.manifest.referenced_files():
             if ref not in files:

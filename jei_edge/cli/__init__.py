@@ -31,6 +31,8 @@ COMMANDS = {
     "profile": "jei_edge.cli.profile_cmd:profile",
     "selftest": "jei_edge.cli.selftest_cmd:selftest",
     "tune": "jei_edge.cli.tune_cmd:tune",
+    "keygen": "jei_edge.cli.sign_cmd:keygen",
+    "sign": "jei_edge.cli.sign_cmd:sign",
     "targets": "jei_edge.cli.targets_cmd:targets",
 }
 
@@ -70,6 +72,7 @@ def cli(verbose: int, plugins):
       jei-edge profile model.jei inputs.npy          stage latency, exits, realized vs theoretical speedup
       jei-edge selftest model.jei                    on your board: every backend vs onnxruntime, decisions, speed
       jei-edge tune model.jei --data digits --budget cost=0.3   most accurate exits within a budget
+      jei-edge keygen -o K; jei-edge sign model.jei --key K.pem   sign; run/verify --public-key K.pub
       jei-edge targets [NAME]                        the hardware targets a bundle can be built for
     """
     if plugins:  # read by jei_edge.model.backbone (PLUGIN_ENV) when a checkpoint names a plugin

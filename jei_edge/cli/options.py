@@ -32,3 +32,7 @@ def _default(o):
     if hasattr(o, "item"):
         return o.item()
     return str(o)
+public_key_option = click.option(
+    "--public-key", "public_key", type=click.Path(), default=None, envvar="JEI_EDGE_PUBLIC_KEY",
+    help="Refuse the bundle unless it is signed by this key (NAME.pub from `jei-edge keygen`) and every "
+         "file matches; default: $JEI_EDGE_PUBLIC_KEY when set.")

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from jei_edge.cli.options import device_option, emit_json, json_option
+from jei_edge.cli.options import device_option, emit_json, json_option, public_key_option
 
 
 @click.command(name="run")
@@ -27,8 +27,10 @@ from jei_edge.cli.options import device_option, emit_json, json_option
               help="Backend setting, repeatable; on the CPU an onnxruntime setting such as intra_op_threads=1, "
                    "small_batch_rows=1 (1-thread sessions when one row is live) or allow_spinning=true "
                    "(defaults: the bundle's target; see docs/runtime.md).")
+@public_key_option
 @json_option
-def run(bundle, inputs, device, mode, offsets, alpha, batch_size, preprocessed, show, backend_opts, as_json):
+def run(bundle, inputs, device, mode, offsets, alpha, batch_size, preprocessed, show, backend_opts, public_key,
+        as_json):
     """Run BUNDLE (a NAME.jei directory) on INPUTS: .npy/.npz files (raw values in [0, 1] unless
     --preprocessed; uint8 = pixels), image files, or folders (one sub-folder per class gives labels
     and accuracy). Prints the class, exit, confidence and conformal set of each sample and a summary."""
@@ -40,7 +42,8 @@ def run(bundle, inputs, device, mode, offsets, alpha, batch_size, preprocessed, 
 
     if batch_size is not None and batch_size < 1:
         raise JeiEdgeError(f"--batch-size must be >= 1, got {batch_size}")
-    rt = Runtime.load(bundle, device=device, max_batch=batch_size, **parse_backend_options(backend_opts))
+    rt = Runtime.load(bundle, device=device, max_batch=batch_size, public_key=public_key,
+                      **parse_backend_options(backend_opts))
     offs = expand_offsets(parse_offsets(offsets), rt.num_gates)
     if rt.qhat(alpha) is None:
         alpha = None

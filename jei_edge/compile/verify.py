@@ -132,9 +132,13 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
     """
     n, tol = len(refs), rule.tolerance
     n_exits = refs.margin.shape[1] + 1
-    with progress.bar(2 * n, "verify") as update:
-        probs, exits = _run(rt, refs.x, "exit", update)
-        full_probs, _ = _run(rt, refs.x, "full", update)
+    deploy, rt.deploy = rt.deploy, None  # the references are the trained model's decisions: offsets 0
+    try:
+        with progress.bar(2 * n, "verify") as update:
+            probs, exits = _run(rt, refs.x, "exit", update)
+            full_probs, _ = _run(rt, refs.x, "full", update)
+    finally:
+        rt.deploy = deploy
     levels = refs.exit_index
     diff = exits != levels
     first = np.minimum(levels, exits)[diff]
@@ -206,7 +210,7 @@ def verify_device(bundle_path):
 
 
 def verify_bundle(bundle_path, device: Optional[str] = None, progress=None, references: Optional[ReferenceSet] = None,
-                  tolerance: Optional[float] = None) -> Dict:
+                  tolerance: Optional[float] = None, public_key=None) -> Dict:
     """Check a bundle against the PyTorch model's references with the real runtime.
 
     Args:
@@ -216,6 +220,7 @@ def verify_bundle(bundle_path, device: Optional[str] = None, progress=None, refe
         references: check these rows instead of the stored ones (the build passes every input it
             generated; the bundle stores a subset).
         tolerance: override the precision's tie band (``Rule``).
+        public_key: require a signature by this key (``Runtime.load``).
 
     Returns:
         The report: bundle, device, precision, rule, input_guard, decisions, seconds.
@@ -229,7 +234,7 @@ def verify_bundle(bundle_path, device: Optional[str] = None, progress=None, refe
     t0 = time.perf_counter()
     progress = Progress.of(progress)
     path = Path(bundle_path)
-    with Runtime.load(path, device=device) as rt:  # integrity check + the stage-0 input-guard probe
+    with Runtime.load(path, device=device, public_key=public_key) as rt:  # integrity + the input-guard probe
         m = rt.manifest
         if references is None:
             if m.references is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from jei_edge.bundle import MANIFEST, SCHEMA, Manifest, sha256_file
+from jei_edge.bundle.bundle import SIGNATURE
 from jei_edge.errors import BuildError
 
 _BUILDING = ".building-"
@@ -92,7 +93,7 @@ def file_table(root: Path) -> Dict[str, Dict[str, Any]]:
             raise BuildError(f"bundle staging area holds a symlink '{p}'")
         if p.is_file():
             rel = p.relative_to(root).as_posix()
-            if rel != MANIFEST:
+            if rel not in (MANIFEST, SIGNATURE):
                 table[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     return table
 

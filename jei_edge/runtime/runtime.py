@@ -54,7 +54,7 @@ class Runtime:
 
     @classmethod
     def load(cls, bundle: Union[str, Path, Bundle], device: Optional[str] = None, max_batch: Optional[int] = None,
-             verify: bool = True, backend: Optional[str] = None, **backend_options) -> "Runtime":
+             verify: bool = True, backend: Optional[str] = None, public_key=None, **backend_options) -> "Runtime":
         """Open and verify ``bundle`` (manifest, sha256, paths) and set up its backend.
 
         Args:
@@ -66,6 +66,9 @@ class Runtime:
                 batches run in chunks.
             verify: check sha256 of every file (leave on; off only for trusted, already-verified copies).
             backend: a backend name (``jei_edge.backends.REGISTRY``) instead of the device's choice.
+            public_key: a public key file (``jei-edge keygen``): refuse the bundle unless it is signed
+                by that key and every file matches (``jei_edge.bundle.signing``; the integrity check is
+                then always on). The CLIs default it to ``$JEI_EDGE_PUBLIC_KEY``.
             backend_options: that backend's settings (e.g. ``OrtSettings`` fields), over the target's.
 
         Raises:
@@ -74,7 +77,11 @@ class Runtime:
         """
         from jei_edge import backends
 
-        b = Bundle.open(bundle.path if isinstance(bundle, Bundle) else bundle, verify=verify)
+        b = Bundle.open(bundle.path if isinstance(bundle, Bundle) else bundle, verify=verify or bool(public_key))
+        if public_key:
+            from jei_edge.bundle.signing import verify_signature
+
+            verify_signature(b, public_key)
         name = backends.choose(b.manifest, device, backend)
         be = backends.get_backend(name)
         if max_batch is None:

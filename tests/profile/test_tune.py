@@ -134,3 +134,11 @@ def test_deploy_profile_is_validated(tuned):
     bad["deploy"]["offsets"][0] = 7.0
     with pytest.raises(BundleError, match="deploy.offsets"):
         parse_manifest(bad)
+
+
+def test_verify_still_checks_the_trained_decisions_of_a_tuned_bundle(tuned):
+    from jei_edge.compile.verify import verify_bundle
+
+    path, report = tuned
+    assert any(report["offsets"])  # the profile moves decisions, yet the references are for offsets 0
+    assert verify_bundle(path)["decisions"]["disagreements"] == 0
