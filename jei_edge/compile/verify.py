@@ -132,13 +132,16 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
     """
     n, tol = len(refs), rule.tolerance
     n_exits = refs.margin.shape[1] + 1
-    deploy, rt.deploy = rt.deploy, None  # the references are the trained model's decisions: offsets 0
+    deploy = getattr(rt, "deploy", None)  # the references are the trained model's decisions: offsets 0
+    if deploy is not None:
+        rt.deploy = None
     try:
         with progress.bar(2 * n, "verify") as update:
             probs, exits = _run(rt, refs.x, "exit", update)
             full_probs, _ = _run(rt, refs.x, "full", update)
     finally:
-        rt.deploy = deploy
+        if deploy is not None:
+            rt.deploy = deploy
     levels = refs.exit_index
     diff = exits != levels
     first = np.minimum(levels, exits)[diff]
