@@ -44,9 +44,18 @@ def build(model, output, target, precision, data, force, no_model, parity_sample
     with sha256 of every file, and a build report with parity vs PyTorch. Steps: export, lower,
     verify; a verification failure fails the build. Written atomically: a failed or killed build
     leaves nothing at the output path."""
+    from pathlib import Path
+
     from jei_edge.compile import BuildOptions, build_bundle
     from jei_edge.compile.parity import parse_samples
+    from jei_edge.compile.writer import check_output
 
+    # the output is checked before any work (loading, export): an existing one without --force, a
+    # parent that is a file, a folder that is not writable all fail here, in one line
+    if output is not None:
+        check_output(Path(output), force)
+    elif Path(model).is_file():  # the default, beside the checkpoint (a missing model fails below)
+        check_output(Path(model).with_suffix(".jei"), force)
     opts = BuildOptions(target=target, precision=precision, data=data, include_model=not no_model, force=force,
                         parity_samples=parse_samples(parity_samples), seed=seed, plan=plan, plan_batch=plan_batch,
                         calibration=calibration, min_agreement=min_agreement)

@@ -57,10 +57,15 @@ def eval_command(model, data, seed, split, offsets, batch_size, as_json):
     from dataclasses import replace
 
     from jei_edge.data import load_data
-    from jei_edge.model.checkpoint import read_checkpoint
+    from jei_edge.model.checkpoint import model_from_checkpoint, read_checkpoint
     from jei_edge.train.evaluate import evaluate_checkpoint
 
+    if batch_size < 1:
+        raise JeiEdgeError(f"--batch-size must be >= 1, got {batch_size}")
+    if seed is not None and seed < 0:
+        raise JeiEdgeError(f"--seed must be >= 0, got {seed}")
     ckpt = read_checkpoint(model)
+    model_from_checkpoint(ckpt, source=f"checkpoint '{model}'")  # every field and tensor checked before the data loads
     record = ckpt.get("training", {}).get("data", {})
     source = data or record.get("source")
     if not source:
@@ -68,8 +73,10 @@ def eval_command(model, data, seed, split, offsets, batch_size, as_json):
     split_seed = seed if seed is not None else int(record.get("split_seed", 0))
     splits = load_data(source, seed=split_seed, preprocessing=ckpt["preprocessing"])
     if splits.class_names != [str(c) for c in ckpt["class_names"]]:
-        raise JeiEdgeError(f"data '{source}' has classes {splits.class_names[:10]}, the model was trained on "
-                           f"{ckpt['class_names'][:10]}", hint="evaluate on data with the same classes")
+        from jei_edge._io import shorten
+
+        raise JeiEdgeError(f"data '{source}' has classes {shorten(splits.class_names, 120)}, the model was trained "
+                           f"on {shorten(ckpt['class_names'], 120)}", hint="evaluate on data with the same classes")
     if split != "test":
         splits = replace(splits, test=splits.split(split))
     n_gates = len(ckpt["exits"]["positions"])
@@ -84,8 +91,6 @@ def eval_command(model, data, seed, split, offsets, batch_size, as_json):
         if len(deltas) != n_gates:
             raise JeiEdgeError(f"--offsets has {len(deltas)} values, the model has {n_gates} gates",
                                hint="give one value for all gates or one per gate")
-    if batch_size < 1:
-        raise JeiEdgeError("--batch-size must be >= 1")
     info = evaluate_checkpoint(ckpt, splits, offsets=deltas, batch_size=batch_size)
     info.update({"model": str(model), "backbone": ckpt["config"]["backbone"], "data": source, "split": split,
                  "split_seed": split_seed, "lambda": ckpt.get("training", {}).get("lambda"), "offsets": deltas})

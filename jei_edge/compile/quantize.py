@@ -56,46 +56,99 @@ class Recipe:
     source: str = ""
 
     def check(self) -> "Recipe":
-        if self.method not in METHODS:
-            raise InputError(f"calibration recipe '{self.name}': method must be one of {list(METHODS)}, got {self.method!r}")
-        if self.activations not in ACTIVATIONS:
-            raise InputError(f"calibration recipe '{self.name}': activations must be one of {list(ACTIVATIONS)}, "
-                             f"got {self.activations!r}")
-        if int(self.samples) < 1:
-            raise InputError(f"calibration recipe '{self.name}': samples must be >= 1, got {self.samples}")
-        if not 0 < float(self.percentile) <= 100:
-            raise InputError(f"calibration recipe '{self.name}': percentile must be in (0, 100], got {self.percentile}")
-        unknown = set(self.exclude) - {"gate", "im"}
+        """Check every field's type and value; one ``InputError`` names the recipe (its file) and the key."""
+        import math
+
+        where = f"calibration recipe '{self.source or self.name}'"
+
+        def bad(key: str, problem: str, value) -> InputError:
+            from jei_edge._io import shorten
+
+            return InputError(f"{where}: {key} {problem}, got {shorten(repr(value), 80)}", hint=RECIPE_HINT)
+
+        def text(key: str, value, optional: bool = False) -> None:
+            if optional and value is None:
+                return
+            if not isinstance(value, str) or not value.strip():
+                raise bad(key, "must be a non-empty string", value)
+
+        def strings(key: str, value, allowed=None, allow_empty: bool = True) -> None:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise bad(key, "must be a list of strings" + (f" from {list(allowed)}" if allowed else ""), value)
+            if not value and not allow_empty:
+                raise bad(key, "must list at least one entry", value)
+
+        text("name", self.name)
+        text("data", self.data, optional=True)
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int):
+            raise bad("samples", f"must be an integer in 1..{MAX_SAMPLES:,}", self.samples)
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise bad("samples", f"must be in 1..{MAX_SAMPLES:,}", self.samples)
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise bad("method", f"must be one of {list(METHODS)}", self.method)
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
+            raise bad("percentile", "must be a number in (0, 100]", p)
+        if not 0 < p <= 100:
+            raise bad("percentile", "must be in (0, 100]", p)
+        if not isinstance(self.activations, str) or self.activations not in ACTIVATIONS:
+            raise bad("activations", f"must be one of {list(ACTIVATIONS)}", self.activations)
+        strings("exclude", self.exclude, EXCLUDABLE)
+        unknown = sorted(set(self.exclude) - set(EXCLUDABLE))
         if unknown:
-            raise InputError(f"calibration recipe '{self.name}': exclude may list 'gate' and 'im', got {sorted(unknown)}")
+            raise bad("exclude", f"may list {list(EXCLUDABLE)} only", unknown)
+        strings("ops", self.ops, allow_empty=False)
+        odd = [o for o in self.ops if not o.isidentifier()]
+        if odd:
+            raise bad("ops", "must be ONNX op types (e.g. Conv, MatMul, Gemm)", odd)
         return self
 
 
+RECIPE_KEYS = ("name", "data", "samples", "method", "percentile", "activations", "exclude", "ops")
+EXCLUDABLE = ("gate", "im")
+MAX_SAMPLES = 1_000_000
+RECIPE_HINT = "see calibration/default.toml for the keys and their types"
+
+
 def load_recipe(name_or_path: str = "default") -> Recipe:
-    """A recipe by name (``calibration/NAME.toml``) or from a ``.toml`` path."""
+    """A recipe by name (``calibration/NAME.toml``) or from a ``.toml`` path; every problem (a
+    missing file, bad TOML, an unknown key, a value of the wrong type) is one ``InputError`` naming
+    the file and the key."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
+    from jei_edge._io import shorten
+
+    name_or_path = str(name_or_path)
     path = Path(name_or_path)
-    if path.suffix != ".toml":
+    known = sorted(p.stem for p in data_dir("calibration").glob("*.toml"))
+    if path.suffix.lower() == ".toml" or "/" in name_or_path or "\\" in name_or_path:
+        if not path.exists():
+            raise InputError(f"calibration recipe file '{path}' not found",
+                             hint=f"check the path, or use a built-in recipe: {', '.join(known)}")
+        if not path.is_file():
+            raise InputError(f"calibration recipe '{path}' is not a file", hint="give a .toml file")
+    else:
         path = data_dir("calibration") / f"{name_or_path}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in data_dir("calibration").glob("*.toml"))
-        raise InputError(f"calibration recipe '{name_or_path}' not found", hint=f"built-in recipes: {known}, or a .toml file")
+        if not path.is_file():
+            raise InputError(f"calibration recipe '{name_or_path}' not found",
+                             hint=f"built-in recipes: {', '.join(known) or '(none)'}, or a .toml file")
     try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"calibration recipe '{path}' cannot be read: {exc}") from exc
-    known_keys = {"name", "data", "samples", "method", "percentile", "activations", "exclude", "ops"}
-    unknown = set(raw) - known_keys
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"calibration recipe '{path}' cannot be read: {shorten(exc, 160)}",
+                         hint="it must be a UTF-8 TOML file; " + RECIPE_HINT) from None
+    unknown = sorted(set(raw) - set(RECIPE_KEYS))
     if unknown:
-        raise InputError(f"calibration recipe '{path}' has unknown keys {sorted(unknown)}", hint=f"known: {sorted(known_keys)}")
-    return Recipe(name=str(raw.get("name", path.stem)), data=raw.get("data"), samples=int(raw.get("samples", 512)),
-                  method=str(raw.get("method", "minmax")), percentile=float(raw.get("percentile", 99.99)),
-                  activations=str(raw.get("activations", "u8")), exclude=tuple(raw.get("exclude", ("gate", "im"))),
-                  ops=tuple(raw.get("ops", ("Conv", "MatMul", "Gemm"))),
-                  source=str(path)).check()
+        raise InputError(f"calibration recipe '{path}' has unknown keys {unknown}",
+                         hint=f"known keys: {', '.join(RECIPE_KEYS)}")
+    fields = dict(raw)
+    for key in ("exclude", "ops"):
+        if isinstance(fields.get(key), list):
+            fields[key] = tuple(fields[key])
+    fields.setdefault("name", path.stem)
+    return Recipe(source=str(path), **fields).check()
 
 
 def stage_inputs(model, x: np.ndarray, plans, batch: int = 256) -> Tuple[List[np.ndarray], List[int], np.ndarray]:

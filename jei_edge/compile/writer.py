@@ -57,13 +57,26 @@ def _is_bundle_dir(path: Path) -> bool:
 
 
 def check_output(output: Path, force: bool) -> None:
-    """Refuse an existing output unless ``force`` and it is a bundle (never rmtree anything else)."""
+    """Refuse an output that cannot be written, before any work: an existing output unless
+    ``force`` and it is a bundle (never rmtree anything else), a parent that is a file, a folder
+    that does not accept new files (permissions, read-only or pseudo file systems such as
+    ``/proc``). Every refusal is one ``BuildError`` naming the path."""
+    from jei_edge._io import check_writable_output
+    from jei_edge.errors import JeiEdgeError
+
+    output = Path(output)
     if output.exists() or output.is_symlink():
         if not force:
             raise BuildError(f"output '{output}' already exists", hint="pass --force to replace it, or choose -o")
         if output.is_symlink() or not output.is_dir() or not _is_bundle_dir(output):
             raise BuildError(f"output '{output}' exists and is not a jei-edge bundle; refusing to replace it",
                              hint="choose another -o path or remove it yourself")
+    try:
+        check_writable_output(output, "bundle", directory=True)
+    except BuildError:
+        raise
+    except JeiEdgeError as exc:
+        raise BuildError(exc.message, hint=exc.hint) from None
 
 
 def fsync_path(path: Path) -> None:
@@ -118,10 +131,15 @@ class StagingDir:
         self.committed = False
 
     def __enter__(self) -> "StagingDir":
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(self.output)
-        check_output(self.output, self.force)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}{_BUILDING}{os.getpid()}-", dir=self.output.parent))
+        check_output(self.output, self.force)  # before creating anything
+        try:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale(self.output)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}{_BUILDING}{os.getpid()}-",
+                                             dir=self.output.parent))
+        except OSError as exc:  # a race with the checks above (the folder changed under us)
+            raise BuildError(f"cannot write bundle '{self.output}': {exc.strerror or type(exc).__name__}",
+                             hint="choose another -o path, in a folder you can write to") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a bundle is an ordinary directory

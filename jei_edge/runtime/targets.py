@@ -167,7 +167,7 @@ def load_targets() -> List[Target]:
 
 
 def _is_path(name_or_path: str) -> bool:
-    return name_or_path.endswith(".toml") or "/" in name_or_path or "\\" in name_or_path
+    return name_or_path.lower().endswith(".toml") or "/" in name_or_path or "\\" in name_or_path
 
 
 def load_target(name_or_path) -> Target:
@@ -175,9 +175,11 @@ def load_target(name_or_path) -> Target:
     name_or_path = str(name_or_path)
     if _is_path(name_or_path):
         path = Path(name_or_path)
+        if not path.exists():
+            raise JeiEdgeError(f"target file '{path}' not found: the file does not exist",
+                               hint=f"check the path, or give a target name ({', '.join(available_targets())})")
         if not path.is_file():
-            raise JeiEdgeError(f"target file '{path}' does not exist",
-                               hint=f"give a target name ({', '.join(available_targets())}) or a path to a .toml file")
+            raise JeiEdgeError(f"target file '{path}' is not a file", hint="give a .toml file or a target name")
     else:
         path = data_dir("targets") / f"{name_or_path}.toml"
         if not path.is_file():
@@ -190,12 +192,20 @@ def load_target(name_or_path) -> Target:
         with open(path, "rb") as f:
             raw = _toml.load(f)
     except (OSError, _toml.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise JeiEdgeError(f"target file '{path}' cannot be read: {exc}",
-                           hint="it must be a TOML file; " + _EXAMPLE) from None
+        from jei_edge._io import shorten
+
+        raise JeiEdgeError(f"target file '{path}' cannot be read: {shorten(exc, 160)}",
+                           hint="it must be a UTF-8 TOML file; " + _EXAMPLE) from None
     return parse_target(raw, str(path), default_name=path.stem)
 
 
 # -- validation -------------------------------------------------------------------------------------
+def _shown(value: Any) -> str:
+    from jei_edge._io import shorten
+
+    return shorten(repr(value), 80)
+
+
 class _File:
     """Error helper: every problem names the file and the key."""
 
@@ -208,7 +218,7 @@ class _File:
     def table(self, raw: Dict[str, Any], key: str) -> Dict[str, Any]:
         value = raw.get(key, {})
         if not isinstance(value, dict):
-            raise self.fail(key, f"must be a table ([{key}]), got {value!r}")
+            raise self.fail(key, f"must be a table ([{key}]), got {_shown(value)}")
         unknown = sorted(set(value) - set(_TABLES[key]))
         if unknown:
             raise self.fail(f"{key}.{unknown[0]}", "is unknown",
@@ -218,7 +228,7 @@ class _File:
     def string(self, raw: Dict[str, Any], key: str, default: Optional[str], label: Optional[str] = None) -> Optional[str]:
         value = raw.get(key, default)
         if value is not None and not isinstance(value, str):
-            raise self.fail(label or key, f"must be a string, got {value!r}")
+            raise self.fail(label or key, f"must be a string, got {_shown(value)}")
         return value
 
     def integer(self, raw: Dict[str, Any], key: str, default: Optional[int], label: str, lo: int = 1,
@@ -227,7 +237,7 @@ class _File:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(label, f"must be an integer, got {value!r}")
+            raise self.fail(label, f"must be an integer, got {_shown(value)}")
         if not lo <= value <= hi:
             raise self.fail(label, f"must be in {lo}..{hi}, got {value}")
         return value
@@ -235,7 +245,7 @@ class _File:
     def boolean(self, raw: Dict[str, Any], key: str, default: bool, label: str) -> bool:
         value = raw.get(key, default)
         if not isinstance(value, bool):
-            raise self.fail(label, f"must be true or false, got {value!r}")
+            raise self.fail(label, f"must be true or false, got {_shown(value)}")
         return value
 
 
@@ -248,11 +258,14 @@ def parse_target(raw: Dict[str, Any], source: str = "<dict>", default_name: str 
         raise JeiEdgeError(f"target file '{source}' is malformed: key 'backend' is missing",
                            hint=f"add backend = one of {', '.join(BACKEND_DEVICE)}; {_EXAMPLE}")
     backend = raw["backend"]
+    if not isinstance(backend, str):
+        raise f.fail("backend", f"must be a string, one of {', '.join(BACKEND_DEVICE)}; got {_shown(backend)}",
+                     hint=f"e.g. backend = \"onnxruntime\"; {_EXAMPLE}")
     if backend not in BACKEND_DEVICE:
         hint = f"use one of {', '.join(BACKEND_DEVICE)}"
         if backend == "torch-cuda":
             hint = "torch-cuda is a runtime choice (`jei-edge run --device cuda`), not a build target; " + hint
-        raise f.fail("backend", f"is {backend!r}, not a backend targets are built for", hint=hint)
+        raise f.fail("backend", f"is {_shown(backend)}, not a backend targets are built for", hint=hint)
     for key in raw:
         if key in _TOP or key == backend:
             continue
@@ -263,12 +276,12 @@ def parse_target(raw: Dict[str, Any], source: str = "<dict>", default_name: str 
 
     name = f.string(raw, "name", default_name)
     if not _NAME.match(name):
-        raise f.fail("name", f"must be letters, digits, '.', '_' or '-' (at most 64), got {name!r}")
+        raise f.fail("name", f"must be letters, digits, '.', '_' or '-' (at most 64), got {_shown(name)}")
     description = f.string(raw, "description", "")
     notes = f.string(raw, "notes", "")
     device = f.string(raw, "device", BACKEND_DEVICE[backend])
     if device != BACKEND_DEVICE[backend]:
-        raise f.fail("device", f"is {device!r}, but backend '{backend}' runs on {BACKEND_DEVICE[backend]}",
+        raise f.fail("device", f"is {_shown(device)}, but backend '{backend}' runs on {BACKEND_DEVICE[backend]}",
                      hint=f"set device = \"{BACKEND_DEVICE[backend]}\" or omit it")
 
     cc = raw.get("compute_capability")
@@ -280,7 +293,7 @@ def parse_target(raw: Dict[str, Any], source: str = "<dict>", default_name: str 
             raise f.fail("compute_capability", "is missing", hint="a cuda target names its GPU generation, "
                          "e.g. compute_capability = \"8.9\"")
         if not isinstance(cc, str) or not _CC.match(cc):
-            raise f.fail("compute_capability", f"must be a string like \"8.9\", got {cc!r}",
+            raise f.fail("compute_capability", f"must be a string like \"8.9\", got {_shown(cc)}",
                          hint="write MAJOR.MINOR in quotes (SM89 is \"8.9\", SM120 is \"12.0\")")
         if backend == "tensorrt_rtx" and cc not in RTX_COMPUTE_CAPABILITIES:
             raise f.fail("compute_capability", f"is {cc}, which TensorRT-RTX does not build for",
@@ -289,17 +302,17 @@ def parse_target(raw: Dict[str, Any], source: str = "<dict>", default_name: str 
 
     precisions = raw.get("precisions", ["fp32"])
     if not isinstance(precisions, list) or not precisions or not all(isinstance(p, str) for p in precisions):
-        raise f.fail("precisions", f"must be a non-empty list of strings, got {precisions!r}",
+        raise f.fail("precisions", f"must be a non-empty list of strings, got {_shown(precisions)}",
                      hint=f"e.g. precisions = [\"fp32\", \"fp16\"] (from {', '.join(PRECISIONS)})")
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
-        raise f.fail("precisions", f"lists {bad[0]!r}, which is not a build precision",
+        raise f.fail("precisions", f"lists {_shown(bad[0])}, which is not a build precision",
                      hint=f"choose from {', '.join(PRECISIONS)}")
     if len(set(precisions)) != len(precisions):
         raise f.fail("precisions", f"lists a precision twice: {precisions}", hint="list each precision once")
     default_precision = f.string(raw, "default_precision", precisions[0])
     if default_precision not in precisions:
-        raise f.fail("default_precision", f"is {default_precision!r}, which is not in precisions {precisions}",
+        raise f.fail("default_precision", f"is {_shown(default_precision)}, which is not in precisions {precisions}",
                      hint="add it to precisions or choose one of them")
 
     dla = f.integer(raw, "dla", 0, "dla", lo=0, hi=16)
@@ -333,13 +346,13 @@ def parse_target(raw: Dict[str, Any], source: str = "<dict>", default_name: str 
         versions = [value] if isinstance(value, str) else value
         if not isinstance(versions, list) or not versions or \
                 not all(isinstance(v, str) and _VERSION.match(v) for v in versions):
-            raise f.fail(f"toolchain.{key}", f"must be a version string or a list of them, got {value!r}",
+            raise f.fail(f"toolchain.{key}", f"must be a version string or a list of them, got {_shown(value)}",
                          hint="e.g. tensorrt = \"10.3\", onnxruntime = \">=1.17\" or jetpack = [\"6.1\", \"6.2\"]")
         toolchain[key] = tuple(versions)
 
     options = raw.get(backend, {})
     if not isinstance(options, dict):
-        raise f.fail(backend, f"must be a table of {backend} settings ([{backend}]), got {options!r}")
+        raise f.fail(backend, f"must be a table of {backend} settings ([{backend}]), got {_shown(options)}")
 
     return Target(name=name, backend=backend, device=device, description=description, precisions=tuple(precisions),
                   default_precision=default_precision, opset=opset, max_batch=hi, backend_options=dict(options),

@@ -26,6 +26,50 @@ from jei_edge.errors import JeiEdgeError
 ALPHAS: Tuple[float, ...] = tuple(round(0.01 + 0.005 * i, 3) for i in range(9))
 CLASSIFIER_LOSSES = ("mean", "gate_weighted")
 
+# Sanity bounds of the integer settings, inclusive: far beyond any useful value, they turn typos
+# (an extra zero or three) into a clear error instead of a MemoryError, an OOM kill or a run that
+# never ends. ``jei-edge train --help`` states them.
+MAX_BATCH_SIZE = 4096
+MAX_EPOCHS = 10_000
+MAX_MIN_STEPS = 10_000_000
+MAX_THREADS = 1024
+MIN_IMG_SIZE, MAX_IMG_SIZE = 4, 512  # square input side (--img-size, --backbone-opt img_size)
+MAX_PARAMETERS = 100_000_000  # a model beyond this does not train on the CPUs jei-edge targets
+LIMITS = {
+    "batch_size": (1, MAX_BATCH_SIZE),
+    "seed": (0, 2**32 - 1),
+    "backbone_epochs": (0, MAX_EPOCHS),
+    "augment_shift": (0, 64),
+    "im_epochs": (0, MAX_EPOCHS),
+    "im_patience": (1, MAX_EPOCHS),
+    "epochs": (0, MAX_EPOCHS),
+    "min_steps": (0, MAX_MIN_STEPS),
+    "switch_every": (1, MAX_MIN_STEPS),
+    "threads": (1, MAX_THREADS),
+    "cache_limit_mb": (0, 1 << 20),
+}
+OPTIONAL = ("switch_every", "threads")  # None means "the default"
+OPTIONS = {"lam": "--lambda", "batch_size": "--batch-size", "seed": "--seed", "backbone_epochs": "--backbone-epochs",
+           "im_epochs": "--im-epochs", "epochs": "--epochs", "min_steps": "--min-steps", "threads": "--threads",
+           "classifier_loss": "--classifier-loss", "backbone": "--backbone"}
+
+
+def check_img_size(value, what: str = "--img-size") -> int:
+    """A square input side within ``MIN_IMG_SIZE..MAX_IMG_SIZE`` (``JeiEdgeError`` otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            if isinstance(value, bool) or float(value) != int(value):
+                raise ValueError
+            value = int(value)
+        except (TypeError, ValueError):
+            raise JeiEdgeError(f"{what} must be an integer, got {value!r}",
+                               hint=f"give a square input side in {MIN_IMG_SIZE}..{MAX_IMG_SIZE}") from None
+    if not MIN_IMG_SIZE <= value <= MAX_IMG_SIZE:
+        raise JeiEdgeError(f"{what} must be in {MIN_IMG_SIZE}..{MAX_IMG_SIZE}, got {value}",
+                           hint="jei-edge trains small early-exit models and larger inputs do not fit in memory; "
+                                "omit it to keep the data's own size")
+    return value
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -62,28 +106,45 @@ class TrainConfig:
     cache_limit_mb: int = 1024
 
     def validate(self) -> "TrainConfig":
+        """Check every setting's type and range (``LIMITS``); one ``JeiEdgeError`` lists the problems,
+        each naming the setting and its ``jei-edge train`` option."""
         import math
 
         problems = []
-        if not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
-            problems.append(f"lambda must be a finite number >= 0, got {self.lam!r}")
-        for name in ("batch_size", "im_patience"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1")
-        for name in ("backbone_epochs", "im_epochs", "epochs", "min_steps", "augment_shift"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0")
-        for name in ("backbone_lr", "im_lr", "lr"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be > 0")
+
+        def name(field_name: str) -> str:
+            flag = OPTIONS.get(field_name)
+            return f"{flag} ({field_name})" if flag else field_name
+
+        lam = self.lam
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            problems.append(f"{name('lam')} must be a finite number >= 0, got {lam!r}")
+        for field_name, (lo, hi) in LIMITS.items():
+            value = getattr(self, field_name)
+            if value is None and field_name in OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{name(field_name)} must be an integer, got {value!r}")
+            elif not lo <= value <= hi:
+                problems.append(f"{name(field_name)} must be in {lo}..{hi:,}, got {value:,}")
+        for field_name in ("backbone_lr", "im_lr", "lr", "lr_min", "backbone_weight_decay", "weight_decay",
+                           "momentum", "pos_weight_cap"):
+            value = getattr(self, field_name)
+            positive = field_name in ("backbone_lr", "im_lr", "lr", "pos_weight_cap")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    (value <= 0 if positive else value < 0):
+                problems.append(f"{field_name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
         if self.classifier_loss not in CLASSIFIER_LOSSES:
-            problems.append(f"classifier_loss must be one of {CLASSIFIER_LOSSES}")
-        if self.threads is not None and self.threads < 1:
-            problems.append("threads must be >= 1")
-        if self.switch_every is not None and self.switch_every < 1:
-            problems.append("switch_every must be >= 1")
+            problems.append(f"{name('classifier_loss')} must be one of {CLASSIFIER_LOSSES}, "
+                            f"got {self.classifier_loss!r}")
+        if not isinstance(self.backbone, str) or not self.backbone:
+            problems.append(f"{name('backbone')} must be a backbone name, got {self.backbone!r}")
+        if not isinstance(self.backbone_kwargs, dict):
+            problems.append("backbone_kwargs must be a dict of backbone options, "
+                            f"got {type(self.backbone_kwargs).__name__}")
         if problems:
-            raise JeiEdgeError("bad training settings: " + "; ".join(problems))
+            raise JeiEdgeError("bad training settings: " + "; ".join(problems),
+                               hint="the limits are listed in `jei-edge train --help`")
         return self
 
     def to_dict(self) -> Dict:
