@@ -30,6 +30,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from jei_edge._io import shorten
 from jei_edge.errors import BundleError
 
 SCHEMA = "jei-edge/bundle"
@@ -794,7 +795,7 @@ def decode_manifest(data: bytes, where: str = "bundle") -> Manifest:
     try:
         raw = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({str(exc)[:200]})", hint=REBUILD) from None
+        raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({shorten(exc)})", hint=REBUILD) from None
     except RecursionError:
         raise BundleError(f"{where}: {MANIFEST} is nested too deeply to be a manifest", hint=REBUILD) from None
     return parse_manifest(raw, where)

@@ -93,6 +93,11 @@ def main(argv=None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except click.UsageError as exc:  # one line, like every other user error (not click's usage block)
+        where = exc.ctx.command_path if exc.ctx is not None else "jei-edge"
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        click.echo(f"  hint: see `{where} --help`", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import List, Sequence
 
+from jei_edge._io import shorten
 from jei_edge.bundle.manifest import Graph, Stage, TensorSpec
 from jei_edge.compile.plan import StagePlan
 from jei_edge.errors import BuildError
@@ -34,7 +35,7 @@ def _export(module, example, path: Path, input_name: str, output_names: Sequence
                               output_names=list(output_names), dynamic_axes=axes, opset_version=opset,
                               do_constant_folding=True, dynamo=False)
     except Exception as exc:
-        raise BuildError(f"ONNX export of {what} failed: {str(exc).splitlines()[0][:300]}",
+        raise BuildError(f"ONNX export of {what} failed: {shorten(str(exc).splitlines()[0], 300)}",
                          hint="the backbone must use ONNX-exportable ops (opset >= 17)") from exc
     check_onnx(path, what, input_name, output_names)
 

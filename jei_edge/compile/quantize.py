@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from jei_edge._data import data_dir
+from jei_edge._io import shorten
 from jei_edge.bundle.manifest import Graph, Stage
 from jei_edge.errors import BuildError, InputError
 
@@ -252,7 +253,7 @@ def quantize_graph(src: Path, dst: Path, input_name: str, calib: np.ndarray, rec
                             calibrate_method=method, nodes_to_exclude=exclude, op_types_to_quantize=list(recipe.ops),
                             extra_options=extra)
     except Exception as exc:  # onnxruntime.quantization raises plain exceptions of many kinds
-        raise BuildError(f"INT8 quantization of '{src.name}' failed: {str(exc).splitlines()[0][:300]}") from exc
+        raise BuildError(f"INT8 quantization of '{src.name}' failed: {shorten(str(exc).splitlines()[0], 300)}") from exc
     finally:
         pre.unlink(missing_ok=True)
         for extra_file in dst.parent.glob(dst.stem + "*augmented*"):

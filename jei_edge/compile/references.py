@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from jei_edge._io import shorten
 from jei_edge.errors import BundleError
 
 REFERENCE_FILE = "reference/verify.npz"
@@ -86,7 +87,7 @@ class ReferenceSet:
         except KeyError as exc:
             raise BundleError(f"{where} lacks array {exc}", hint="rebuild the bundle with `jei-edge build`") from None
         except (OSError, ValueError) as exc:
-            raise BundleError(f"{where} cannot be read ({str(exc)[:200]})", hint="rebuild the bundle") from None
+            raise BundleError(f"{where} cannot be read ({shorten(exc)})", hint="rebuild the bundle") from None
         n = len(raw["x"])
         want = {"x": (n, *input_shape), "exit_index": (n,), "probs": (n, num_classes), "margin": (n, num_gates),
                 "gate": (n, num_gates), "full_probs": (n, num_classes), "kind": (n,)}

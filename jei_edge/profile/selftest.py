@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
+from jei_edge._io import shorten
 from jei_edge.errors import JeiEdgeError
 
 # per-stage output tolerance (max abs error vs onnxruntime) by precision: the same bands as the
@@ -182,7 +183,7 @@ def selftest(path, repeats: int = 5, samples: int = 1024, progress=None) -> Dict
             try:
                 report["stage_comparison"][backend] = _stage_comparison(bundle, backend, x_stage)
             except Exception as exc:  # noqa: BLE001 - Polygraphy/TensorRT failures are reported, not raised
-                report["stage_comparison"][backend] = {"ran": False, "reason": f"{type(exc).__name__}: {exc}"[:300]}
+                report["stage_comparison"][backend] = {"ran": False, "reason": shorten(f"{type(exc).__name__}: {exc}", 300)}
         else:
             report["stage_comparison"][backend] = {"ran": False, "reason": "the backend cannot run here"}
     ran = [b for b, r in report["backends"].items() if r["ran"]]

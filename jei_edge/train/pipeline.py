@@ -58,13 +58,14 @@ def build_jei_model(cfg: TrainConfig, data: DataSplits):
 
 def _load_backbone_weights(model, path: Path, torch) -> None:
     from jei_edge.errors import CheckpointError
+    from jei_edge.model.checkpoint import _load_reason
 
     if not path.is_file():
         raise CheckpointError(f"backbone weights '{path}' do not exist")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure means "not a loadable state_dict"
-        raise CheckpointError(f"backbone weights '{path}' cannot be loaded safely ({str(exc).splitlines()[0][:200]})",
+        raise CheckpointError(f"backbone weights '{path}' cannot be loaded safely ({_load_reason(exc)})",
                               hint="save them with torch.save(module.state_dict(), path)") from exc
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]  # a jei-edge model.pt works too

@@ -12,6 +12,7 @@ from typing import Tuple
 
 import numpy as np
 
+from jei_edge._io import shorten
 from jei_edge.backends.base import Backend
 from jei_edge.backends.onnxruntime.settings import OrtSettings
 from jei_edge.errors import BundleError
@@ -33,7 +34,7 @@ def verify_input_guard(bundle, session) -> bool:
     try:
         (gate,) = session.run(["gate"], {st.input.name: probe.reshape((3,) + st.input.shape)})
     except Exception as exc:  # onnxruntime's own error types
-        raise BundleError(f"stage 0 graph '{st.file}' fails on the input-guard probe: {str(exc)[:300]}",
+        raise BundleError(f"stage 0 graph '{st.file}' fails on the input-guard probe: {shorten(exc, 300)}",
                           hint="rebuild the bundle with `jei-edge build ... --force`") from exc
     gate = np.asarray(gate)
     if gate.ndim == 2:  # a merged stage: the guard sits on its first gate

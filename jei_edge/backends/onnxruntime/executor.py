@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from jei_edge._deps import require
+from jei_edge._io import shorten
 from jei_edge.backends.onnxruntime.settings import OrtSettings
 from jei_edge.errors import BundleError
 from jei_edge.runtime.loop import Capability, StageExecutor
@@ -57,7 +58,7 @@ def create_session(path, settings: OrtSettings, what: str, built_with: Optional[
     except Exception as exc:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)
         from jei_edge.bundle.onnx_scan import scan_onnx_file
 
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+        first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 400)
         try:
             info = scan_onnx_file(path)
             graph = f"the file declares IR version {info.ir_version}, opset {info.opset}"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from jei_edge._io import atomic_write_bytes
+from jei_edge._io import atomic_write_bytes, shorten
 from jei_edge.backends.tensorrt.toolchain import logger, version
 from jei_edge.bundle import sha256_file
 from jei_edge.errors import BuildError
@@ -167,7 +167,7 @@ def build_engine(trt, req: EngineRequest, target: str, cache: Optional[EngineCac
     parser = trt.OnnxParser(net, lg)
     if not parser.parse_from_file(str(req.graph)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(min(parser.num_errors, 3)))
-        raise BuildError(f"{req.what}: {trt.__name__} {tc} cannot parse '{req.graph.name}': {errors[:400]}",
+        raise BuildError(f"{req.what}: {trt.__name__} {tc} cannot parse '{req.graph.name}': {shorten(errors, 400)}",
                          hint="the stage graph uses an operator or type this toolchain does not support")
     types = _network_types(net)
     if not any(t in types for t in _WANT[req.precision]):
@@ -203,7 +203,7 @@ def build_engine(trt, req: EngineRequest, target: str, cache: Optional[EngineCac
     if plan is None:
         last = next((m for lvl, m in reversed(lg.messages) if lvl in ("ERROR", "CRITICAL")), "no error message")
         raise BuildError(f"{req.what}: {trt.__name__} {tc} could not build an engine for compute capability "
-                         f"{req.compute_capability or 'of this GPU'} in {req.precision}: {last[:400]}",
+                         f"{req.compute_capability or 'of this GPU'} in {req.precision}: {shorten(last, 400)}",
                          hint="Turing (7.5) needs fp16 graphs with TensorRT-RTX; see `jei-edge targets`")
     data = bytes(plan)
     if save_timing is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
+from jei_edge._io import shorten
 from jei_edge.bundle.manifest import Stage
 from jei_edge.errors import BundleError
 from jei_edge.runtime.cuda.driver import CudaError
@@ -67,7 +68,7 @@ class TensorRTExecutor(StageExecutor):
             if engine is None:
                 last = next((m for lvl, m in reversed(getattr(logger, "messages", [])) if lvl in ("ERROR", "CRITICAL")),
                             "no message")
-                raise BundleError(f"{what}: {trt.__name__} could not deserialize stage {s.index}'s engine: {last[:300]}",
+                raise BundleError(f"{what}: {trt.__name__} could not deserialize stage {s.index}'s engine: {shorten(last, 300)}",
                                   hint=f"rebuild it: `jei-edge lower {what} --force`")
             self._check_io(engine, s)
             self.engines.append(engine)
