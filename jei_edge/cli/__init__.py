@@ -82,9 +82,27 @@ def cli(verbose: int, plugins):
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _plugins_first(argv):
+    """``--plugin X`` is a group option; accept it after the subcommand too by moving it first."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    front, rest, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--plugin" and i + 1 < len(args):
+            front += [a, args[i + 1]]
+            i += 2
+            continue
+        if a.startswith("--plugin="):
+            front.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
 def main(argv=None) -> int:
     try:
-        cli.main(args=argv, prog_name="jei-edge", standalone_mode=False)
+        cli.main(args=_plugins_first(argv), prog_name="jei-edge", standalone_mode=False)
     except JeiEdgeError as exc:
         click.echo(f"error: {exc.message}", err=True)
         if exc.hint:

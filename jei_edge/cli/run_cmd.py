@@ -1,4 +1,4 @@
-"""``jei-edge run BUNDLE INPUTS...``: run a compiled bundle with per-sample early exit."""
+"""``jei-edge run BUNDLE INPUTS...`` (or ``--data SOURCE``): run a compiled bundle with per-sample early exit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from jei_edge.cli.options import device_option, emit_json, json_option, public_k
 
 @click.command(name="run")
 @click.argument("bundle", type=click.Path())
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
+@click.option("--data", "data", default=None,
+              help="Run on this data source's test split instead of INPUTS (labelled: accuracy is reported): "
+                   "'digits', 'synthetic[:key=value,...]', a .npz file or an image folder.")
 @device_option
 @click.option("--mode", type=click.Choice(["exit", "full"]), default="exit", show_default=True,
               help="exit: per-sample early termination; full: every sample runs every stage.")
@@ -29,7 +32,7 @@ from jei_edge.cli.options import device_option, emit_json, json_option, public_k
                    "(defaults: the bundle's target; see docs/runtime.md).")
 @public_key_option
 @json_option
-def run(bundle, inputs, device, mode, offsets, alpha, batch_size, preprocessed, show, backend_opts, public_key,
+def run(bundle, inputs, data, device, mode, offsets, alpha, batch_size, preprocessed, show, backend_opts, public_key,
         as_json):
     """Run BUNDLE (a NAME.jei directory) on INPUTS: .npy/.npz files (raw values in [0, 1] unless
     --preprocessed; uint8 = pixels), image files, or folders (one sub-folder per class gives labels
@@ -47,7 +50,17 @@ def run(bundle, inputs, device, mode, offsets, alpha, batch_size, preprocessed, 
     offs = expand_offsets(parse_offsets(offsets), rt.num_gates)
     if rt.qhat(alpha) is None:
         alpha = None
-    batch = load_inputs(list(inputs), rt.preprocessing, preprocessed, rt.class_names)
+    if bool(inputs) == bool(data):
+        raise JeiEdgeError("give either INPUTS or --data (one of them)",
+                           hint="e.g. `jei-edge run model.jei test.npz` or `jei-edge run model.jei --data digits`")
+    if data:
+        from jei_edge.data import load_data
+        from jei_edge.runtime.inputs import InputBatch
+
+        test = load_data(data, input_shape=tuple(rt.input_shape), preprocessing=rt.preprocessing).test
+        batch = InputBatch([f"{data}:test[{i}]" for i in range(len(test.y))], test.x, test.y)
+    else:
+        batch = load_inputs(list(inputs), rt.preprocessing, preprocessed, rt.class_names)
     t = time.perf_counter()
     res = rt.run(batch.x, mode=mode, offsets=offs)
     seconds = time.perf_counter() - t

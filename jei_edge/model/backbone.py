@@ -122,14 +122,32 @@ def _load_plugin(spec: str) -> Callable[..., BackboneSpec]:
             hint=f"if you trust it, pass --plugin {spec} or set {PLUGIN_ENV}={spec}",
         )
     try:
-        module = importlib.import_module(mod_name)
+        module = _import_plugin_module(mod_name)
     except ImportError as exc:
         raise CheckpointError(f"backbone plugin '{spec}': cannot import module '{mod_name}' ({exc})",
-                              hint="install the package that provides it or fix PYTHONPATH") from exc
+                              hint="install the package that provides it, or run from the folder that holds "
+                                   f"{mod_name.split('.')[0]}.py") from exc
+    except Exception as exc:  # the (trusted) module itself failed while importing
+        raise JeiEdgeError(f"backbone plugin '{spec}': importing module '{mod_name}' raised "
+                           f"{type(exc).__name__}: {exc}", hint="fix the plugin module") from exc
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise CheckpointError(f"backbone plugin '{spec}': module '{mod_name}' has no function '{fn_name}'")
     return fn
+
+
+def _import_plugin_module(mod_name: str):
+    """Import a trusted plugin's module; a module in the current folder is found without PYTHONPATH."""
+    import sys
+
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != mod_name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)  # after everything installed: a local file never shadows a package
+        return importlib.import_module(mod_name)
 
 
 def get_backbone(name: str) -> Callable[..., BackboneSpec]:
@@ -154,6 +172,12 @@ def build_backbone(name: str, kwargs: Dict) -> BackboneSpec:
         spec = factory(**dict(kwargs))
     except TypeError as exc:
         raise JeiEdgeError(f"backbone '{name}' rejected its options {sorted(kwargs)}: {exc}") from exc
+    except (ValueError, JeiEdgeError):
+        raise  # the caller names the options (e.g. an img_size the patch size does not divide)
+    except Exception as exc:  # a plugin factory failing in any other way: one clear line, not a traceback
+        raise JeiEdgeError(f"backbone factory '{name}' raised {type(exc).__name__}: {exc}",
+                           hint="fix the factory; it receives num_classes, in_chans, img_size and your "
+                                "--backbone-opt values (docs/plugins.md)") from exc
     if not isinstance(spec, BackboneSpec):
         raise JeiEdgeError(f"backbone factory '{name}' returned {type(spec).__name__}, not a BackboneSpec")
     return spec.validate(name)
@@ -173,3 +197,50 @@ def normalize_exits(exits: Sequence[int] | None, num_blocks: int) -> List[int]:
         raise JeiEdgeError(f"exit positions {bad} are out of range",
                            hint=f"exits are block indices 0..{num_blocks - 2} (the last block has the final head)")
     return out
+
+
+def check_contract(spec: BackboneSpec, name: str, batch: int = 2) -> None:
+    """Run ``spec`` on a dummy input of its ``input_shape`` before any training: the stem, every
+    block (one tensor in, one tensor out, batch first), the head and every IM (``[batch,
+    num_classes]`` logits). The first part that fails or returns the wrong thing is one clear error
+    naming it and the shape it returned (docs/plugins.md has the contract)."""
+    import torch
+
+    def fail(part: str, what: str):
+        raise JeiEdgeError(f"backbone '{name}': {part} {what}", hint="see the backbone contract in docs/plugins.md")
+
+    def call(part: str, module, h):
+        try:
+            out = module(h)
+        except Exception as exc:  # the plugin's own code
+            fail(part, f"failed on a {list(h.shape)} input: {type(exc).__name__}: {exc}")
+        if not isinstance(out, torch.Tensor):
+            fail(part, f"returned {type(out).__name__}, not one tensor")
+        if out.dim() < 2 or out.shape[0] != batch:
+            fail(part, f"returned shape {list(out.shape)}; it must keep the batch dimension first ({batch})")
+        return out
+
+    was = [m.training for m in (spec.stem, spec.head, *spec.blocks)]
+    for m in (spec.stem, spec.head, *spec.blocks):
+        m.eval()
+    try:
+        with torch.no_grad():
+            h = call("the stem", spec.stem, torch.zeros((batch,) + tuple(spec.input_shape)))
+            for i, block in enumerate(spec.blocks):
+                h2 = call(f"block {i}", block, h)
+                if i < len(spec.blocks) - 1:
+                    try:
+                        im = spec.make_im(i)
+                    except Exception as exc:
+                        fail(f"make_im({i})", f"raised {type(exc).__name__}: {exc}")
+                    z = call(f"the IM after block {i} (make_im({i}))", im.eval(), h2)
+                    if tuple(z.shape) != (batch, spec.num_classes):
+                        fail(f"the IM after block {i} (make_im({i}))",
+                             f"returned shape {list(z.shape)}, not logits [{batch}, {spec.num_classes}]")
+                h = h2
+            z = call("the head", spec.head, h)
+            if tuple(z.shape) != (batch, spec.num_classes):
+                fail("the head", f"returned shape {list(z.shape)}, not logits [{batch}, {spec.num_classes}]")
+    finally:
+        for m, t in zip((spec.stem, spec.head, *spec.blocks), was):
+            m.train(t)

@@ -50,6 +50,9 @@ def build_jei_model(cfg: TrainConfig, data: DataSplits):
     if tuple(model.input_shape) != tuple(data.input_shape):
         raise JeiEdgeError(f"backbone '{cfg.backbone}' expects inputs {model.input_shape}, the data gives "
                            f"{data.input_shape}", hint="load the data at the backbone's input shape")
+    from jei_edge.model.backbone import check_contract
+
+    check_contract(model.spec, cfg.backbone)  # on a dummy input, before any training
     model.config["exits"] = list(model.exits)
     if cfg.backbone_weights:
         _load_backbone_weights(model, Path(cfg.backbone_weights), torch)
