@@ -48,8 +48,12 @@ def check_relpath(rel: Any, what: str) -> str:
 def resolve_inside(root: Path, rel: str, what: str) -> Path:
     """``root / rel`` after ``check_relpath``, refusing symlinks that lead out of ``root``."""
     check_relpath(rel, what)
-    root_r = Path(root).resolve()
-    target = (root_r / rel).resolve()
+    try:
+        root_r = Path(root).resolve()
+        target = (root_r / rel).resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop, an unreadable folder on the way
+        raise BundleError(f"{what}: '{rel}' cannot be resolved ({type(exc).__name__}: {exc})",
+                          hint="a symlink in the bundle loops or is unreadable; copy the bundle again") from None
     try:
         target.relative_to(root_r)
     except ValueError:
@@ -129,7 +133,12 @@ class Bundle:
             if entry.get("size") is not None and p.stat().st_size != entry["size"]:
                 problems.append(f"file '{rel}' has size {p.stat().st_size}, manifest says {entry['size']} (altered or truncated)")
                 continue
-            if check_hashes and sha256_file(p) != entry["sha256"]:
+            try:
+                digest = sha256_file(p) if check_hashes else None
+            except OSError as exc:
+                problems.append(f"file '{rel}' cannot be read ({exc.strerror or exc})")
+                continue
+            if check_hashes and digest != entry["sha256"]:
                 problems.append(f"file '{rel}' does not match its sha256 in the manifest (altered or corrupted)")
                 continue
             safe[rel] = p

@@ -74,14 +74,39 @@ def format_checkpoint(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _kind(p: Path) -> str:
+    """Whether ``p`` is a "dir" or a "file"; an InputError naming it when it is missing, a broken
+    symlink, a FIFO or a device."""
+    from jei_edge.errors import InputError
+
+    hint = "pass a model.pt checkpoint or a compiled bundle directory NAME.jei"
+    try:
+        if p.is_dir():
+            return "dir"
+        if p.is_file():
+            return "file"
+        exists, link = p.exists(), p.is_symlink()
+    except OSError as exc:  # e.g. a name too long
+        raise InputError(f"cannot inspect '{p}' ({exc.strerror or exc})", hint=hint) from None
+    if link and not exists:
+        raise InputError(f"'{p}' is a broken symbolic link (its target is missing, or the links loop)", hint=hint)
+    if not exists:
+        raise InputError(f"'{p}' does not exist", hint=hint)
+    raise InputError(f"'{p}' is not a regular file or a directory (a FIFO, socket or device)", hint=hint)
+
+
 @click.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 @json_option
 def inspect(path, as_json):
     """Show what is inside PATH: a model.pt checkpoint (architecture, exits, costs) or a compiled
-    bundle directory NAME.jei/ (stages, I/O, costs, precision, target, integrity status)."""
+    bundle directory NAME.jei/ (stages, I/O, costs, precision, target, integrity status).
+    Exits non-zero when a bundle fails its integrity check (after showing what it holds)."""
+    from jei_edge._io import shorten
+    from jei_edge.errors import BundleError
+
     p = Path(path)
-    if p.is_dir():
+    if _kind(p) == "dir":
         from jei_edge.runtime.inspect import describe_bundle, format_bundle
 
         info = describe_bundle(p)
@@ -93,3 +118,8 @@ def inspect(path, as_json):
         emit_json(info)
     else:
         click.echo(text(info))
+    problems = info.get("integrity", {}).get("problems") if info.get("kind") == "bundle" else None
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise BundleError(f"bundle '{p}' failed its integrity check: {shorten(problems[0])}{more}",
+                          hint="rebuild it with `jei-edge build`, or copy it again")

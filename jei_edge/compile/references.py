@@ -81,13 +81,18 @@ class ReferenceSet:
     def load(cls, path: Path, num_gates: int, num_classes: int, input_shape: Sequence[int]) -> "ReferenceSet":
         """Read and check a reference file against the bundle's shapes (BundleError otherwise)."""
         where = f"reference file '{path}'"
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                raw = {name: z[name] for name in _ARRAYS + ("kind_names",)}
-        except KeyError as exc:
-            raise BundleError(f"{where} lacks array {exc}", hint="rebuild the bundle with `jei-edge build`") from None
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"{where} cannot be read ({shorten(exc)})", hint="rebuild the bundle") from None
+        from jei_edge.errors import InputError
+        from jei_edge.runtime.inputs import NpzReader
+
+        try:  # header-first, bounded, never unpickling (the file may have been replaced)
+            with NpzReader(path) as z:
+                missing = [a for a in _ARRAYS + ("kind_names",) if a not in z.keys]
+                if missing:
+                    raise BundleError(f"{where} lacks array '{missing[0]}'",
+                                      hint="rebuild the bundle with `jei-edge build`")
+                raw = {name: z.read(name) for name in _ARRAYS + ("kind_names",)}
+        except InputError as exc:
+            raise BundleError(f"{where} cannot be read ({shorten(exc.message)})", hint="rebuild the bundle") from None
         n = len(raw["x"])
         want = {"x": (n, *input_shape), "exit_index": (n,), "probs": (n, num_classes), "margin": (n, num_gates),
                 "gate": (n, num_gates), "full_probs": (n, num_classes), "kind": (n,)}

@@ -6,18 +6,22 @@ pipe arrays in and parse results out::
     jei-edge-run model.jei images/ a.npy
     python producer.py | jei-edge-run model.jei -        # a stream of .npy arrays on stdin
 
-Errors print one line on stderr (exit code 2); nothing else is written to stdout.
+Errors print one line on stderr (exit code 2); nothing else is written to stdout. Each array's
+.npy header is checked before its data is read: object arrays, wrong shapes or dtypes, arrays with
+no samples and arrays over 2 GiB ($JEI_EDGE_MAX_ARRAY_BYTES) are refused
+(``jei_edge.runtime.inputs``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import List, Optional
 
-from jei_edge.errors import JeiEdgeError
+from jei_edge.errors import InputError, JeiEdgeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-opt", dest="backend_opts", action="append", default=[], metavar="KEY=VALUE",
                    help="backend setting, repeatable (CPU: onnxruntime settings such as intra_op_threads=1 or "
                         "small_batch_rows=1; default: the bundle's target)")
+    p.add_argument("--public-key", dest="public_key", default=os.environ.get("JEI_EDGE_PUBLIC_KEY") or None,
+                   metavar="NAME.pub", help="refuse the bundle unless it is signed by this key and every file "
+                                            "matches (default: $JEI_EDGE_PUBLIC_KEY when set)")
     return p
 
 
@@ -51,7 +58,7 @@ def run_stream(args) -> None:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise JeiEdgeError(f"--batch-size must be >= 1, got {args.batch_size}")
-    rt = Runtime.load(args.bundle, device=args.device, max_batch=args.batch_size,
+    rt = Runtime.load(args.bundle, device=args.device, max_batch=args.batch_size, public_key=args.public_key,
                       **parse_backend_options(args.backend_opts))
     offsets = expand_offsets(parse_offsets(args.offsets), rt.num_gates)
     if args.alpha is not None:
@@ -64,7 +71,11 @@ def run_stream(args) -> None:
     if files:
         batches = iter([load_inputs(files, prep, args.preprocessed, rt.class_names)])
     else:
-        batches = stream_npy(sys.stdin.buffer, prep, args.preprocessed)
+        stdin = getattr(sys.stdin, "buffer", None)
+        if stdin is None:  # started with stdin closed (e.g. `<&-` or a daemon without one)
+            raise InputError("no input paths given and stdin is closed",
+                             hint="pass .npy/.npz files, images or folders, or pipe .npy arrays into '-'")
+        batches = stream_npy(stdin, prep, args.preprocessed)
     done = []
     seconds = 0.0
     for batch in batches:

@@ -20,14 +20,20 @@ def _io_short(entries) -> str:  # element type shown when not float32 (FP16 hidd
 
 
 def describe_bundle(path) -> Dict[str, Any]:
-    """What a bundle holds, as plain data; ``integrity`` lists problems instead of raising.
+    """What a bundle holds, as plain data; ``integrity`` lists problems instead of raising (the
+    ``jei-edge inspect`` command then exits non-zero).
 
     Raises:
         BundleError: when the manifest is missing or malformed (the error names the field).
     """
     bundle = Bundle(Path(path), Bundle.read_manifest(path))
     m = bundle.manifest
-    problems = bundle.verify()
+    try:
+        problems = bundle.verify()
+    except (OSError, RuntimeError) as exc:  # a listed file that cannot be read, a symlink loop
+        from jei_edge._io import shorten
+
+        problems = [f"its files cannot be checked ({shorten(exc)})"]
     ex = m.exits
     stages = []
     for st in m.stages:
@@ -37,7 +43,7 @@ def describe_bundle(path) -> Dict[str, Any]:
     report = {}
     try:
         report = json.loads(bundle.file(m.report).read_text()) if m.report else {}
-    except (OSError, ValueError, JeiEdgeError):  # informative only; integrity problems are listed above
+    except (OSError, ValueError, RuntimeError, JeiEdgeError):  # informative only; integrity problems are listed above
         report = {}
     md = m.to_dict()
     return {

@@ -55,6 +55,24 @@ def nonfinite_error(x: np.ndarray, guard_rows: Sequence[int] = (), what: str = "
                       hint="check the preprocessing: the model takes normalised inputs (see `jei-edge inspect`)")
 
 
+def to_float32(x: np.ndarray, what: str = "input") -> np.ndarray:
+    """``x`` (any float or integer array ``[B, ...]``) as float32, refusing finite values that
+    float32 cannot hold (|value| > 3.4e38 would silently become inf) with one InputError."""
+    if x.dtype == np.float32:
+        return x
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, not warned about
+        out = x.astype(np.float32)
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4 and x.size and not np.isfinite(out).all():
+        big = np.isfinite(x) & ~np.isfinite(out)
+        if big.any():
+            rows = np.flatnonzero(big.reshape(len(x), -1).any(axis=1)) if x.ndim else np.zeros(1, np.int64)
+            peak = float(np.max(np.abs(x[np.isfinite(x)])))
+            raise InputError(f"{what} has values beyond the float32 range in {rows.size} row(s) "
+                             f"(rows {_rows_text(rows)}; largest |value| {peak:.3g})",
+                             hint="the model computes in float32: check the data and its scaling")
+    return out
+
+
 def check_batch(x, input_shape: Sequence[int], what: str = "input", finite: bool = True) -> np.ndarray:
     """Return ``x`` as a C-contiguous float32 ``[B, C, H, W]`` array or raise ``InputError``.
 
@@ -85,8 +103,7 @@ def check_batch(x, input_shape: Sequence[int], what: str = "input", finite: bool
     if tuple(x.shape[1:]) != expected:
         raise InputError(f"{what} has shape {list(x.shape)}; the bundle expects {want}",
                          hint="resize to the model's input size (see `jei-edge inspect BUNDLE`)")
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)
+    x = to_float32(x, what)
     if finite and x.shape[0] and not np.isfinite(x).all():
         raise nonfinite_error(x, what=what)  # some row is non-finite: that is the error it names
     return np.ascontiguousarray(x)

@@ -118,3 +118,16 @@ def test_rewriting_a_bundle_drops_its_signature(signed, keys):
     assert not (signed / SIGNATURE).exists()
     with pytest.raises(BundleError, match="is not signed"):
         Runtime.load(signed, public_key=keys[0]["public"])
+
+
+def test_jei_edge_run_requires_the_signature_too(signed, vit_bundle, keys):
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "jei_edge.runtime.cli"]
+    r = subprocess.run(run + [str(vit_bundle), "-", "--public-key", keys[0]["public"]], input=b"",
+                       capture_output=True, timeout=120)
+    assert r.returncode == 2 and b"is not signed" in r.stderr and b"Traceback" not in r.stderr
+    r = subprocess.run(run + [str(signed), "-", "--public-key", keys[0]["public"]], input=b"", capture_output=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr

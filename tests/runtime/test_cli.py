@@ -118,7 +118,7 @@ def test_inspect_bundle(vit_bundle, tmp_path, capsys):
     shutil.copytree(vit_bundle, bad)
     (bad / "report.txt").write_text("changed")
     rc, out, _ = _cli(capsys, ["inspect", str(bad)])
-    assert rc == 0 and "integrity: FAILED" in out and "report.txt" in out
+    assert rc == 2 and "integrity: FAILED" in out and "report.txt" in out  # shown, then refused
 
 
 def test_build_command(tmp_path, capsys):
