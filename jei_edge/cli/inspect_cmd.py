@@ -75,24 +75,9 @@ def format_checkpoint(info: dict) -> str:
 
 
 def _kind(p: Path) -> str:
-    """Whether ``p`` is a "dir" or a "file"; an InputError naming it when it is missing, a broken
-    symlink, a FIFO or a device."""
-    from jei_edge.errors import InputError
+    from jei_edge.runtime.inputs import path_kind
 
-    hint = "pass a model.pt checkpoint or a compiled bundle directory NAME.jei"
-    try:
-        if p.is_dir():
-            return "dir"
-        if p.is_file():
-            return "file"
-        exists, link = p.exists(), p.is_symlink()
-    except OSError as exc:  # e.g. a name too long
-        raise InputError(f"cannot inspect '{p}' ({exc.strerror or exc})", hint=hint) from None
-    if link and not exists:
-        raise InputError(f"'{p}' is a broken symbolic link (its target is missing, or the links loop)", hint=hint)
-    if not exists:
-        raise InputError(f"'{p}' does not exist", hint=hint)
-    raise InputError(f"'{p}' is not a regular file or a directory (a FIFO, socket or device)", hint=hint)
+    return path_kind(p, "path", hint="pass a model.pt checkpoint or a compiled bundle directory NAME.jei")
 
 
 @click.command()

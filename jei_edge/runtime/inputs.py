@@ -398,9 +398,12 @@ def _load_images(paths: Sequence[Path], prep: Dict, names: Sequence[str], y=None
     return InputBatch(list(names), raw_to_model(raw, prep), y)
 
 
-def _kind(p: Path) -> str:
-    """Whether ``p`` is a "dir" or a "file"; an InputError when it is missing, a broken or looping
-    symlink, or a FIFO, socket or device (reading one would block or fail)."""
+_INPUT_HINT = "pass .npy/.npz files, images or folders; jei-edge-run reads a stream of arrays from '-' (stdin)"
+
+
+def path_kind(p: Path, what: str = "input", hint: Optional[str] = _INPUT_HINT) -> str:
+    """Whether ``p`` is a "dir" or a "file"; an InputError naming it (as ``what``) when it is
+    missing, a broken or looping symlink, or a FIFO, socket or device (reading one would block or fail)."""
     try:
         if p.is_dir():
             return "dir"
@@ -408,14 +411,13 @@ def _kind(p: Path) -> str:
             return "file"
         exists, link = p.exists(), p.is_symlink()
     except OSError as exc:  # e.g. a name too long
-        raise InputError(f"cannot read input '{p}' ({exc.strerror or _reason(exc)})") from None
+        raise InputError(f"cannot read {what} '{p}' ({exc.strerror or _reason(exc)})", hint=hint) from None
     if link and not exists:
-        raise InputError(f"input '{p}' is a broken symbolic link (its target is missing, or the links loop)")
+        raise InputError(f"{what} '{p}' is a broken symbolic link (its target is missing, or the links loop)",
+                         hint=hint)
     if not exists:
-        raise InputError(f"input '{p}' does not exist")
-    raise InputError(f"input '{p}' is not a regular file or a folder (a FIFO, socket or device)",
-                     hint="pass .npy/.npz files, images or folders; "
-                          "jei-edge-run reads a stream of arrays from '-' (stdin)")
+        raise InputError(f"{what} '{p}' does not exist", hint=hint)
+    raise InputError(f"{what} '{p}' is not a regular file or a folder (a FIFO, socket or device)", hint=hint)
 
 
 def load_path(path, preprocessing: Dict, preprocessed: bool = False, class_names: Optional[List[str]] = None) -> InputBatch:
@@ -424,7 +426,7 @@ def load_path(path, preprocessing: Dict, preprocessed: bool = False, class_names
     from jei_edge.data.transforms import is_image_file
 
     p = Path(path)
-    if _kind(p) == "dir":
+    if path_kind(p) == "dir":
         try:
             entries = sorted(p.iterdir())
             subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
