@@ -116,11 +116,10 @@ def _npz_images(x: np.ndarray, path: Path) -> np.ndarray:
 def _npz(path: Path, input_shape) -> RawData:
     if not path.is_file():
         raise InputError(f"data file '{path}' does not exist", hint=SOURCE_HINT)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read '{path}' as .npz ({exc})", hint="write it with numpy.savez") from exc
+    from jei_edge.runtime.inputs import NpzReader
+
+    with NpzReader(path) as f:  # header-first and bounded, never unpickling; InputError naming the file
+        arrays = {k: f.read(k) for k in f.keys}
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise InputError(f"'{path}' lacks array(s) {missing} (has {sorted(arrays)})",
