@@ -459,3 +459,20 @@ def test_runtime_refuses_float64_beyond_float32_without_warnings(vit_bundle):
         with pytest.raises(InputError, match=want):
             rt.run(x)
         assert len(rt.run(np.zeros((2, 1, 8, 8))).pred) == 2  # float64 in range: still accepted
+
+
+def test_a_stage_graph_swapped_for_another_models_is_one_error(vit_bundle, resnet_bundle, tmp_path):
+    """A re-hashed bundle whose stage graph comes from another model: refused at load, naming the
+    stage and tensor (not an onnxruntime traceback mid-run)."""
+    import shutil
+
+    from jei_edge.errors import BundleError
+    from jei_edge.runtime import Runtime
+    from tests.runtime.helpers import rehash
+
+    bad = tmp_path / "swapped.jei"
+    shutil.copytree(vit_bundle, bad)
+    shutil.copyfile(resnet_bundle / "stages" / "stage1.onnx", bad / "stages" / "stage1.onnx")
+    rehash(bad)
+    with pytest.raises(BundleError, match=r"stage 1 graph 'stages/stage1.onnx' tensor '\w+' is float32"):
+        Runtime.load(bad, device="cpu")

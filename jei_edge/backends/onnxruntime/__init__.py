@@ -72,6 +72,7 @@ class OnnxruntimeBackend(Backend):
                 raise BundleError(f"stage {st.index} graph '{st.file}' has inputs {names_in} / outputs "
                                   f"{sorted(names_out)}, manifest says {want_in} / {sorted(want_out)}",
                                   hint="rebuild the bundle")
+            _check_types(sess, st)
             sessions.append(sess)
         small = None
         if settings.small_batch is not None:  # graphs already checked above: same files
@@ -80,6 +81,25 @@ class OnnxruntimeBackend(Backend):
         guard = verify_input_guard(bundle, sessions[0])
         ws = NumpyWorkspace(m.stages, m.num_classes, max_batch, input_guard=guard)
         return OrtStageExecutor(sessions, settings, small), ws
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(double)": "float64", "tensor(int8)": "int8", "tensor(int32)": "int32", "tensor(int64)": "int64"}
+
+
+def _check_types(sess, st) -> None:
+    """Every input and output of stage ``st``'s graph has the manifest's element type and static
+    per-row dims (a graph swapped for another one fails here, not inside onnxruntime's run)."""
+    specs = {t.name: t for t in st.inputs + st.outputs}
+    for arg in list(sess.get_inputs()) + list(sess.get_outputs()):
+        t = specs[arg.name]
+        dtype = _ORT_TYPES.get(arg.type, arg.type)
+        row = list(arg.shape[1:]) if arg.shape else []
+        static_ok = len(row) == len(t.shape) and all(not isinstance(d, int) or d == w for d, w in zip(row, t.shape))
+        if dtype != t.dtype or not static_ok:
+            raise BundleError(f"stage {st.index} graph '{st.file}' tensor '{arg.name}' is {dtype}{list(arg.shape)}, "
+                              f"the manifest says {t.dtype}[batch, {', '.join(map(str, t.shape))}]",
+                              hint="the graph is not this bundle's: rebuild the bundle or copy it again")
 
 
 BACKEND = OnnxruntimeBackend()
