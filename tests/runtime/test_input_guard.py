@@ -111,12 +111,14 @@ def test_manifest_claiming_a_missing_guard_is_refused(vit_bundle, tmp_path):
         helper.make_node("ConstantOfShape", ["n"], ["gate"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])),
         helper.make_node("Concat", ["n", "c5"], ["pshape"], axis=0),
         helper.make_node("ConstantOfShape", ["pshape"], ["probs"], value=helper.make_tensor("p", TensorProto.FLOAT, [1], [0.2])),
-        helper.make_node("Identity", ["x"], ["hidden_out"]),
+        helper.make_node("Concat", ["n", "c5", "c16"], ["hshape"], axis=0),  # the manifest's [batch, 5, 16]
+        helper.make_node("ConstantOfShape", ["hshape"], ["hidden_out"], value=helper.make_tensor("h", TensorProto.FLOAT, [1], [0.0])),
     ]
     graph = helper.make_graph(
         nodes, "altered", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("hidden_out", "probs", "gate")],
-        initializer=[helper.make_tensor("c5", TensorProto.INT64, [1], [5])])
+        initializer=[helper.make_tensor("c5", TensorProto.INT64, [1], [5]),
+                     helper.make_tensor("c16", TensorProto.INT64, [1], [16])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(b / "stages" / "stage0.onnx"))
