@@ -45,7 +45,7 @@ MAX_IMAGE_PIXELS = 1 << 26
 # fine). Formats that hand the file to an external program (EPS -> Ghostscript) are left out.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # JPEG includes its MPO variant
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # as transforms.image_channels
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # image modes read as one channel
 
 
 @dataclass
@@ -257,7 +257,7 @@ def read_image(path, input_shape: Sequence[int], max_pixels: int = MAX_IMAGE_PIX
     """One image file -> raw ``[C, H, W]`` float32 in [0, 1] at ``input_shape``.
 
     Converted to gray (``L``) or ``RGB`` for C = 1 / 3, resized bilinearly to (H, W), divided by
-    255 (the same pixels as ``transforms.load_image``). Images over ``max_pixels`` are refused
+    255. Images over ``max_pixels`` are refused
     from their header, before decoding; any decoder failure is an InputError naming the file.
     """
     c, h, w = (int(v) for v in input_shape)

@@ -104,43 +104,7 @@ def to_input_shape(x01: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
     return np.clip(resize_array(x, (h, w)), 0.0, 1.0).astype(np.float32)
 
 
-# -- image files (Pillow) ---------------------------------------------------------------------
-
-def _pil():
-    from jei_edge._deps import require
-
-    require("PIL", purpose="reading image files")  # a missing Pillow names the [images] extra
-    from PIL import Image
-
-    return Image
-
-
-def image_channels(path) -> int:
-    """1 for a grayscale image file, else 3."""
-    Image = _pil()
-    with Image.open(path) as im:
-        return 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-
-
-def load_image(path, input_shape: Sequence[int]) -> np.ndarray:
-    """One image file -> raw ``[C, H, W]`` float32 in [0, 1] at ``input_shape``.
-
-    Converted to gray (``L``) or ``RGB`` for C = 1 / 3, resized bilinearly to (H, W), divided by 255.
-    """
-    Image = _pil()
-    c, h, w = (int(v) for v in input_shape)
-    if c not in (1, 3):
-        raise InputError(f"image inputs need 1 or 3 channels, the model expects {c}")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read image '{path}' ({exc})", hint="is it a valid image file?") from exc
-    return arr[None] if c == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
-
+# -- image files (read by jei_edge.data.sources.read_image: bounded, every failure one error) --
 
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
@@ -168,12 +132,3 @@ def list_image_folder(folder) -> Tuple[List[Path], np.ndarray, List[str]]:
         paths.extend(files)
         labels.extend([k] * len(files))
     return paths, np.asarray(labels, dtype=np.int64), [c.name for c in classes]
-
-
-def load_images(paths: Sequence[Path], input_shape: Sequence[int]) -> np.ndarray:
-    """Several image files -> raw ``[N, C, H, W]``."""
-    c, h, w = (int(v) for v in input_shape)
-    out = np.empty((len(paths), c, h, w), dtype=np.float32)
-    for i, p in enumerate(paths):
-        out[i] = load_image(p, input_shape)
-    return out

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from jei_edge.data.transforms import (compute_preprocessing, convert_channels, load_image, raw_to_model,
+from jei_edge.data.sources import read_image as load_image  # the one image reader
+from jei_edge.data.transforms import (compute_preprocessing, convert_channels, raw_to_model,
                                       resize_array, to_input_shape)
 from jei_edge.errors import InputError
 
