@@ -21,3 +21,9 @@ def data_dir(kind: str) -> Path:
         if cand.is_dir():
             return cand
     return _PACKAGE / kind  # missing: callers list it as empty and say so
+
+
+def is_file_name(name_or_path: str) -> bool:
+    """Whether a ``--target`` / ``--calibration`` value names a user's ``.toml`` file rather than a
+    shipped one (a ``.toml`` suffix or a path separator)."""
+    return name_or_path.lower().endswith(".toml") or "/" in name_or_path or "\\" in name_or_path

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from jei_edge._data import data_dir
+from jei_edge._data import data_dir, is_file_name
 from jei_edge._io import shorten
 from jei_edge.bundle.manifest import Graph, Stage
 from jei_edge.errors import BuildError, InputError
@@ -124,7 +124,7 @@ def load_recipe(name_or_path: str = "default") -> Recipe:
     name_or_path = str(name_or_path)
     path = Path(name_or_path)
     known = sorted(p.stem for p in data_dir("calibration").glob("*.toml"))
-    if path.suffix.lower() == ".toml" or "/" in name_or_path or "\\" in name_or_path:
+    if is_file_name(name_or_path):
         if not path.exists():
             raise InputError(f"calibration recipe file '{path}' not found",
                              hint=f"check the path, or use a built-in recipe: {', '.join(known)}")

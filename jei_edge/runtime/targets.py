@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from jei_edge._data import data_dir
+from jei_edge._data import data_dir, is_file_name
 from jei_edge.errors import JeiEdgeError
 
 try:  # Python >= 3.11
@@ -166,14 +166,10 @@ def load_targets() -> List[Target]:
     return [load_target(n) for n in available_targets()]
 
 
-def _is_path(name_or_path: str) -> bool:
-    return name_or_path.lower().endswith(".toml") or "/" in name_or_path or "\\" in name_or_path
-
-
 def load_target(name_or_path) -> Target:
     """A target by name (``targets/NAME.toml``) or from a ``.toml`` file path."""
     name_or_path = str(name_or_path)
-    if _is_path(name_or_path):
+    if is_file_name(name_or_path):
         path = Path(name_or_path)
         if not path.exists():
             raise JeiEdgeError(f"target file '{path}' not found: the file does not exist",
