@@ -22,6 +22,7 @@ bundle's own backend here.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -262,63 +263,64 @@ def tune(bundle_path, data: str, budget: Budget, seed: int = 0, repeats: int = 5
         raise InputError(f"data '{data}' has {len(d.class_names)} classes, the bundle {m.num_classes}",
                          hint="tune on the data the model was trained for")
     progress(f"every exit on {len(d.val)} validation, {len(d.calib)} calibration and {len(d.test)} test samples")
-    out = {k: exit_outputs(bundle, getattr(d, k).x) for k in ("val", "calib", "test")}
-    cost = np.asarray(m.exits.cost, dtype=np.float64)
-    stage_of_exit = np.array([s.index for s in m.stages for _ in s.exits])
-    latency = None
-    if budget.kind == "latency-ms":
-        from jei_edge.runtime import Runtime
+    with contextlib.ExitStack() as stack:
+        splits = ("val", "calib", "test")  # one pass over every split: one set of stage sessions
+        gates, probs = exit_outputs(bundle, np.concatenate([getattr(d, k).x for k in splits]))
+        cut = np.cumsum([len(getattr(d, k)) for k in splits])[:-1]
+        out = dict(zip(splits, zip(np.split(gates, cut), np.split(probs, cut))))
+        cost = np.asarray(m.exits.cost, dtype=np.float64)
+        stage_of_exit = np.array([s.index for s in m.stages for _ in s.exits])
+        latency, rt = None, None
+        if budget.kind == "latency-ms":  # one runtime times the stages, then the chosen offsets
+            from jei_edge.runtime import Runtime
 
-        progress(f"timing the stages at batch {budget.batch} on this machine ({repeats} repeats)")
-        with Runtime.load(bundle.path, max_batch=max(budget.batch, 1)) as rt:
-            rt.use_deploy(False)
+            progress(f"timing the stages at batch {budget.batch} on this machine ({repeats} repeats)")
+            rt = stack.enter_context(Runtime.load(bundle.path, max_batch=budget.batch)).use_deploy(False)
             latency = LatencyModel.measure(rt, d.val.x, budget.batch, repeats)
-    val = Scorer(*out["val"], d.val.y, cost, latency, stage_of_exit)
-    progress(f"searching offsets for {budget.label}")
-    best, explored = search(val, budget, m.num_gates, seed=seed)
-    test = Scorer(*out["test"], d.test.y, cost, latency, stage_of_exit)
-    chosen_test = test(best.offsets)
-    front = pareto(explored, "cost")
-    jei_curve = [test(s.offsets) for s in front]
-    logp = {k: np.log(np.clip(out[k][1], 1e-30, None)) for k in ("val", "test")}
-    base = baseline_curve(logp["val"], logp["test"], d.test.y, {"cost": m.exits.cost,
-                                                                 "cost_vs_plain": m.exits.cost_vs_plain})
-    alphas = tuple(m.exits.alphas) or tuple(ALPHAS)
-    g_c, p_c = out["calib"]
-    table = qhat_table(p_c, exit_levels(g_c, list(best.offsets)), d.calib.y, alphas)
-    measured = None
-    if latency is not None:
-        from jei_edge.profile.measure import Passes, median
-        from jei_edge.runtime import Runtime
+        val = Scorer(*out["val"], d.val.y, cost, latency, stage_of_exit)
+        progress(f"searching offsets for {budget.label}")
+        best, explored = search(val, budget, m.num_gates, seed=seed)
+        test = Scorer(*out["test"], d.test.y, cost, latency, stage_of_exit)
+        chosen_test = test(best.offsets)
+        front = pareto(explored, "cost")
+        jei_curve = [test(s.offsets) for s in front]
+        logp = {k: np.log(np.clip(out[k][1], 1e-30, None)) for k in ("val", "test")}
+        base = baseline_curve(logp["val"], logp["test"], d.test.y, {"cost": m.exits.cost,
+                                                                     "cost_vs_plain": m.exits.cost_vs_plain})
+        alphas = tuple(m.exits.alphas) or tuple(ALPHAS)
+        g_c, p_c = out["calib"]
+        table = qhat_table(p_c, exit_levels(g_c, list(best.offsets)), d.calib.y, alphas)
+        measured = None
+        if rt is not None:
+            from jei_edge.profile.measure import Passes, median
 
-        with Runtime.load(bundle.path, max_batch=budget.batch) as rt:
             p = Passes.for_runtime(rt, budget.batch)
             xs = p.batches(d.test.x, budget.batch) or [d.test.x]
             p.warm_up(xs, best.offsets)
             measured = 1e3 * median([p.exit_pass(xs, best.offsets) for _ in range(repeats)]) / sum(map(len, xs))
-    report = {
-        "bundle": str(bundle.path), "data": data, "seed": seed, "budget": budget.label,
-        "offsets": list(best.offsets), "searched": len(explored),
-        "validation": {"samples": len(d.val), **best.to_dict()},
-        "test": {"samples": len(d.test), **chosen_test.to_dict(), "measured_latency_ms": measured,
-                 "baseline_accuracy_at_cost": accuracy_at_cost(base, chosen_test.cost),
-                 "default_offsets": test((0.0,) * m.num_gates).to_dict()},
-        "conformal": {"alphas": list(alphas), "qhat": table, "calibration_samples": len(d.calib)},
-        "curves": {"jei": [s.to_dict() for s in jei_curve],
-                   "baseline": [{"cost": p["mean_cost"], "accuracy": p["accuracy"],
-                                 "latency_ms": latency.predict_ms(p["exit_idx"], stage_of_exit) if latency else None}
-                                for p in base]},
-        "latency_model": latency.to_dict() if latency is not None else None,
-    }
-    if write:
-        info = {"data": data, "seed": seed, "validation": {"samples": len(d.val), "accuracy": best.accuracy,
-                                                           "cost": best.cost, "latency_ms": best.latency_ms},
-                "test": {"samples": len(d.test), "accuracy": chosen_test.accuracy, "cost": chosen_test.cost},
-                "calibration_samples": len(d.calib), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_deploy(bundle, Deploy(offsets=best.offsets, alphas=alphas,
-                                    qhat=tuple(tuple(float(v) for v in r) for r in table), budget=budget.label,
-                                    info=info))
-        progress(f"wrote the deploy profile into {bundle.path}")
+        report = {
+            "bundle": str(bundle.path), "data": data, "seed": seed, "budget": budget.label,
+            "offsets": list(best.offsets), "searched": len(explored),
+            "validation": {"samples": len(d.val), **best.to_dict()},
+            "test": {"samples": len(d.test), **chosen_test.to_dict(), "measured_latency_ms": measured,
+                     "baseline_accuracy_at_cost": accuracy_at_cost(base, chosen_test.cost),
+                     "default_offsets": test((0.0,) * m.num_gates).to_dict()},
+            "conformal": {"alphas": list(alphas), "qhat": table, "calibration_samples": len(d.calib)},
+            "curves": {"jei": [s.to_dict() for s in jei_curve],
+                       "baseline": [{"cost": p["mean_cost"], "accuracy": p["accuracy"],
+                                     "latency_ms": latency.predict_ms(p["exit_idx"], stage_of_exit) if latency else None}
+                                    for p in base]},
+            "latency_model": latency.to_dict() if latency is not None else None,
+        }
+        if write:
+            info = {"data": data, "seed": seed, "validation": {"samples": len(d.val), "accuracy": best.accuracy,
+                                                               "cost": best.cost, "latency_ms": best.latency_ms},
+                    "test": {"samples": len(d.test), "accuracy": chosen_test.accuracy, "cost": chosen_test.cost},
+                    "calibration_samples": len(d.calib), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            write_deploy(bundle, Deploy(offsets=best.offsets, alphas=alphas,
+                                        qhat=tuple(tuple(float(v) for v in r) for r in table), budget=budget.label,
+                                        info=info))
+            progress(f"wrote the deploy profile into {bundle.path}")
     report["written"] = bool(write)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
