@@ -114,10 +114,10 @@ def max_abs_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
 
 
-def _run(rt, x: np.ndarray, mode: str, update) -> tuple:
+def _run(rt, x: np.ndarray, mode: str, update, offsets) -> tuple:
     probs, exits = [], []
     for i in range(0, len(x), CHUNK):
-        res = rt.run(x[i:i + CHUNK], mode=mode)
+        res = rt.run(x[i:i + CHUNK], mode=mode, offsets=offsets)
         probs.append(np.asarray(res.probs))
         exits.append(np.asarray(res.exit_index))
         update(len(probs[-1]))
@@ -132,16 +132,10 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
     """
     n, tol = len(refs), rule.tolerance
     n_exits = refs.margin.shape[1] + 1
-    deploy = getattr(rt, "deploy", None)  # the references are the trained model's decisions: offsets 0
-    if deploy is not None:
-        rt.deploy = None
-    try:
-        with progress.bar(2 * n, "verify") as update:
-            probs, exits = _run(rt, refs.x, "exit", update)
-            full_probs, _ = _run(rt, refs.x, "full", update)
-    finally:
-        if deploy is not None:
-            rt.deploy = deploy
+    zeros = (0.0,) * (n_exits - 1)  # the references are the trained model's decisions (not a deploy profile's)
+    with progress.bar(2 * n, "verify") as update:
+        probs, exits = _run(rt, refs.x, "exit", update, zeros)
+        full_probs, _ = _run(rt, refs.x, "full", update, zeros)
     levels = refs.exit_index
     diff = exits != levels
     first = np.minimum(levels, exits)[diff]

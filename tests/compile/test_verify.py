@@ -137,7 +137,7 @@ class _FakeRuntime:
     def __init__(self, refs, moved):
         self.refs, self.moved = refs, moved
 
-    def run(self, x, mode="exit"):
+    def run(self, x, mode="exit", offsets=None):
         from types import SimpleNamespace
 
         rows = [int(np.flatnonzero((self.refs.x == r).all(axis=(1, 2, 3)))[0]) for r in x]
