@@ -1,7 +1,7 @@
-"""Backends: one folder each (settings, executor, and later builder), one lazy registry.
+"""Backends: one folder each (settings, executor, builder where there is one), one lazy registry.
 
-``get_backend(name)`` imports ``jei_edge.backends.<folder>`` only when asked; an entry of
-``UNAVAILABLE`` says why a backend cannot be used instead of disappearing. ``choose(manifest,
+``get_backend(name)`` imports ``jei_edge.backends.<folder>`` only when asked; a backend that
+cannot run here says why when it is created (e.g. the TensorRT engine checks). ``choose(manifest,
 device, backend)`` is how ``Runtime.load`` picks one: the bundle's target decides unless
 ``device`` or ``backend`` overrides it.
 
@@ -31,15 +31,12 @@ REGISTRY: Dict[str, str] = {
     "tensorrt": "jei_edge.backends.tensorrt:TENSORRT",
     "tensorrt_rtx": "jei_edge.backends.tensorrt:TENSORRT_RTX",
 }
-UNAVAILABLE: Dict[str, str] = {}  # name -> why this jei-edge cannot run it (none at present)
 # the backend that runs any bundle's stage graphs on each device, when the target's backend does not
 DEFAULT_FOR_DEVICE = {"cpu": "onnxruntime", "cuda": "torch-cuda"}
 
 
 def get_backend(name: str):
     """The ``Backend`` registered as ``name`` (its module is imported now)."""
-    if name in UNAVAILABLE:
-        raise BundleError(f"backend '{name}' is not available: {UNAVAILABLE[name]}")
     if name not in REGISTRY:
         raise InputError(f"unknown backend '{name}'", hint=f"choose one of {sorted(REGISTRY)}")
     module, _, attr = REGISTRY[name].partition(":")
@@ -58,16 +55,13 @@ def choose(manifest, device: Optional[str] = None, backend: Optional[str] = None
     if device is not None and device not in DEVICES:
         raise InputError(f"device must be one of {list(DEVICES)}, got {device!r}")
     if backend is not None:
-        if backend not in REGISTRY and backend not in UNAVAILABLE:
+        if backend not in REGISTRY:
             raise InputError(f"unknown backend '{backend}'", hint=f"choose one of {sorted(REGISTRY)}")
         if device is not None and device_of(backend) != device:
             raise InputError(f"backend '{backend}' runs on {device_of(backend)}, not on {device}")
         return backend
     target = manifest.target.backend
     if device is None or device_of(target) == device:
-        if target in UNAVAILABLE and device is None:
-            raise BundleError(f"this bundle was built for target '{manifest.target.name}' (backend '{target}'): "
-                              f"{UNAVAILABLE[target]}")
         if target in REGISTRY:
             return target
         if device is None:

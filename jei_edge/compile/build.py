@@ -237,12 +237,10 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     progress(f"exporting the stages of {len(model.stage_ranges())} exits + plain backbone (opset {job.opset})")
     probe, _ = parity_inputs(ckpt["preprocessing"], job.real.x, PROBE_ROWS, opts.seed)
     example = torch.from_numpy(probe[:2].copy())
-    if job.precision == "fp16":
-        from jei_edge.model.jei import half_precision
+    from jei_edge.model.jei import half_precision
 
-        stages = export_stages(half_precision(model), plans, root, example, job.opset)
-    else:
-        stages = export_stages(model, plans, root, example, job.opset)
+    stage_model = half_precision(model) if job.precision == "fp16" else model
+    stages = export_stages(stage_model, plans, root, example, job.opset)
     plain = export_plain(model, root, example, job.opset, macs=int(ckpt["costs"]["plain_macs"]))
     quant = None
     if job.recipe is not None:
