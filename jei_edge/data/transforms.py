@@ -3,8 +3,8 @@
 "Raw" inputs in jei-edge are values in ``[0, 1]`` at the model's input shape (images: pixel/255
 after resize and colour conversion). A model's ``preprocessing`` dict
 ``{"input_shape": [C, H, W], "mean": [per channel], "std": [per channel]}`` maps raw to model
-input with ``raw_to_model``. Everything here needs numpy only (Pillow for image files), so the
-runtime's input loader can import it on a device without torch.
+input with ``raw_to_model``. Everything here needs numpy only, so the runtime's input loader can
+import it on a device without torch; image files are read by ``jei_edge.data.sources.read_image``.
 """
 
 from __future__ import annotations
