@@ -76,6 +76,8 @@ def compare_stages(bundle, runner_for: Callable[[Any], Any], x: np.ndarray, tole
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
+    from jei_edge.backends.onnxruntime.chain import chain_stages
+
     try:
         from polygraphy.comparator import SimpleCompareFunc as _Simple
     except ImportError:  # older Polygraphy
@@ -84,8 +86,6 @@ def compare_stages(bundle, runner_for: Callable[[Any], Any], x: np.ndarray, tole
         _Simple = CompareFunc.simple
     G_LOGGER.module_severity = G_LOGGER.ERROR
     rows = []
-    from jei_edge.backends.onnxruntime.chain import chain_stages
-
     for s, (feed, _) in zip(bundle.manifest.stages, chain_stages(bundle, x)):
         ort = OnnxrtRunner(SessionFromOnnx(str(bundle.file(s.file)), providers=["cpu"]), name="onnxruntime")
         results = Comparator.run([runner_for(s), ort], data_loader=[feed])
