@@ -38,7 +38,8 @@ def _summary(ckpt: dict, path) -> str:
     lines = [
         f"wrote {path}",
         f"  backbone {ckpt['config']['backbone']} on '{tr['data']['source']}' (split seed {tr['data']['split_seed']}), "
-        f"lambda {tr['lambda']:g}, seed {tr['seed']}, {tr['train_seconds']:.0f} s",
+        f"lambda {tr['lambda']:g}, seed {tr['seed']}, pos-weight {tr['config'].get('pos_weight', 'reference')}, "
+        f"{tr['train_seconds']:.0f} s",
         f"  backbone val accuracy {tr['backbone'].get('best_val_accuracy', float('nan')):.4f}",
         f"  JEI on validation: accuracy {val['accuracy']:.4f}, mean cost {val['mean_cost']:.3f}, "
         f"exits {val['exit_histogram']}",
@@ -108,6 +109,10 @@ def _check_model_size(cfg, splits) -> None:
 @click.option("--batch-size", type=int, default=None, help=f"Batch size (default 64; 1..{MAX_BATCH_SIZE:,}).")
 @click.option("--classifier-loss", type=click.Choice(["mean", "gate_weighted"]), default=None,
               help="CLASSIFIER-phase loss (default mean, the reference's effective loss).")
+@click.option("--pos-weight", "pos_weight", type=click.Choice(["reference", "balanced", "none"]), default=None,
+              help="Weight of the gates' positive BCE targets: 'reference' (default; the JEI-DNN reference's "
+                   "min((N - n_l)/n_l, 5) with n_l the samples whose oracle exit is l), 'balanced' (each gate's "
+                   "true negatives/positives ratio) or 'none' (1). docs/training.md has the measured comparison.")
 @click.option("--threads", type=int, default=None,
               help=f"torch CPU threads while training (default: torch's; 1 is best on a busy machine; "
                    f"1..{MAX_THREADS}).")
@@ -120,8 +125,11 @@ def _check_model_size(cfg, splits) -> None:
 @json_option
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(data, backbone, backbone_opts, backbone_weights, exits, lam, epochs, min_steps, backbone_epochs, im_epochs,
-          batch_size, classifier_loss, threads, img_size, output, seed, as_json, no_progress):
+          batch_size, classifier_loss, pos_weight, threads, img_size, output, seed, as_json, no_progress):
     """Train a JEI-DNN (backbone, IM warm-up, bi-level gates/IMs) and calibrate its conformal sets.
+
+    The checkpoint also keeps the IMs as they were after the warm-up, so `jei-edge eval` can
+    compare JEI with thresholding on IMs that never saw the gates (baselines c and d).
 
     \b
     Example (a minute or two on 2 CPU cores):
@@ -147,7 +155,7 @@ def train(data, backbone, backbone_opts, backbone_weights, exits, lam, epochs, m
     cfg = with_overrides(TrainConfig(backbone=backbone, backbone_kwargs=kwargs, exits=exit_list, lam=lam, seed=seed,
                                      backbone_weights=backbone_weights),
                          epochs=epochs, min_steps=min_steps, backbone_epochs=backbone_epochs, im_epochs=im_epochs, batch_size=batch_size,
-                         classifier_loss=classifier_loss, threads=threads).validate()
+                         classifier_loss=classifier_loss, pos_weight=pos_weight, threads=threads).validate()
     shape = None
     if img_size is not None:
         size = check_img_size(img_size)
@@ -178,6 +186,7 @@ def train(data, backbone, backbone_opts, backbone_weights, exits, lam, epochs, m
     if as_json:
         tr = ckpt["training"]
         emit_json({"output": str(output), "lambda": tr["lambda"], "seed": tr["seed"], "data": tr["data"],
+                   "pos_weight": tr["config"]["pos_weight"],
                    "train_seconds": tr["train_seconds"], "validation": tr["bilevel"]["validation"][-1],
                    "costs": ckpt["costs"]["cost"]})
     else:

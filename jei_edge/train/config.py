@@ -2,7 +2,7 @@
 
 JEI-DNN reference defaults (the paper's; docs/training.md lists them and where we depart) are used where it names one: IM warm-up with
 patience 2 and at most 6 epochs; bi-level phase with SGD lr 0.01, momentum 0.9, weight decay 5e-4,
-cosine to 2e-4, batch 64, lambda 0.7, pos_weight cap 5, plain mean-CE classifier loss. The
+cosine to 2e-4, batch 64, lambda 0.7, pos_weight cap 5 (``pos_weight="reference"``), plain mean-CE classifier loss. The
 reference fine-tunes an ImageNet-pretrained backbone; here the backbone trains from scratch
 (AdamW + cosine and random-translation augmentation, the usual recipe for a small ViT/CNN; on
 small data sets a backbone trained without augmentation memorises the training split, and its IMs
@@ -25,6 +25,7 @@ from jei_edge.errors import JeiEdgeError
 # conformal alpha grid 0.01 .. 0.05 in steps of 0.005
 ALPHAS: Tuple[float, ...] = tuple(round(0.01 + 0.005 * i, 3) for i in range(9))
 CLASSIFIER_LOSSES = ("mean", "gate_weighted")
+POS_WEIGHT_RULES = ("reference", "balanced", "none")  # jei_edge.train.metrics.pos_weights
 
 # Sanity bounds of the integer settings, inclusive: far beyond any useful value, they turn typos
 # (an extra zero or three) into a clear error instead of a MemoryError, an OOM kill or a run that
@@ -51,7 +52,7 @@ LIMITS = {
 OPTIONAL = ("switch_every", "threads")  # None means "the default"
 OPTIONS = {"lam": "--lambda", "batch_size": "--batch-size", "seed": "--seed", "backbone_epochs": "--backbone-epochs",
            "im_epochs": "--im-epochs", "epochs": "--epochs", "min_steps": "--min-steps", "threads": "--threads",
-           "classifier_loss": "--classifier-loss", "backbone": "--backbone"}
+           "classifier_loss": "--classifier-loss", "backbone": "--backbone", "pos_weight": "--pos-weight"}
 
 
 def check_img_size(value, what: str = "--img-size") -> int:
@@ -98,7 +99,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     switch_every: Optional[int] = None  # batches per phase; None = half an epoch (<= 200)
     classifier_loss: str = "mean"
-    pos_weight_cap: float = 5.0
+    pos_weight: str = "reference"  # gate BCE positive weights: reference | balanced | none (metrics.pos_weights)
+    pos_weight_cap: float = 5.0  # cap of the "reference" rule
     # torch intra-op threads while training (None: torch's default). Small models gain little from
     # several threads, and on a busy machine spinning threads make training many times slower.
     threads: Optional[int] = None
@@ -137,6 +139,8 @@ class TrainConfig:
         if self.classifier_loss not in CLASSIFIER_LOSSES:
             problems.append(f"{name('classifier_loss')} must be one of {CLASSIFIER_LOSSES}, "
                             f"got {self.classifier_loss!r}")
+        if self.pos_weight not in POS_WEIGHT_RULES:
+            problems.append(f"{name('pos_weight')} must be one of {POS_WEIGHT_RULES}, got {self.pos_weight!r}")
         if not isinstance(self.backbone, str) or not self.backbone:
             problems.append(f"{name('backbone')} must be a backbone name, got {self.backbone!r}")
         if not isinstance(self.backbone_kwargs, dict):

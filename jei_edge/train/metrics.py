@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from jei_edge.exit_rule import conformal_sets, exit_levels, softmax
-from jei_edge.train.config import ALPHAS
+from jei_edge.train.config import ALPHAS, POS_WEIGHT_RULES
 
 ECE_BINS = 15
 CONFORMAL_MIN_EXITED = 20  # per-exit qhat falls back to all IM scores at or below this count
@@ -34,11 +34,26 @@ def gate_targets(oracle: np.ndarray, num_gates: int) -> np.ndarray:
     return (np.arange(num_gates)[None, :] >= np.asarray(oracle)[:, None]).astype(np.float32)
 
 
-def pos_weights(oracle: np.ndarray, num_gates: int, cap: float = 5.0) -> List[float]:
-    """``min((N - n_l) / max(n_l, 0.1), cap)`` per gate, ``n_l`` = samples whose oracle exit is l."""
+def pos_weights(oracle: np.ndarray, num_gates: int, cap: float = 5.0, rule: str = "reference") -> List[float]:
+    """The BCE weight of each gate's positive targets (``t_l = [l >= l*]``), by ``rule``:
+
+    - ``reference`` (the JEI-DNN reference's): ``min((N - n_l) / max(n_l, 0.1), cap)`` with ``n_l``
+      the samples whose oracle exit *is* l, although gate l's positives are all samples with
+      oracle exit <= l (so it over-weights the positives of later gates);
+    - ``balanced``: the true ratio ``negatives / positives`` of gate l's targets, ``#(l* > l) /
+      max(#(l* <= l), 1)``, uncapped;
+    - ``none``: 1 for every gate.
+    """
     n = len(oracle)
     counts = np.bincount(np.asarray(oracle, dtype=np.int64), minlength=num_gates + 1)[:num_gates]
-    return [float(min((n - c) / max(c, 0.1), cap)) for c in counts]
+    if rule == "reference":
+        return [float(min((n - c) / max(c, 0.1), cap)) for c in counts]
+    if rule == "balanced":
+        positives = np.cumsum(counts)
+        return [float((n - p) / max(p, 1)) for p in positives]
+    if rule == "none":
+        return [1.0] * num_gates
+    raise ValueError(f"unknown pos_weight rule {rule!r}; expected one of {POS_WEIGHT_RULES}")
 
 
 def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:

@@ -6,8 +6,8 @@
    early-stopped on its own validation accuracy with its best weights restored.
 3. ``bilevel``: alternating GATE and CLASSIFIER phases. GATE: BCE-with-logits of every gate
    against oracle targets (``l* = argmin_l CE_l + lambda c_l``; ``t_l = [l >= l*]``) with per-gate
-   ``pos_weight`` from the last validation pass. CLASSIFIER: mean CE over the IMs (or the
-   gate-weighted variant). Each epoch starts with GATE.
+   ``pos_weight`` from the last validation pass (``cfg.pos_weight`` picks the rule). CLASSIFIER:
+   mean CE over the IMs (or the gate-weighted variant). Each epoch starts with GATE.
 """
 
 from __future__ import annotations
@@ -166,13 +166,14 @@ def warmup_ims(model, cfg: TrainConfig, ftr: FrozenFeatures, ytr, fval: FrozenFe
     return record
 
 
-def validation_pass(model, fval: FrozenFeatures, yval: np.ndarray, costs: Dict, lam: float, cap: float) -> Dict:
-    """Oracle exits on validation -> gate pos_weights; plus the JEI validation accuracy/cost."""
+def validation_pass(model, fval: FrozenFeatures, yval: np.ndarray, costs: Dict, lam: float, cap: float,
+                    rule: str = "reference") -> Dict:
+    """Oracle exits on validation -> gate pos_weights (``rule``); plus the JEI validation accuracy/cost."""
     logits, gates = exit_outputs(model, fval)
     oracle = oracle_exits(cross_entropy(logits, yval), costs["cost"], lam)
     idx, probs, _ = exit_predictions(logits, gates)
     s = summarize(probs, idx, yval, costs)
-    return {"pos_weights": pos_weights(oracle, model.num_gates, cap),
+    return {"pos_weights": pos_weights(oracle, model.num_gates, cap, rule),
             "oracle_histogram": np.bincount(oracle, minlength=model.num_exits).tolist(),
             "accuracy": s["accuracy"], "mean_cost": s["mean_cost"], "exit_histogram": s["exit_histogram"]}
 
@@ -203,7 +204,7 @@ def bilevel(model, cfg: TrainConfig, ftr: FrozenFeatures, ytr, fval: FrozenFeatu
     G = model.num_gates
     y = torch.from_numpy(ytr)
     costs_t = torch.tensor(costs["cost"], dtype=torch.float32)
-    val = validation_pass(model, fval, yval, costs, cfg.lam, cfg.pos_weight_cap)
+    val = validation_pass(model, fval, yval, costs, cfg.lam, cfg.pos_weight_cap, cfg.pos_weight)
     record: Dict = {"validation": [val], "switch_every": None}
     if G == 0 or (cfg.epochs == 0 and cfg.min_steps == 0):
         return record
@@ -243,7 +244,7 @@ def bilevel(model, cfg: TrainConfig, ftr: FrozenFeatures, ytr, fval: FrozenFeatu
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, gate=f"{losses['gate']:.3f}", clf=f"{losses['clf']:.3f}",
                             val_acc=f"{val['accuracy']:.3f}", cost=f"{val['mean_cost']:.3f}", refresh=False)
-        val = validation_pass(model, fval, yval, costs, cfg.lam, cfg.pos_weight_cap)
+        val = validation_pass(model, fval, yval, costs, cfg.lam, cfg.pos_weight_cap, cfg.pos_weight)
         val["epoch"] = epoch + 1
         record["validation"].append(val)
     bar.close()
