@@ -1,5 +1,6 @@
 """``jei-edge eval``: accuracy, cost, exits, ECE and conformal sets of a model.pt, next to the
-max-softmax thresholding baseline on the same IMs at matched mean cost."""
+thresholding baselines at matched mean cost: (a) p_max and (b) max-logit on the model's own IMs,
+(c) p_max and (d) max-logit on its warm-up-only IMs (when the checkpoint carries them)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,15 @@ def format_report(info: dict) -> str:
                                              jei["exit_histogram"], base["exit_histogram"])):
         lines.append(f"  {k:>4}  {c:>6.3f}  {100 * acc:>6.1f}%  {hj:>5} {100 * hj / n:>3.0f}%  {hb:>5} {100 * hb / n:>3.0f}%")
     lines.append("")
-    lines.append(f"  baseline curve: {len(info['baseline']['curve'])} budgets (--json for all points); "
-                 f"threshold column = nearest budget q={base['q']:g}")
+    lines.append(f"  baselines at JEI's mean cost {jei['mean_cost']:.3f} (thresholds fitted on validation, "
+                 f"{len(info['baseline']['curve'])} budgets each; --json for the curves):")
+    for name, b in info["baselines"].items():
+        at = b["at_jei_cost"]
+        delta = 100 * (jei["accuracy"] - at["interpolated_accuracy"])
+        lines.append(f"    ({name}) {b['label']:<32}{100 * at['interpolated_accuracy']:>7.2f}%   JEI {delta:+.2f} pts")
+    if not info.get("warmup_ims"):
+        lines.append("    (c), (d): this checkpoint has no warm-up IM weights (re-train it to get them)")
+    lines.append(f"  threshold column = baseline (a) at the nearest budget q={base['q']:g}")
     return "\n".join(lines)
 
 
@@ -53,7 +61,16 @@ def format_report(info: dict) -> str:
 @json_option
 def eval_command(model, data, seed, split, offsets, batch_size, as_json):
     """Evaluate MODEL (a model.pt): JEI accuracy, mean cost, exit histogram, ECE and conformal sets,
-    with the max-softmax thresholding baseline on the same IMs at matched mean cost."""
+    next to thresholding baselines at matched mean cost.
+
+    \b
+    Baselines (thresholds fitted on the validation split, geometric budgets):
+      (a) p_max on the model's own IMs (the strongest: it isolates the gates)
+      (b) max-logit on the model's own IMs
+      (c) p_max on the IMs as they were after the warm-up phase
+      (d) max-logit on the warm-up IMs (the JEI-DNN reference's thresholding helper)
+    (c) and (d) need a checkpoint that carries warm-up IMs (written by this version of train).
+    """
     from dataclasses import replace
 
     from jei_edge.data import load_data

@@ -12,7 +12,12 @@ It always loads with ``torch.load(weights_only=True)``: nothing in it is ever ex
       "class_names": [...],
       "preprocessing": {"input_shape": [C, H, W], "mean": [per channel], "std": [per channel]},
       "training": {free-form record of how it was trained: lambda, seed, metrics},
+      "warmup_ims": {"ims.<name>": tensor}   (optional: the IM weights as they were after the
+                                              warm-up phase, for the thresholding baselines)
     }
+
+Checkpoints without ``warmup_ims`` (written before it existed, or by ``make_checkpoint`` without
+it) load as before; ``warmup_model`` says when it is absent.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from jei_edge.errors import CheckpointError, JeiEdgeError
 FORMAT = "jei-edge/model"
 FORMAT_VERSION = 1
 REQUIRED = ("config", "state_dict", "exits", "costs", "calibration", "class_names", "preprocessing")
+WARMUP_PREFIX = "ims."  # warmup_ims holds the state_dict entries of model.ims, under their full names
 
 
 def _plain(obj):
@@ -53,12 +59,15 @@ def default_preprocessing(model) -> Dict:
 
 def make_checkpoint(model, *, pos_weights: Optional[Sequence[float]] = None, calibration: Optional[Dict] = None,
                     class_names: Optional[Sequence[str]] = None, preprocessing: Optional[Dict] = None,
-                    training: Optional[Dict] = None) -> Dict[str, Any]:
-    """Assemble the checkpoint dict for ``model`` (a JEIModel); costs are counted here."""
+                    training: Optional[Dict] = None,
+                    warmup_ims: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
+    """Assemble the checkpoint dict for ``model`` (a JEIModel); costs are counted here.
+
+    ``warmup_ims``: the ``ims.*`` state_dict entries saved after the IM warm-up (optional)."""
     from jei_edge.model.costs import count_costs
 
     n_exits = model.num_exits
-    return {
+    ckpt = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "jei_edge_version": __version__,
@@ -72,6 +81,9 @@ def make_checkpoint(model, *, pos_weights: Optional[Sequence[float]] = None, cal
         "preprocessing": _plain(preprocessing or default_preprocessing(model)),
         "training": _plain(training or {}),
     }
+    if warmup_ims is not None:
+        ckpt["warmup_ims"] = {str(k): v.detach().cpu().clone() for k, v in warmup_ims.items()}
+    return ckpt
 
 
 def save_checkpoint(path, model=None, *, checkpoint: Optional[Dict] = None, **kwargs) -> Path:
@@ -266,6 +278,18 @@ def check_fields(ckpt: Dict[str, Any], where: str = "checkpoint") -> None:
     f.numbers(pre["mean"], "preprocessing.mean", shape[0])
     f.numbers(pre["std"], "preprocessing.std", shape[0], lo=0.0, lo_open=True)
 
+    warm = ckpt.get("warmup_ims")
+    if warm is not None:
+        if not isinstance(warm, dict):
+            raise f.fail("warmup_ims", "must be a dict of tensors", type(warm).__name__)
+        for k, v in warm.items():
+            if not isinstance(k, str) or not k.startswith(WARMUP_PREFIX):
+                raise f.fail("warmup_ims", f"must have IM tensor names ('{WARMUP_PREFIX}...') as keys", k)
+            if not isinstance(v, torch.Tensor):
+                raise f.fail(f"warmup_ims['{shorten(k, 80)}']", "must be a tensor", type(v).__name__)
+            if v.layout != torch.strided or v.is_quantized or v.is_complex():
+                raise f.fail(f"warmup_ims['{shorten(k, 80)}']", "must be a dense real tensor", f"{v.dtype}, {v.layout}")
+
     training = ckpt.get("training", {})
     if training is not None:
         f.table(training, "training")
@@ -301,6 +325,18 @@ def _check_weights(ckpt: Dict[str, Any], model, source: str) -> None:
         t = sd[k]
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{source}: tensor '{k}' holds NaN or infinite values", hint=_REMAKE)
+    warm = ckpt.get("warmup_ims")
+    if warm is not None:
+        ims = {k: v for k, v in own.items() if k.startswith(WARMUP_PREFIX)}
+        problems = [f"tensor '{k}' is missing" for k in ims if k not in warm]
+        problems += [f"tensor '{k}' is not an IM tensor of the architecture" for k in warm if k not in ims]
+        problems += [p for k, t in warm.items() if k in ims for p in [_tensor_problem(k, t, ims[k])] if p]
+        problems += [f"tensor '{k}' holds NaN or infinite values" for k, t in warm.items()
+                     if k in ims and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CheckpointError(f"{source}: field 'warmup_ims' does not match the IMs of its architecture: "
+                                  f"{shorten(problems[0], 200)}{more}", hint=_REMAKE)
 
 
 def _check_against_model(ckpt: Dict[str, Any], model, source: str) -> None:
@@ -374,6 +410,24 @@ def model_from_checkpoint(ckpt: Dict[str, Any], source: str = "checkpoint"):
         raise CheckpointError(f"{source}: weights do not match the architecture in its config: "
                               f"{shorten(detail, 200)}", hint=_REMAKE) from None
     return model.eval()
+
+
+def warmup_model(ckpt: Dict[str, Any], model, source: str = "checkpoint"):
+    """A copy of ``model`` (rebuilt from ``ckpt``, already checked) with the IM weights it had after
+    the warm-up phase; ``None`` when the checkpoint does not carry them (older checkpoints)."""
+    import copy
+
+    warm = ckpt.get("warmup_ims")
+    if warm is None:
+        return None
+    twin = copy.deepcopy(model)
+    try:
+        twin.load_state_dict({**twin.state_dict(), **warm}, strict=True)
+    except RuntimeError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise CheckpointError(f"{source}: field 'warmup_ims' does not match the IMs of its architecture: "
+                              f"{shorten(detail, 200)}", hint=_REMAKE) from None
+    return twin.eval()
 
 
 def load_checkpoint(path) -> Tuple[Any, Dict[str, Any]]:

@@ -1,5 +1,8 @@
 """``train_jei``: backbone -> IM warm-up -> bi-level GATE/CLASSIFIER -> conformal calibration.
 
+The checkpoint also keeps the IM weights as they were after the warm-up (``warmup_ims``), so
+``jei-edge eval`` can compare JEI with thresholding on IMs that never saw the bi-level phase.
+
 Which settings give spread-out exits (measured, docs/training.md): on ``synthetic`` (default
 options) the ViT defaults with lambda 0.3 or 1.0 put >= 5% of test samples on at least three exits
 (seeds 0 and 1); on ``digits`` lambda 0.1 does for seed 0. The ResNet family puts almost every
@@ -151,13 +154,15 @@ def _train(cfg: TrainConfig, data: DataSplits, progress: bool) -> Dict:
     ftr = FrozenFeatures(model, data.train.x, limit_mb=cfg.cache_limit_mb)
     fval = FrozenFeatures(model, data.val.x, limit_mb=cfg.cache_limit_mb)
     record["im_warmup"] = phases.warmup_ims(model, cfg, ftr, data.train.y, fval, data.val.y, gen, progress)
+    # the IMs as the warm-up left them: the thresholding baselines (c) and (d) run on these
+    warmup = {f"ims.{k}": v.detach().clone() for k, v in model.ims.state_dict().items()}
     record["bilevel"] = phases.bilevel(model, cfg, ftr, data.train.y, fval, data.val.y, costs, gen, progress)
     pw = record["bilevel"]["validation"][-1]["pos_weights"]
     calibration = calibrate(model, data)
     record["train_seconds"] = round(time.perf_counter() - t0, 2)
     model.eval()
     return make_checkpoint(model, pos_weights=pw, calibration=calibration, class_names=data.class_names,
-                           preprocessing=data.preprocessing, training=record)
+                           preprocessing=data.preprocessing, training=record, warmup_ims=warmup)
 
 
 def with_overrides(cfg: TrainConfig, **kwargs) -> TrainConfig:
