@@ -41,7 +41,7 @@ def pos_weights(oracle: np.ndarray, num_gates: int, cap: float = 5.0, rule: str 
       the samples whose oracle exit *is* l, although gate l's positives are all samples with
       oracle exit <= l (so it over-weights the positives of later gates);
     - ``balanced``: the true ratio ``negatives / positives`` of gate l's targets, ``#(l* > l) /
-      max(#(l* <= l), 1)``, uncapped;
+      #(l* <= l)``, uncapped; 1 when either count is 0 (one class only: nothing to balance);
     - ``none``: 1 for every gate.
     """
     n = len(oracle)
@@ -50,7 +50,7 @@ def pos_weights(oracle: np.ndarray, num_gates: int, cap: float = 5.0, rule: str 
         return [float(min((n - c) / max(c, 0.1), cap)) for c in counts]
     if rule == "balanced":
         positives = np.cumsum(counts)
-        return [float((n - p) / max(p, 1)) for p in positives]
+        return [float((n - p) / p) if 0 < p < n else 1.0 for p in positives]
     if rule == "none":
         return [1.0] * num_gates
     raise ValueError(f"unknown pos_weight rule {rule!r}; expected one of {POS_WEIGHT_RULES}")

@@ -98,3 +98,19 @@ def test_conformal_coverage_holds_on_exchangeable_data():
     stats = conformal_stats(p[2000:], idx[2000:], y[2000:], table, alphas=[0.05, 0.2])
     assert stats[0]["coverage"] >= 0.93 and stats[1]["coverage"] >= 0.77
     assert stats[0]["mean_set_size"] > stats[1]["mean_set_size"]
+
+
+def test_pos_weight_rules():
+    # oracle exits of 10 samples over 3 gates + final: gate l's positives are the samples with l* <= l
+    o = np.array([0, 0, 1, 1, 1, 1, 2, 3, 3, 3])
+    # reference: n_l = samples whose oracle exit IS l: 2, 4, 1 -> 8/2, 6/4, 9/1 capped at 5
+    assert pos_weights(o, 3) == [4.0, 1.5, 5.0]
+    assert pos_weights(o, 3, rule="reference") == pos_weights(o, 3)
+    # balanced: positives 2, 6, 7 of 10 -> negatives/positives 8/2, 4/6, 3/7, never capped
+    np.testing.assert_allclose(pos_weights(o, 3, cap=5.0, rule="balanced"), [4.0, 4 / 6, 3 / 7])
+    assert pos_weights(np.array([3, 3, 3, 3, 3, 3, 3, 0]), 3, rule="balanced") == [7.0, 7.0, 7.0]
+    # a gate whose targets are all one class gets 1 (nothing to balance), not 0 or a division by 0
+    assert pos_weights(np.array([1, 1, 1]), 2, rule="balanced") == [1.0, 1.0]
+    assert pos_weights(o, 3, rule="none") == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="balanced"):
+        pos_weights(o, 3, rule="inverse")
