@@ -44,3 +44,38 @@ def test_curve_and_interpolation():
     pts = [{"mean_cost": 0.2, "accuracy": 0.5}, {"mean_cost": 0.6, "accuracy": 0.9}]
     assert accuracy_at_cost(pts, 0.4) == pytest.approx(0.7)
     assert accuracy_at_cost(pts, 0.0) == 0.5 and accuracy_at_cost(pts, 1.0) == 0.9
+
+
+def test_max_logit_and_p_max_rank_differently():
+    from jei_edge.train.baseline import BASELINES, SCORES, confidence
+
+    # sample 0: large but close logits (high max-logit, p_max ~0.52); sample 1: small, well separated
+    logits = np.array([[[5.0, 4.9], [0.0, 9.0]],
+                       [[1.0, -3.0], [0.0, 9.0]]])
+    np.testing.assert_allclose(confidence(logits, "max_logit"), [[5.0, 9.0], [1.0, 9.0]])
+    np.testing.assert_allclose(confidence(logits, "p_max")[:, 0], [1 / (1 + np.exp(-0.1)), 1 / (1 + np.exp(-4.0))])
+    half = [0.5, 0.5]  # one of the two samples leaves at exit 0: the more confident one under each score
+    assert apply_thresholds(confidence(logits, "p_max"), fit_thresholds(confidence(logits, "p_max"), half)).tolist() == [1, 0]
+    assert apply_thresholds(confidence(logits, "max_logit"),
+                            fit_thresholds(confidence(logits, "max_logit"), half)).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="p_max"):
+        confidence(logits, "entropy")
+    assert set(SCORES) == {s for _, s in BASELINES.values()}
+
+
+def test_curve_with_max_logit_scores():
+    rng = np.random.default_rng(3)
+    n, k, c = 300, 3, 4
+    y = rng.integers(0, c, size=n)
+    logits = rng.normal(size=(n, k, c))
+    logits[np.arange(n), :, y] += 2.0
+    logits[:, 0] *= rng.uniform(0.2, 5.0, size=(n, 1))  # scale changes max-logit order, not the argmax
+    costs = {"cost": [0.3, 0.6, 1.0], "cost_vs_plain": [0.3, 0.6, 1.0]}
+    pm = baseline_curve(logits[:150], logits[150:], y[150:], costs, budgets=[0.5], score="p_max")[0]
+    ml = baseline_curve(logits[:150], logits[150:], y[150:], costs, budgets=[0.5], score="max_logit")[0]
+    assert pm["exit_idx"].tolist() != ml["exit_idx"].tolist()
+    # thresholds are on the score's own scale: max-logit thresholds exceed 1, p_max ones cannot
+    assert max(t for t in ml["thresholds"] if np.isfinite(t)) > 1.0 >= max(t for t in pm["thresholds"] if np.isfinite(t))
+    # default score is p_max (what tune and older callers get)
+    assert baseline_curve(logits[:150], logits[150:], y[150:], costs, budgets=[0.5])[0]["exit_idx"].tolist() == \
+        pm["exit_idx"].tolist()

@@ -31,9 +31,34 @@ def test_train_writes_checkpoint_and_eval_reads_it(trained, capsys):
     assert info["data"] == TINY_DATA and info["split"] == "test"
     assert set(info["jei"]) >= {"accuracy", "mean_cost", "mean_cost_vs_plain", "exit_histogram", "ece", "conformal"}
     assert len(info["baseline"]["curve"]) > 5 and "interpolated_accuracy" in info["baseline"]["at_jei_cost"]
+    assert set(info["baselines"]) == {"a", "b", "c", "d"} and info["warmup_ims"] is True
+    for b in info["baselines"].values():
+        assert {"label", "ims", "score", "curve", "at_jei_cost"} <= set(b)
+        assert 0.0 <= b["at_jei_cost"]["interpolated_accuracy"] <= 1.0
     assert main(["eval", str(trained)]) == 0
     text = capsys.readouterr().out
     assert "JEI-DNN" in text and "threshold" in text and "ECE" in text and "alpha" in text
+    assert "(d) max_logit on warm-up-only IMs" in text and "(a) p_max on JEI IMs" in text
+
+
+def test_train_pos_weight_and_old_checkpoint_eval(tmp_path, capsys):
+    import torch
+
+    from jei_edge.model.checkpoint import read_checkpoint, save_checkpoint
+
+    out = tmp_path / "m.pt"
+    assert main(["train", *TINY, "--pos-weight", "none", "--json", "-o", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["pos_weight"] == "none"
+    ck = read_checkpoint(out)
+    assert ck["exits"]["pos_weights"] == [1.0, 1.0] and "warmup_ims" in ck
+    del ck["warmup_ims"]  # a checkpoint written before warm-up IMs were kept
+    old = save_checkpoint(tmp_path / "old.pt", checkpoint=ck)
+    assert isinstance(torch.load(old, weights_only=True), dict)
+    assert main(["eval", str(old), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["baselines"]) == {"a", "b"} and info["warmup_ims"] is False
+    assert main(["eval", str(old)]) == 0
+    assert "no warm-up IM weights" in capsys.readouterr().out
 
 
 def test_train_json_output(tmp_path, capsys):
@@ -59,6 +84,7 @@ def test_eval_with_offsets_and_other_split(trained, capsys):
     (["--lambda", "-1"], "lambda"),
     (["--backbone-opt", "novalue"], "KEY=VALUE"),
     (["--exits", "a,b"], "--exits"),
+    (["--pos-weight", "inverse"], "'inverse' is not one of 'reference', 'balanced', 'none'"),
     (["--exits", "9"], "out of range"),
     (["--backbone-weights", "nope.pt"], "do not exist"),
 ])
