@@ -21,7 +21,7 @@ rewritten after every backbone with ``"complete": false`` until the end) and ``a
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/accuracy_cost.py       # full run (~55 min on one core)
+    OMP_NUM_THREADS=1 python benchmarks/accuracy_cost.py       # full run (~60-75 min on one busy core)
     python benchmarks/accuracy_cost.py --quick                 # smoke run (a few minutes)
 """
 
@@ -44,7 +44,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_LAMBDAS = (0.01, 0.03, 0.1, 0.3, 1.0)
-DEFAULT_PW_LAMBDAS = (0.1, 1.0)
+DEFAULT_PW_LAMBDAS = (0.3,)
 ALPHA_REPORT = 0.05
 STYLE = {"a": ("tab:orange", "s"), "b": ("tab:red", "D"), "c": ("tab:green", "^"), "d": ("tab:purple", "v")}
 
