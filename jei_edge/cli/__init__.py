@@ -34,6 +34,8 @@ COMMANDS = {
     "keygen": "jei_edge.cli.sign_cmd:keygen",
     "sign": "jei_edge.cli.sign_cmd:sign",
     "targets": "jei_edge.cli.targets_cmd:targets",
+    "serve": "jei_edge.cli.serve_cmd:serve",
+    "export": "jei_edge.cli.export_cmd:export",
 }
 
 
@@ -74,6 +76,8 @@ def cli(verbose: int, plugins):
       jei-edge tune model.jei --data digits --budget cost=0.3   most accurate exits within a budget
       jei-edge keygen -o K; jei-edge sign model.jei --key K.pem   sign; run/verify --public-key K.pub
       jei-edge targets [NAME]                        the hardware targets a bundle can be built for
+      jei-edge serve model.jei                       serve on Triton Inference Server (serving environment)
+      jei-edge export triton model.jei -o models     a Triton model repository for a stand-alone tritonserver
     """
     if plugins:  # read by jei_edge.model.backbone (PLUGIN_ENV) when a checkpoint names a plugin
         listed = [p for p in os.environ.get(PLUGIN_ENV, "").split(",") if p]
