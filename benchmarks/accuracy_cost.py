@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--min-steps", type=int, default=None, help="override bi-level min_steps")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 1 seed, 2 lambdas, short training")
     p.add_argument("--out", default=str(HERE / "results" / "accuracy_cost"), help="output path without extension")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="no training: redraw the plot beside JSON and print its tables (markdown too)")
     return p.parse_args(argv)
 
 
@@ -183,6 +185,8 @@ def summarize(runs: list) -> list:
             "mean_cost_vs_plain": _stat(r["jei"]["mean_cost_vs_plain"] for r in rs),
             "full_model_accuracy": _stat(r["per_exit_accuracy"][-1] for r in rs),
             "jei_ece": _stat(r["jei"]["ece"] for r in rs),
+            "exits_used": _stat(sum(h >= 0.05 * sum(r["jei"]["exit_histogram"]) for h in r["jei"]["exit_histogram"])
+                                for r in rs)["mean"],
             "jei_set_size": _stat(r["jei_conformal"]["set_size"] for r in rs),
             "jei_coverage": _stat(r["jei_conformal"]["coverage"] for r in rs),
             "baselines": {n: {
@@ -320,8 +324,51 @@ def print_table(summary: list) -> None:
               + f" {s['jei_ece']['mean']:>5.2f} {s['jei_set_size']['mean']:>5.2f}")
 
 
+def _pm(stat, scale=100.0, sign=False) -> str:
+    return f"{scale * stat['mean']:{'+' if sign else ''}.2f} ± {scale * stat['std']:.2f}"
+
+
+def markdown(summary: list) -> str:
+    """The tables of docs/training.md: JEI vs (a)-(d) per lambda, and the pos_weight rules."""
+    lines = ["| source | backbone | λ | mean cost | JEI acc % | Δ vs (a) | Δ vs (b) | Δ vs (c) | Δ vs (d) "
+             "| ECE JEI / (a) / (c) | set size α=0.05 JEI / (a) / (c) |", "|" + "---|" * 11]
+    for s in summary:
+        if s["pos_weight"] != "reference":
+            continue
+        b = s["baselines"]
+        deltas = [_pm(b[n]["delta"], sign=True) if n in b else "-" for n in "abcd"]
+        ece = " / ".join(f"{x['mean']:.2f}" for x in [s["jei_ece"]] + [b[n]["ece"] for n in "ac" if n in b])
+        size = " / ".join(f"{x['mean']:.2f}" for x in [s["jei_set_size"]] + [b[n]["set_size"] for n in "ac" if n in b])
+        lines.append(f"| {s['source']} | {s['backbone']} | {s['lambda']:g} | {s['mean_cost']['mean']:.3f} | "
+                     f"{_pm(s['jei_accuracy'])} | " + " | ".join(deltas) + f" | {ece} | {size} |")
+    rules = [s for s in summary if s["pos_weight"] != "reference"]
+    if rules:
+        lams = {s["lambda"] for s in rules}
+        lines += ["", "| source | backbone | λ | --pos-weight | mean cost | JEI acc % | Δ vs (a) (own IMs) "
+                  "| Δ vs (c) (shared warm-up IMs) | exits used (>= 5%) |", "|" + "---|" * 9]
+        for s in summary:
+            if s["lambda"] not in lams:
+                continue
+            b = s["baselines"]
+            lines.append(f"| {s['source']} | {s['backbone']} | {s['lambda']:g} | {s['pos_weight']} | "
+                         f"{s['mean_cost']['mean']:.3f} ± {s['mean_cost']['std']:.3f} | {_pm(s['jei_accuracy'])} | "
+                         f"{_pm(b['a']['delta'], sign=True)} | "
+                         f"{_pm(b['c']['delta'], sign=True) if 'c' in b else '-'} | {s.get('exits_used', 0):.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:  # tables and plot again from a results file (no training)
+        result = json.loads(Path(args.render).read_text())
+        out = Path(args.render).with_suffix("")
+        plot(result["runs"], result["summary"], out.with_suffix(".png"),
+             f"JEI-DNN vs thresholding baselines (a)-(d) at matched cost ({len(result['settings']['seeds'])} seed(s), "
+             "test split)" + ("" if result.get("complete") else " [partial]"))
+        print_table(result["summary"])
+        print()
+        print(markdown(result["summary"]))
+        return 0
     sources = [s for s in args.sources.split(",") if s]
     backbones = [s for s in args.backbones.split(",") if s]
     lambdas = [float(v) for v in args.lambdas.split(",") if v]
