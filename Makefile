@@ -4,8 +4,10 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 JEI     = $(VENV)/bin/jei-edge
 DEMO   ?= runs/demo
+SERVE_VENV ?= .venv-serve
+SERVE_PY    = $(SERVE_VENV)/bin/python
 
-.PHONY: setup test test-all demo clean
+.PHONY: setup setup-serve test test-all demo clean
 
 $(VENV)/.installed: setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +17,23 @@ $(VENV)/.installed: setup.py pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-test: setup            ## fast test suite (what CI runs)
-	$(PY) -m pytest
+# The serving environment (docs/serving.md): numpy < 2 for nvidia-pytriton, no torch; jei-edge without deps.
+$(SERVE_VENV)/.installed: setup.py requirements/serve.txt
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(SERVE_PY) -m pip install -q --disable-pip-version-check -r requirements/serve.txt
+	$(SERVE_PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
 
-test-all: setup        ## include slow tests
-	$(PY) -m pytest -m "not gpu or gpu"
+setup-serve: $(SERVE_VENV)/.installed
+
+test: setup setup-serve  ## fast test suite (what CI runs); the Triton serving tests run in .venv-serve
+	$(PY) -m pytest -m "not slow and not serve"
+	$(SERVE_PY) -m pytest tests/serve -m "serve and not slow"
+
+test-all: setup setup-serve  ## include slow tests
+	$(PY) -m pytest -m "not serve"
+	$(SERVE_PY) -m pytest tests/serve -m serve
 
 demo: setup            ## train a small JEI-DNN on digits, evaluate, build the CPU bundle, verify, inspect, run and profile it
 	$(JEI) train --data digits --lambda 0.1 -o $(DEMO)/model.pt
@@ -33,4 +47,4 @@ demo: setup            ## train a small JEI-DNN on digits, evaluate, build the C
 	$(JEI) profile $(DEMO)/model.jei $(DEMO)/test.npz -o $(DEMO)/profile
 
 clean:
-	rm -rf $(VENV) runs build dist *.egg-info
+	rm -rf $(VENV) $(SERVE_VENV) runs build dist *.egg-info

@@ -16,6 +16,9 @@ cuda = ["cuda-python>=12.6"]
 rtx = ["tensorrt-rtx>=1.7"]  # engines for RTX GPUs, built ahead of time without a GPU
 selftest = ["polygraphy>=0.49"]  # `jei-edge selftest`: per-stage comparison with Polygraphy's comparator
 sign = ["cryptography>=42"]  # `jei-edge keygen / sign`, and runtimes that require signed bundles (Ed25519)
+# `jei-edge serve` / `export triton` (docs/serving.md): PyTriton's wheel ships tritonserver; it needs numpy < 2,
+# so install this extra into its own environment (`make setup-serve`, pinned by requirements/serve.txt)
+serve = ["numpy>=1.22,<2", "nvidia-pytriton>=0.7", "tritonclient[http,grpc]>=2.50"] + cpu
 dev = (build + images + plots + ["pytest>=7", "hypothesis>=6.100", "vermin>=1.6", "build", "nvidia-cuda-nvrtc>=13,<14"]
        + cuda + rtx + selftest + sign)
 
@@ -35,7 +38,7 @@ setup(
     include_package_data=True,
     install_requires=["numpy>=1.22", "click>=8.0", "tomli>=1.1; python_version < '3.11'"],
     extras_require={"cpu": cpu, "build": build, "images": images, "plots": plots, "cuda": cuda,
-                    "rtx": rtx, "selftest": selftest, "sign": sign, "dev": dev, "all": build + images + plots + cuda},
+                    "rtx": rtx, "selftest": selftest, "sign": sign, "serve": serve, "dev": dev, "all": build + images + plots + cuda},
     entry_points={"console_scripts": ["jei-edge=jei_edge.cli:main", "jei-edge-run=jei_edge.runtime.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

@@ -269,3 +269,22 @@ def test_serve_refuses_bad_options_in_one_line(serve_env, serve_bundle):
                           "--grpc-port", "9"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith("error: ports 9, 9") and out.stderr.count("\n") <= 2
+
+
+def test_serving_benchmark_smoke(serve_env, serve_bundle, tmp_path):
+    """benchmarks/serving.py end to end on the test bundle, tiny: results written, nothing lost or wrong."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.serving import main as bench
+
+    np.savez(tmp_path / "x.npz", x=samples(16, seed=20))
+    out = tmp_path / "serving"
+    assert bench(["--bundle", str(serve_bundle), "--inputs", str(tmp_path / "x.npz"), "--preprocessed",
+                  "--concurrency", "1,4", "--requests", "12", "--repeats", "2", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    for c in ("1", "4"):
+        row = res["results"][c]
+        assert {m: row[m]["lost"] + row[m]["duplicated"] + row[m]["mismatched"] for m in ("exit", "full", "plain")} \
+            == {"exit": 0, "full": 0, "plain": 0}
+        assert row["exit"]["metrics_mean_cost"] == pytest.approx(row["exit"]["realized_cost"], rel=1e-5)
+        assert row["full"]["realized_cost"] == pytest.approx(1.0)
+    assert "| 4 | exit |" in out.with_suffix(".md").read_text()
