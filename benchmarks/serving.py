@@ -5,9 +5,10 @@ in mode full: every stage) and ``jei_plain`` (the bundle's plain backbone graph)
 concurrency and repeat, the three models take the same bounded set of single-sample requests in
 alternating order (so a shared machine's stalls hit all alike); each client is a thread with its
 own gRPC connection sending its requests one after another. Reported per model and concurrency:
-throughput (requests/s), p50/p99 latency, the batch sizes Triton's dynamic batcher formed (from
-Triton's model statistics), the realized cost (mean per-sample cost as a fraction of the full
-model's MACs, from the responses and from the server's jei_edge_* metrics), and the count of lost,
+throughput (requests/s), p50/p99 latency, the batch sizes Triton's dynamic batcher formed and the
+server's compute time per sample (both from Triton's model statistics), the realized cost (mean
+per-sample cost as a fraction of the full model's MACs, from the responses and from the server's
+jei_edge_* metrics), and the count of lost,
 duplicated and mismatched responses: every response is checked against the runtime run directly
 in this process (``Handler.run``: ``Runtime.run`` plus the response fields; exact classes, exits
 and conformal sets, probabilities within 1e-6). Ratios (exit vs full, exit vs plain) are medians of
@@ -67,9 +68,10 @@ def load_inputs(path: Path, bundle: Path, build_python: str, preprocessed: bool 
 
 
 def batch_counts(server: TritonServer, model: str) -> dict:
-    """``{batch size: executions}`` so far (Triton's model statistics)."""
+    """``{batch size: (executions, compute ns)}`` so far (Triton's model statistics; compute_infer is
+    the model's execute: the runtime's work plus the Python backend's tensor handling)."""
     stats = server.stats(model)["model_stats"][0].get("batch_stats", [])
-    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats}
+    return {int(b["batch_size"]): (int(b["compute_infer"]["count"]), int(b["compute_infer"]["ns"])) for b in stats}
 
 
 def metric_sum(text: str, name: str, model: str) -> float:
@@ -112,7 +114,9 @@ def load_run(server: TritonServer, model: str, x: np.ndarray, want: dict, client
         list(pool.map(work, [range(c, requests, clients) for c in range(clients)]))
     seconds = time.perf_counter() - t0
     after_b, after_m = batch_counts(server, model), server.metrics()
-    formed = {b: n - before_b.get(b, 0) for b, n in sorted(after_b.items()) if n - before_b.get(b, 0)}
+    zero = (0, 0)
+    formed = {b: n - before_b.get(b, zero)[0] for b, (n, _) in sorted(after_b.items()) if n - before_b.get(b, zero)[0]}
+    compute_ns = sum(ns - before_b.get(b, zero)[1] for b, (_, ns) in after_b.items())
     samples = metric_sum(after_m, "jei_edge_samples_total", model) - metric_sum(before_m, "jei_edge_samples_total", model)
     cost = metric_sum(after_m, "jei_edge_cost_total", model) - metric_sum(before_m, "jei_edge_cost_total", model)
     idx = np.arange(requests) % len(x)
@@ -120,6 +124,7 @@ def load_run(server: TritonServer, model: str, x: np.ndarray, want: dict, client
     return {"seconds": seconds, "throughput_rps": requests / seconds,
             "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else None,
             "p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else None,
+            "compute_us_per_sample": compute_ns / 1e3 / max(1, sum(b * n for b, n in formed.items())),
             "batches_formed": formed, "mean_batch": sum(b * n for b, n in formed.items()) / max(1, sum(formed.values())),
             "realized_cost": float(np.asarray(want["cost"], np.float64)[idx].mean()),
             "metrics_mean_cost": cost / samples if samples else None, "metrics_samples": samples,
@@ -181,6 +186,7 @@ def main(argv=None) -> int:
             row[m] = {"throughput_rps": median([r["throughput_rps"] for r in rs]),
                       "p50_ms": median([r["p50_ms"] for r in rs]), "p99_ms": median([r["p99_ms"] for r in rs]),
                       "mean_batch": median([r["mean_batch"] for r in rs]),
+                      "compute_us_per_sample": median([r["compute_us_per_sample"] for r in rs]),
                       "batch_sizes": f"{min(batches)}-{max(batches)}" if batches else "",
                       "batches_formed": dict(sorted(batches.items())),
                       "realized_cost": rs[0]["realized_cost"], "metrics_mean_cost": rs[-1]["metrics_mean_cost"],
@@ -191,6 +197,8 @@ def main(argv=None) -> int:
                                                               [r["throughput_rps"] for r in runs[other][c]])
             row[f"p50_{other}_vs_exit"] = median_ratio([r["p50_ms"] for r in runs[other][c]],
                                                        [r["p50_ms"] for r in runs["exit"][c]])
+            row[f"compute_{other}_vs_exit"] = median_ratio([r["compute_us_per_sample"] for r in runs[other][c]],
+                                                           [r["compute_us_per_sample"] for r in runs["exit"][c]])
         table[c] = row
     cmd = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     result = {"command": cmd, "machine": machine(), "bundle": str(bundle), "samples": int(len(x)),
@@ -205,19 +213,22 @@ def main(argv=None) -> int:
              f"{args.requests} single-sample gRPC requests per model, concurrency and repeat, {args.repeats} repeats, "
              f"{args.instances} instance(s) x {args.threads} onnxruntime thread(s), max queue delay "
              f"{args.max_queue_delay_us} us; Triton started in {startup:.1f} s.", "",
-             "| clients | model | req/s | p50 ms | p99 ms | mean batch | batch sizes | realized cost | lost/dup/mismatch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| clients | model | req/s | p50 ms | p99 ms | mean batch | batch sizes | server compute us/sample | "
+             "realized cost | lost/dup/mismatch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c, row in table.items():
         for m in MODES:
             r = row[m]
             lines.append(f"| {c} | {m} | {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                         f"{r['mean_batch']:.2f} | {r['batch_sizes']} | {r['realized_cost']:.3f} | "
+                         f"{r['mean_batch']:.2f} | {r['batch_sizes']} | {r['compute_us_per_sample']:.0f} | "
+                         f"{r['realized_cost']:.3f} | "
                          f"{r['lost']}/{r['duplicated']}/{r['mismatched']} |")
     lines += ["", "Medians of per-repeat ratios:", ""]
     for c, row in table.items():
         lines.append(f"- {c} client(s): throughput exit/full {row['throughput_exit_vs_full']:.2f}x, exit/plain "
                      f"{row['throughput_exit_vs_plain']:.2f}x; p50 full/exit {row['p50_full_vs_exit']:.2f}x, "
-                     f"plain/exit {row['p50_plain_vs_exit']:.2f}x")
+                     f"plain/exit {row['p50_plain_vs_exit']:.2f}x; server compute per sample full/exit "
+                     f"{row['compute_full_vs_exit']:.2f}x, plain/exit {row['compute_plain_vs_exit']:.2f}x")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     bad = sum(row[m][k] for row in table.values() for m in MODES for k in ("lost", "duplicated", "mismatched"))
