@@ -6,13 +6,13 @@ concurrency and repeat, the three models take the same bounded set of single-sam
 alternating order (so a shared machine's stalls hit all alike); each client is a thread with its
 own gRPC connection sending its requests one after another. Reported per model and concurrency:
 throughput (requests/s), p50/p99 latency, the batch sizes Triton's dynamic batcher formed and the
-server's compute time per sample (both from Triton's model statistics), the realized cost (mean
-per-sample cost as a fraction of the full model's MACs, from the responses and from the server's
-jei_edge_* metrics), and the count of lost,
-duplicated and mismatched responses: every response is checked against the runtime run directly
-in this process (``Handler.run``: ``Runtime.run`` plus the response fields; exact classes, exits
-and conformal sets, probabilities within 1e-6). Ratios (exit vs full, exit vs plain) are medians of
-per-repeat ratios.
+server's compute time per sample (both from Triton's model statistics) and the part of it spent in
+jei-edge (``jei_edge_run_seconds_total``), the realized cost (mean per-sample cost as a fraction of
+the full model's MACs, from the responses and from the server's jei_edge_* metrics), and the count
+of lost, duplicated and mismatched responses: every response is checked against the runtime run
+directly in this process (``Handler.run``: ``Runtime.run`` plus the response fields; exact classes,
+exits and conformal sets, probabilities within 1e-6). Ratios (exit vs full, exit vs plain) are
+medians of per-repeat ratios.
 
 Runs in the serving environment (.venv-serve)::
 
@@ -119,12 +119,15 @@ def load_run(server: TritonServer, model: str, x: np.ndarray, want: dict, client
     compute_ns = sum(ns - before_b.get(b, zero)[1] for b, (_, ns) in after_b.items())
     samples = metric_sum(after_m, "jei_edge_samples_total", model) - metric_sum(before_m, "jei_edge_samples_total", model)
     cost = metric_sum(after_m, "jei_edge_cost_total", model) - metric_sum(before_m, "jei_edge_cost_total", model)
+    run_s = metric_sum(after_m, "jei_edge_run_seconds_total", model) - metric_sum(before_m, "jei_edge_run_seconds_total",
+                                                                                model)
     idx = np.arange(requests) % len(x)
     lat = latency[~np.isnan(latency)]
     return {"seconds": seconds, "throughput_rps": requests / seconds,
             "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else None,
             "p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else None,
             "compute_us_per_sample": compute_ns / 1e3 / max(1, sum(b * n for b, n in formed.items())),
+            "jei_edge_us_per_sample": run_s * 1e6 / samples if samples else None,
             "batches_formed": formed, "mean_batch": sum(b * n for b, n in formed.items()) / max(1, sum(formed.values())),
             "realized_cost": float(np.asarray(want["cost"], np.float64)[idx].mean()),
             "metrics_mean_cost": cost / samples if samples else None, "metrics_samples": samples,
@@ -187,6 +190,7 @@ def main(argv=None) -> int:
                       "p50_ms": median([r["p50_ms"] for r in rs]), "p99_ms": median([r["p99_ms"] for r in rs]),
                       "mean_batch": median([r["mean_batch"] for r in rs]),
                       "compute_us_per_sample": median([r["compute_us_per_sample"] for r in rs]),
+                      "jei_edge_us_per_sample": median([r["jei_edge_us_per_sample"] for r in rs]),
                       "batch_sizes": f"{min(batches)}-{max(batches)}" if batches else "",
                       "batches_formed": dict(sorted(batches.items())),
                       "realized_cost": rs[0]["realized_cost"], "metrics_mean_cost": rs[-1]["metrics_mean_cost"],
@@ -199,6 +203,8 @@ def main(argv=None) -> int:
                                                        [r["p50_ms"] for r in runs["exit"][c]])
             row[f"compute_{other}_vs_exit"] = median_ratio([r["compute_us_per_sample"] for r in runs[other][c]],
                                                            [r["compute_us_per_sample"] for r in runs["exit"][c]])
+            row[f"jei_edge_{other}_vs_exit"] = median_ratio([r["jei_edge_us_per_sample"] for r in runs[other][c]],
+                                                            [r["jei_edge_us_per_sample"] for r in runs["exit"][c]])
         table[c] = row
     cmd = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     result = {"command": cmd, "machine": machine(), "bundle": str(bundle), "samples": int(len(x)),
@@ -213,22 +219,24 @@ def main(argv=None) -> int:
              f"{args.requests} single-sample gRPC requests per model, concurrency and repeat, {args.repeats} repeats, "
              f"{args.instances} instance(s) x {args.threads} onnxruntime thread(s), max queue delay "
              f"{args.max_queue_delay_us} us; Triton started in {startup:.1f} s.", "",
-             "| clients | model | req/s | p50 ms | p99 ms | mean batch | batch sizes | server compute us/sample | "
-             "realized cost | lost/dup/mismatch |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| clients | model | req/s | p50 ms | p99 ms | mean batch | batch sizes | Triton compute us/sample | "
+             "in jei-edge us/sample | realized cost | lost/dup/mismatch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, row in table.items():
         for m in MODES:
             r = row[m]
             lines.append(f"| {c} | {m} | {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                          f"{r['mean_batch']:.2f} | {r['batch_sizes']} | {r['compute_us_per_sample']:.0f} | "
+                         f"{r['jei_edge_us_per_sample']:.0f} | "
                          f"{r['realized_cost']:.3f} | "
                          f"{r['lost']}/{r['duplicated']}/{r['mismatched']} |")
     lines += ["", "Medians of per-repeat ratios:", ""]
     for c, row in table.items():
         lines.append(f"- {c} client(s): throughput exit/full {row['throughput_exit_vs_full']:.2f}x, exit/plain "
                      f"{row['throughput_exit_vs_plain']:.2f}x; p50 full/exit {row['p50_full_vs_exit']:.2f}x, "
-                     f"plain/exit {row['p50_plain_vs_exit']:.2f}x; server compute per sample full/exit "
-                     f"{row['compute_full_vs_exit']:.2f}x, plain/exit {row['compute_plain_vs_exit']:.2f}x")
+                     f"plain/exit {row['p50_plain_vs_exit']:.2f}x; Triton compute per sample full/exit "
+                     f"{row['compute_full_vs_exit']:.2f}x, plain/exit {row['compute_plain_vs_exit']:.2f}x; in jei-edge "
+                     f"full/exit {row['jei_edge_full_vs_exit']:.2f}x, plain/exit {row['jei_edge_plain_vs_exit']:.2f}x")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     bad = sum(row[m][k] for row in table.values() for m in MODES for k in ("lost", "duplicated", "mismatched"))

@@ -14,12 +14,15 @@ its ``nv_*`` metrics, all labelled ``model="<name>"``:
   ``jei_edge_cost_total / sum(jei_edge_samples_total)`` is the mean realized cost;
 - ``jei_edge_rejected_requests_total``: requests answered with an error;
 - ``jei_edge_executions_total`` and ``jei_edge_batch_rows_total``: batches run and their rows
-  (the mean batch the dynamic batcher formed is their ratio).
+  (the mean batch the dynamic batcher formed is their ratio);
+- ``jei_edge_run_seconds_total``: time spent answering them in jei-edge (checks, ``Runtime.run``,
+  splitting), the part of Triton's compute time that is not the Python backend's own handling.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -89,6 +92,8 @@ class TritonPythonModel:
                                   "Requests answered with an error (bad input)").Metric(labels=labels)
         self.m_exec = counter("jei_edge_executions_total", "Batches run by the model").Metric(labels=labels)
         self.m_rows = counter("jei_edge_batch_rows_total", "Samples in the batches run").Metric(labels=labels)
+        self.m_seconds = counter("jei_edge_run_seconds_total", "Seconds spent in jei-edge answering the batches "
+                                 "(request checks, Runtime.run, splitting)").Metric(labels=labels)
 
     def execute(self, requests):
         pb = self._pb
@@ -99,7 +104,9 @@ class TritonPythonModel:
                 t = pb.get_input_tensor_by_name(request, name)
                 got[name] = t.as_numpy() if t is not None else None
             inputs.append(got)
+        t = time.perf_counter()
         answers, stats = self.handler.handle(inputs)
+        seconds = time.perf_counter() - t
         responses = []
         for answer in answers:
             if isinstance(answer, dict):
@@ -115,6 +122,7 @@ class TritonPythonModel:
             self.m_rows.increment(stats.samples)
         if stats.rejected:
             self.m_rejected.increment(stats.rejected)
+        self.m_seconds.increment(seconds)
         return responses
 
     def _error(self, message: str):
@@ -127,7 +135,7 @@ class TritonPythonModel:
         handler = getattr(self, "handler", None)
         if handler is not None:
             handler.rt.close()
-        for name in ("m_exit", "m_cost", "m_rejected", "m_exec", "m_rows"):  # metrics before their families
+        for name in ("m_exit", "m_cost", "m_rejected", "m_exec", "m_rows", "m_seconds"):  # metrics before their families
             if hasattr(self, name):
                 delattr(self, name)
         self._families = []
