@@ -141,3 +141,16 @@ def test_config_parameters_round_trip():
     text = config_text(spec, RepositoryOptions(), "1/model.jei", (1, 8, 8), [Output("class", "int64", (1,))])
     params = dict(line.split('"')[1::2][:2] for line in text.splitlines() if "key:" in line)
     assert spec_from_parameters("jei", params) == spec
+
+
+def test_serving_modules_import_neither_torch_nor_triton():
+    """The serving code runs in .venv-serve (no torch); tritonclient/pytriton load only when used."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import jei_edge.serve.handler, jei_edge.serve.model, jei_edge.serve.repository, "
+            "jei_edge.serve.server, jei_edge.serve.client, jei_edge.cli.serve_cmd, jei_edge.cli.export_cmd; "
+            "bad = [m for m in ('torch', 'tensorrt', 'tritonclient', 'pytriton') if m in sys.modules]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
