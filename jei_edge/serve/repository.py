@@ -112,8 +112,9 @@ def write_repository(bundle, out, opts: RepositoryOptions, copy_bundle: bool = T
     """Write the model repository for ``bundle`` at ``out`` (see the module docstring).
 
     ``copy_bundle=False`` names the bundle by its absolute path instead of copying it (``serve``).
-    The bundle is opened and verified first; its runtime is loaded to derive the outputs (so a
-    bundle the runtime refuses is refused here, not when Triton loads the model).
+    The bundle is opened and verified first; its runtime is loaded with the backend options to
+    derive the outputs (so a bundle or an option the runtime refuses is refused here, not when
+    Triton loads the model).
     """
     from jei_edge.runtime import Runtime
     from jei_edge.serve.handler import Handler
@@ -124,7 +125,9 @@ def write_repository(bundle, out, opts: RepositoryOptions, copy_bundle: bool = T
         raise InputError(f"{out} already exists", hint="choose another -o or pass --force to replace it")
     bundle = Path(bundle)
     specs = opts.specs()
-    with Runtime.load(bundle, device="cpu") as rt:
+    from jei_edge.runtime.output import parse_backend_options
+
+    with Runtime.load(bundle, device="cpu", **parse_backend_options(opts.backend_options)) as rt:
         handlers = [Handler(rt, s) for s in specs]  # checks offsets, alpha and the plain graph
         shape = handlers[0].sample_shape
         outputs = [h.outputs() for h in handlers]

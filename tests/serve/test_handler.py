@@ -126,7 +126,8 @@ def test_repository_layout_and_config(serve_bundle, tmp_path):
 
 @pytest.mark.parametrize("kw, match", [({"modes": ("exit", "fast")}, "distinct names"), ({"instances": 0}, "instances"),
                                         ({"name": "a b"}, "model name"), ({"max_batch_size": 0}, "max batch size"),
-                                        ({"backend_options": ("threads",)}, "KEY=VALUE")])
+                                        ({"backend_options": ("threads",)}, "KEY=VALUE"),
+                                        ({"backend_options": ("bogus=1",)}, "unknown onnxruntime option")])
 def test_bad_repository_options_are_refused_before_writing(serve_bundle, tmp_path, kw, match):
     with pytest.raises(JeiEdgeError, match=match):
         write_repository(serve_bundle, tmp_path / "m", RepositoryOptions(**kw))

@@ -267,6 +267,19 @@ def test_export_triton_repository_serves_on_the_bare_binary(serve_env, serve_bun
             assert not [p for a, b, o in got for p in mismatches(o, rows(reference(rt, x, mode), a, b))]
 
 
+def test_a_model_that_cannot_load_is_one_clear_error(serve_env, serve_bundle, tmp_path):
+    """An altered bundle in a repository: Triton exits, the error names the file, nothing is left running."""
+    from jei_edge.serve.server import ServerError
+
+    out = write_repository(serve_bundle, tmp_path / "models", RepositoryOptions(**OPTS))
+    with open(out / "jei" / "1" / "model.jei" / "stages" / "stage0.onnx", "ab") as f:
+        f.write(b"garbage")
+    ports = Ports.free()
+    with pytest.raises(ServerError, match="integrity check.*stage0.onnx"):
+        TritonServer(out, ports, exit_timeout_s=2).start(60)
+    assert not _tritonservers_with(f"--http-port={ports.http}")
+
+
 def _tritonservers_with(arg: str):
     pids = []
     for d in Path("/proc").iterdir():
