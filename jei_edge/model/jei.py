@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from jei_edge.model.backbone import BackboneSpec, build_backbone, normalize_exits
-from jei_edge.model.exits import Gate
+from jei_edge.model.exits import Gate, gate_features
 
 
 class JEIModel(nn.Module):
@@ -146,12 +146,15 @@ class StageModule(nn.Module):
             for block in blocks:
                 h = block(h)
             z = out(h)
-            probs.append(torch.softmax(z.float(), dim=-1))
-            if j < len(self.gates):
-                gate = torch.sigmoid(self.gates[j](z))
+            if j < len(self.gates):  # the exit's probs and its gate share one log_softmax
+                p, gate_logit = self.gates[j].probs_and_logit(z)
+                probs.append(p)
+                gate = torch.sigmoid(gate_logit)
                 if j == 0 and self.input_guard:
                     gate = gate + x.flatten(1).sum(1).float() * 0.0
                 gates.append(gate)
+            else:
+                probs.append(torch.softmax(z.float(), dim=-1))
         if not self.merged:
             return probs[0] if self.last else (h, probs[0], gates[0])
         p, g = torch.stack(probs, dim=1), torch.stack(gates, dim=1)
@@ -238,3 +241,26 @@ def build_model(config: Dict) -> JEIModel:
     """Rebuild a JEIModel from a checkpoint ``config`` (``backbone``, ``backbone_kwargs``, ``exits``)."""
     spec = build_backbone(config["backbone"], config.get("backbone_kwargs", {}))
     return JEIModel(spec, config.get("exits"), config=config)
+
+
+def confidence_gates(model: JEIModel, x: torch.Tensor, quantiles: Sequence[float], sharpen: float = 8.0) -> JEIModel:
+    """Give an **untrained** model gates that fire on a spread of inputs (tests, speed benchmarks).
+
+    Timing a model does not need trained weights, but it needs exits that differ from input to
+    input. The weights of each IM's last Linear are scaled by ``sharpen`` (so p_max varies between inputs), and gate l
+    becomes ``sigmoid(w (p_max - q_l))`` with ``q_l`` the ``quantiles[l]`` quantile (the last
+    value repeats) of p_max at exit l on ``x``. Returns ``model`` (changed in place, eval mode).
+    """
+    model.eval()
+    with torch.no_grad():
+        for im in model.ims:
+            linears = [m for m in im.modules() if isinstance(m, nn.Linear)]
+            linears[-1].weight.mul_(sharpen)
+        logits, _ = model(x)
+        for j, gate in enumerate(model.gates):
+            pm = gate_features(logits[:, j])[:, 0]
+            w = 6.0 / float(pm.std().clamp_min(1e-3))
+            q = float(torch.quantile(pm, float(quantiles[min(j, len(quantiles) - 1)])))
+            gate.linear.weight.copy_(torch.tensor([[w, 0.0, 0.0, 0.0]]))
+            gate.linear.bias.fill_(-w * q)
+    return model
