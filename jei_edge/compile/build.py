@@ -199,7 +199,7 @@ def _check_and_reference(job: Job, root: Path, stages, plain, strict: bool, prob
 
     per_input = probe_seconds_per_input(stage_check, probe) if job.parity_samples == "auto" else 0.0
     n, n_stage, sizing = size_check(job.parity_samples, opts.stage_samples, export_seconds, per_input)
-    x, counts = parity_inputs(job.ckpt["preprocessing"], job.real.x, n, opts.seed)
+    x, counts = parity_inputs(job.ckpt["preprocessing"], job.real.x, n, opts.seed, job.real.held_out)
     progress(f"parity: every stage on {n_stage} inputs, exit decisions on {n}")
     stage_report = stage_check(x[::max(1, n // n_stage)][:n_stage])  # rows of every kind
     del sessions, plain_session

@@ -26,6 +26,7 @@ class RealData:
     source: Optional[str] = None
     splits: object = None
     note: str = ""
+    held_out: int = 0  # leading rows of x from the test split: never INT8 calibration samples
 
 
 def _recorded(ckpt: Dict) -> Dict:
@@ -57,7 +58,7 @@ def load_real(ckpt: Dict, data: Optional[str], seed: int) -> RealData:
         if data:
             raise
         return RealData(note=f"recorded data source '{source}' could not be loaded ({exc}); synthetic inputs only")
-    return RealData(np.concatenate([d.test.x, d.calib.x, d.val.x]), source, d)
+    return RealData(np.concatenate([d.test.x, d.calib.x, d.val.x]), source, d, held_out=len(d.test.x))
 
 
 def calibration_inputs(ckpt: Dict, recipe, data: Optional[str], seed: int, real: RealData) -> np.ndarray:
@@ -87,8 +88,12 @@ def calibration_inputs(ckpt: Dict, recipe, data: Optional[str], seed: int, real:
     return np.ascontiguousarray(x)
 
 
-def parity_inputs(preprocessing: Dict, real: Optional[np.ndarray], n: int, seed: int = 0) -> Tuple[np.ndarray, Dict[str, int]]:
+def parity_inputs(preprocessing: Dict, real: Optional[np.ndarray], n: int, seed: int = 0,
+                  held_out: int = 0) -> Tuple[np.ndarray, Dict[str, int]]:
     """``n`` model inputs, grouped by kind: up to half real, the rest synthetic of several kinds.
+
+    Real rows come first: ``real_held_out`` (the first ``held_out`` rows of ``real``: the test
+    split, never an INT8 calibration sample), then ``real`` (calibration and validation splits).
 
     Synthetic kinds: uniform raw noise, smooth random images (upsampled coarse noise), and when
     real inputs exist, blends of two real inputs and real inputs plus Gaussian noise: together they
@@ -103,12 +108,13 @@ def parity_inputs(preprocessing: Dict, real: Optional[np.ndarray], n: int, seed:
     c, h, w = (int(v) for v in preprocessing["input_shape"])
     parts: List[np.ndarray] = []
     counts: Dict[str, int] = {}
-    if real is not None and len(real):
-        k = min(len(real), n // 2)
+    k = min(len(real), n // 2) if real is not None else 0
+    if k:
         parts.append(np.asarray(real[:k], dtype=np.float32))
-        counts["real"] = k
-    rest = n - sum(counts.values())
-    kinds = ["uniform_noise", "smooth_noise"] + (["real_blend", "real_plus_noise"] if counts.get("real") else [])
+        n_held = min(k, max(0, int(held_out)))
+        counts.update({name: m for name, m in (("real_held_out", n_held), ("real", k - n_held)) if m})
+    rest = n - k
+    kinds = ["uniform_noise", "smooth_noise"] + (["real_blend", "real_plus_noise"] if k else [])
     sizes = [rest // len(kinds) + (1 if i < rest % len(kinds) else 0) for i in range(len(kinds))]
     for kind, m in zip(kinds, sizes):
         if m == 0:

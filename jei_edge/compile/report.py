@@ -10,7 +10,12 @@ def _decision_lines(d: Dict) -> list:
     rule = (f"(all within the tie band |g - thr| < {d['tolerance']:g})" if "min_agreement" not in d else
             f"(INT8 vs the FP32 model; required >= {100 * d['min_agreement']:.1f}%; "
             f"{d['disagreements_within_tie_band']} within the FP32 tie band)")
-    return [f"             agreement {100 * d['agreement']:.3f}%, {d['disagreements']} differ {rule}",
+    lines = []
+    if "floor_on" in d:
+        syn = d.get("synthetic_agreement")
+        lines.append(f"             INT8 floor held on {d['floor_on']}: {100 * d['floor_agreement']:.2f}%"
+                     + ("" if syn is None else f"; synthetic inputs apart: {100 * syn:.2f}%"))
+    return lines + [f"             agreement {100 * d['agreement']:.3f}%, {d['disagreements']} differ {rule}",
             f"             rate of {b['counted']} < {100 * b['upper']:.3g}% ({100 * b['confidence']:.0f}% "
             f"confidence, {b['k']} of {b['n']})",
             f"             exit histogram PyTorch {d['exit_histogram_pytorch']}, bundle {d['exit_histogram_bundle']}",

@@ -135,7 +135,7 @@ def test_real_inputs_from_data_source(tmp_path):
     np.savez(npz, x=rng.random((200, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 5, 200))
     rep = build_bundle(ckpt, tmp_path / "r.jei", BuildOptions(data=str(npz), parity_samples=400, stage_samples=64))
     assert rep["data_source"] == str(npz)
-    assert rep["parity_inputs"]["real"] > 0 and "real_blend" in rep["parity_inputs"]
+    assert rep["parity_inputs"]["real_held_out"] > 0 and "real_blend" in rep["parity_inputs"]
     with pytest.raises(JeiEdgeError):
         build_bundle(ckpt, tmp_path / "r2.jei", BuildOptions(data=str(tmp_path / "none.npz"), **FAST))
     assert not (tmp_path / "r2.jei").exists()

@@ -1,6 +1,7 @@
 """Verify: stored references, the torch-free `jei-edge verify`, failures on altered bundles, the
 tie-band rule, the rate bound and the auto sizing of the check."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,7 +15,7 @@ from jei_edge.compile import BuildOptions, ParityError, build_bundle, verify_bun
 from jei_edge.compile.parity import AUTO_MAX, AUTO_MIN, size_check
 from jei_edge.compile.progress import Progress
 from jei_edge.compile.references import REFERENCE_FILE, ReferenceSet
-from jei_edge.compile.verify import RULES, Rule, check_decisions, rate_upper_bound
+from jei_edge.compile.verify import HELD_OUT, MIN_HELD_OUT, RULES, Rule, check_decisions, rate_upper_bound
 from jei_edge.errors import BundleError
 from tests.runtime.helpers import rehash, save_spread
 
@@ -171,8 +172,29 @@ def test_tie_band_rule():
     # int8: only the agreement floor counts
     rep = check_decisions(_FakeRuntime(refs, {3: 1}), refs, Rule(1e-5, min_agreement=0.75), quiet)
     assert rep["agreement"] == 0.75 and rep["rate_bound"]["k"] == 1
-    with pytest.raises(ParityError, match=r"INT8 parity failed: exit decisions agree .* on 50.00% of 4 inputs"):
+    with pytest.raises(ParityError, match=r"INT8 parity failed: exit decisions agree .* on 50.00% of all 4 inputs "
+                                          r"\(fewer than 200 real held-out ones\)"):
         check_decisions(_FakeRuntime(refs, {0: 0, 3: 1}), refs, Rule(1e-5, min_agreement=0.75), quiet)
+
+
+def test_int8_floor_is_held_on_real_held_out_inputs():
+    """With >= MIN_HELD_OUT real held-out rows the INT8 floor is theirs; synthetic rows are reported apart."""
+    n_held, n_noise = MIN_HELD_OUT, 100
+    n = n_held + n_noise
+    margins = np.full((n, 2), 0.3)
+    refs = _refs(margins, [0] * n)
+    refs = dataclasses.replace(refs, kind=np.repeat(np.array([0, 1], np.int8), [n_held, n_noise]),
+                               kind_names=(HELD_OUT, "uniform_noise"))
+    quiet = Progress(lambda m: None)
+    rule = Rule(1e-5, min_agreement=0.95)
+    noise_wrong = {i: 1 for i in range(n_held, n)}  # every synthetic row disagrees: 67% overall
+    rep = check_decisions(_FakeRuntime(refs, noise_wrong), refs, rule, quiet)
+    assert rep["agreement"] == pytest.approx(n_held / n) and rep["floor_agreement"] == 1.0
+    assert rep["synthetic_agreement"] == 0.0 and rep["floor_on"].startswith(f"{n_held} real held-out inputs")
+    assert rep["agreement_by_kind"] == {HELD_OUT: 1.0, "uniform_noise": 0.0}
+    held_wrong = {i: 1 for i in range(11)}  # 94.5% of the held-out rows agree, every synthetic one does
+    with pytest.raises(ParityError, match=r"on 94.50% of 200 real held-out inputs"):
+        check_decisions(_FakeRuntime(refs, held_wrong), refs, rule, quiet)
 
 
 def _binom_cdf(k, n, p):
