@@ -361,6 +361,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:  # tables and plot again from a results file (no training)
         result = json.loads(Path(args.render).read_text())
+        result["summary"] = summarize(result["runs"])  # this version's summary of the recorded runs
         out = Path(args.render).with_suffix("")
         plot(result["runs"], result["summary"], out.with_suffix(".png"),
              f"JEI-DNN vs thresholding baselines (a)-(d) at matched cost ({len(result['settings']['seeds'])} seed(s), "
