@@ -278,8 +278,9 @@ def plot(runs: list, summary: list, path: Path, title: str) -> None:
         full = np.mean([r["per_exit_accuracy"][-1] for r in rs])
         ax.axhline(100 * full, color="k", lw=0.7, ls=":", label="full model (final head)")
         accs += [100 * s["jei_accuracy"]["mean"] for s in ss]
-        ax.set_xlim(0.0, 1.02)
-        ax.set_ylim(min(accs) - 6, max(accs + [100 * full]) + 2)
+        costs = [r["jei"]["mean_cost"] for r in runs if (r["source"], r["backbone"]) == (src, bb)]
+        ax.set_xlim(max(0.0, min(costs) - 0.12), min(1.02, max(costs) + 0.25))  # where JEI's points are
+        ax.set_ylim(min(accs) - 4, min(max(accs + [100 * full]) + 1.5, 100.5))
         ax.set_title(f"{src} / {bb}", fontsize=10)
         ax.set_xlabel("mean cost (fraction of full model MACs)")
         ax.set_ylabel("test accuracy (%)")
@@ -364,7 +365,7 @@ def main(argv=None) -> int:
         result["summary"] = summarize(result["runs"])  # this version's summary of the recorded runs
         out = Path(args.render).with_suffix("")
         plot(result["runs"], result["summary"], out.with_suffix(".png"),
-             f"JEI-DNN vs thresholding baselines (a)-(d) at matched cost ({len(result['settings']['seeds'])} seed(s), "
+             f"JEI-DNN vs thresholding baselines (a)-(d) at matched cost ({len({r['seed'] for r in result['runs']})} seed(s), "
              "test split)" + ("" if result.get("complete") else " [partial]"))
         print_table(result["summary"])
         print()
