@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 from jei_edge.profile import median  # noqa: E402  (torch-free)
 
 
-def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int) -> dict:
+def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets=None) -> dict:
     from jei_edge.profile import Passes, interleaved, median_ratio
     from jei_edge.runtime import Runtime
 
@@ -34,12 +34,13 @@ def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int) -> dict
     rts = {"a": Runtime.load(a, max_batch=bsz), "b": Runtime.load(b, max_batch=bsz)}
     passes = {k: Passes.for_runtime(rt, bsz) for k, rt in rts.items()}
     xs = Passes.batches(x, bsz, n)
-    res = {k: [rt.run(bt) for bt in xs] for k, rt in rts.items()}
+    offsets = tuple(offsets) if offsets else None
+    res = {k: [rt.run(bt, offsets=offsets) for bt in xs] for k, rt in rts.items()}
     exits = {k: np.concatenate([r.exit_index for r in v]) for k, v in res.items()}
     preds = {k: np.concatenate([r.pred for r in v]) for k, v in res.items()}
     reaches = {k: [r.reach for r in v] for k, v in res.items()}
     # the package's protocol, both bundles in alternating order within each repeat
-    times = interleaved([passes["a"], passes["b"]], xs, [reaches["a"], reaches["b"]], repeats, warmup=2)
+    times = interleaved([passes["a"], passes["b"]], xs, [reaches["a"], reaches["b"]], repeats, offsets, warmup=2)
     t = {"a": times[0], "b": times[1]}
     rows = len(xs) * bsz
     out = {"batch": bsz, "samples": rows,
@@ -61,8 +62,9 @@ def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int) -> dict
     return out
 
 
-def child(a, b, inputs, bsz: int, n: int, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, str(a), str(b), str(inputs), str(bsz), str(n), str(repeats)]
+def child(a, b, inputs, bsz: int, n: int, repeats: int, offsets=None) -> dict:
+    cmd = [sys.executable, __file__, str(a), str(b), str(inputs), str(bsz), str(n), str(repeats),
+           "--offsets", json.dumps(list(offsets) if offsets else None)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"measurement failed:\n{proc.stderr[-3000:]}")
@@ -124,12 +126,16 @@ def compare_families(args, command: str, bundle_b) -> dict:
         model = rs.ensure_model(fam, work, log)
         a = rs.ensure_bundle(model, log)
         inputs = rs.test_inputs(model, work)
-        fam_out = {}
+        declared = bool(rs.MODELS[fam].get("declared"))  # untrained: its declared offsets give the exit mix
+        offsets = rs.spread_offsets(model, force=True) if declared else None
+        large = rs.LARGE if declared else {}
+        fam_out = {"offsets": offsets}
         for bsz in (int(v) for v in args.batches.split(",")):
-            name, options, what = bundle_b(fam, bsz, rs.DATA)
+            name, options, what = bundle_b(fam, bsz, rs.MODELS[fam].get("data", rs.DATA))
             b = cached_build(model, work / name, options, log, what)
-            n = args.n1 if bsz == 1 else args.n64
-            runs = [child(a, b, inputs, bsz, n, args.repeats) for _ in range(args.processes)]
+            n = large.get("n1", args.n1) if bsz == 1 else large.get("rows", args.n64)
+            runs = [child(a, b, inputs, bsz, n, large.get("repeats", args.repeats), offsets)
+                    for _ in range(1 if declared else args.processes)]
             m = merge(runs)
             m["per_process"] = [{k: r[k] for k in ("b_speedup_over_a_exit", "b_speedup_over_a_full")} for r in runs]
             m["b_bundle"] = str(b)
@@ -173,5 +179,6 @@ if __name__ == "__main__":
         ap.add_argument(name)
     for name in ("batch", "n", "repeats"):
         ap.add_argument(name, type=int)
+    ap.add_argument("--offsets", default="null")
     args = ap.parse_args()
-    print(json.dumps(compare(args.a, args.b, args.inputs, args.batch, args.n, args.repeats)))
+    print(json.dumps(compare(args.a, args.b, args.inputs, args.batch, args.n, args.repeats, json.loads(args.offsets))))

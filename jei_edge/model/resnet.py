@@ -42,12 +42,25 @@ class PoolHead(nn.Module):
 
 @register_backbone("resnet")
 def resnet(num_classes: int = 10, in_chans: int = 1, img_size: int = 16,
-           widths: Sequence[int] = (16, 32, 64), blocks_per_stage: Sequence[int] = (2, 2, 2)) -> BackboneSpec:
-    """ResNet: one stage per width (stride 2 from the second on), ``blocks_per_stage`` BasicBlocks each."""
+           widths: Sequence[int] = (16, 32, 64), blocks_per_stage: Sequence[int] = (2, 2, 2),
+           stem: str = "small") -> BackboneSpec:
+    """ResNet: one stage per width (stride 2 from the second on), ``blocks_per_stage`` BasicBlocks each.
+
+    ``stem``: ``small`` (3x3 conv, stride 1: for 16-32 px inputs) or ``imagenet`` (7x7 conv, stride 2,
+    then 3x3 max-pool, stride 2: ResNet-18/34's stem, for 112-224 px inputs; with widths
+    (64, 128, 256, 512) and blocks (2, 2, 2, 2) this is ResNet-18's layout).
+    """
     widths, blocks_per_stage = list(widths), list(blocks_per_stage)
     if len(widths) != len(blocks_per_stage):
         raise ValueError("widths and blocks_per_stage must have the same length")
-    stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+    if stem == "small":
+        stem_layers = [nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    elif stem == "imagenet":
+        stem_layers = [nn.Conv2d(in_chans, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(),
+                       nn.MaxPool2d(3, 2, 1)]
+    else:
+        raise ValueError(f"stem must be 'small' or 'imagenet', got {stem!r}")
+    stem = nn.Sequential(*stem_layers)
     blocks, channels, cin = [], [], widths[0]
     for s, (w, n) in enumerate(zip(widths, blocks_per_stage)):
         for j in range(n):

@@ -1,5 +1,6 @@
 """Backbone registry, both built-in families, the plugin mechanism and the staged forward."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,9 @@ PLUGIN = "tests.model.plugin_backbone:tiny_mlp"
 @pytest.fixture(params=[
     {"backbone": "vit", "backbone_kwargs": {"embed_dim": 32, "depth": 4, "heads": 2, "img_size": 8, "patch": 4}},
     {"backbone": "resnet", "backbone_kwargs": {"widths": [8, 16], "blocks_per_stage": [1, 2], "img_size": 8}},
+    # ResNet-18's stem (7x7 stride 2 + max-pool): the deployment-size benchmark models use it
+    {"backbone": "resnet", "backbone_kwargs": {"widths": [8, 16], "blocks_per_stage": [1, 1], "img_size": 32,
+                                               "in_chans": 3, "stem": "imagenet"}},
 ])
 def model(request):
     torch.manual_seed(0)
@@ -98,3 +102,25 @@ def test_missing_plugin_module_is_clear(monkeypatch):
 def test_bad_backbone_options_are_clear():
     with pytest.raises(JeiEdgeError, match="rejected its options"):
         build_model({"backbone": "vit", "backbone_kwargs": {"wings": 2}})
+
+
+def test_resnet_stem_choice():
+    m = build_model({"backbone": "resnet", "backbone_kwargs": {"widths": [8], "blocks_per_stage": [2], "img_size": 32,
+                                                               "stem": "imagenet"}})
+    assert m.stem(torch.zeros(1, 1, 32, 32)).shape == (1, 8, 8, 8)  # /2 conv, /2 max-pool
+    with pytest.raises(ValueError, match="stem must be"):
+        build_model({"backbone": "resnet", "backbone_kwargs": {"stem": "huge"}})
+
+
+def test_confidence_gates_spread_exits_of_an_untrained_model():
+    from jei_edge.exit_rule import exit_levels
+    from jei_edge.model.jei import confidence_gates
+
+    torch.manual_seed(0)
+    m = build_model({"backbone": "resnet", "backbone_kwargs": {"widths": [8, 16], "blocks_per_stage": [1, 2]}})
+    x = torch.randn(400, *m.input_shape)
+    confidence_gates(m, x, quantiles=(0.5,))
+    with torch.no_grad():
+        _, gl = m(x)
+    hist = np.bincount(exit_levels(torch.sigmoid(gl).double().numpy()), minlength=m.num_exits).tolist()
+    assert hist[0] > 0.3 * len(x) and sum(h > 0 for h in hist) >= 2, hist  # gate 0 fires on ~half the rows

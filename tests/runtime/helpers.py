@@ -22,23 +22,11 @@ def spread_model(family: str = "vit", seed: int = 0, quantiles=(0.8, 0.7, 0.6)):
     """
     import torch
 
-    from jei_edge.model.exits import gate_features
-    from jei_edge.model.jei import build_model
+    from jei_edge.model.jei import build_model, confidence_gates
 
     torch.manual_seed(seed)
-    model = build_model({"backbone": family, "backbone_kwargs": dict(KWARGS[family]), "exits": None}).eval()
-    with torch.no_grad():
-        for im in model.ims:
-            im.fc.weight.mul_(8.0)
-        x = torch.randn((512,) + tuple(model.input_shape))
-        logits, _ = model(x)
-        for j, gate in enumerate(model.gates):
-            pm = gate_features(logits[:, j])[:, 0]
-            w = 6.0 / float(pm.std().clamp_min(1e-3))
-            q = float(torch.quantile(pm, quantiles[min(j, len(quantiles) - 1)]))
-            gate.linear.weight.copy_(torch.tensor([[w, 0.0, 0.0, 0.0]]))
-            gate.linear.bias.fill_(-w * q)
-    return model
+    model = build_model({"backbone": family, "backbone_kwargs": dict(KWARGS[family]), "exits": None})
+    return confidence_gates(model, torch.randn((512,) + tuple(model.input_shape)), quantiles)
 
 
 def spread_checkpoint(family: str = "vit", seed: int = 0, calibrated: bool = True) -> dict:
