@@ -36,6 +36,26 @@ def test_measurement_child_reports_every_figure(vit_bundle, tmp_path):
             assert 0.05 < b[f] < 20, (key, f, b[f])
         # the reach counts shrink stage by stage: rows that exited stopped running
         assert all(a >= c for a, c in zip(b["reach_total"], b["reach_total"][1:]))
+        # the hand-written loops ran (they decide exactly as the runtime, or the child fails) and
+        # the MAC-theoretical speedup is the timed rows' mean exit cost
+        assert set(b["speedup_vs_hand"]) == {"hand_ort_defaults", "hand_same_settings"}
+        assert all(0.05 < v < 20 for v in b["speedup_vs_hand"].values()) and 0.05 < b["speedup_vs_best_hand"] < 20
+        assert sum(b["timed_exit_histogram"]) == rows and b["theoretical_speedup_vs_plain"] > 0.3
+        assert b["speedup_vs_plain_over_theory"] == b["speedup_vs_plain"] / b["theoretical_speedup_vs_plain"]
+
+
+def test_exit_head_cost_benchmark(vit_bundle, tmp_path):
+    """benchmarks/exit_head_cost.py cuts every gated stage at hidden_out and times both graphs."""
+    np.savez(tmp_path / "t.npz", x=model_inputs(8, seed=14))
+    out = tmp_path / "h.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "exit_head_cost.py"), str(vit_bundle), "--inputs",
+           str(tmp_path / "t.npz"), "--batches", "1,8", "--repeats", "2", "--inner", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stages = json.loads(out.read_text())["bundles"][0]["stages"]
+    assert [s["stage"] for s in stages] == list(range(len(stages))) and len(stages) >= 2
+    for s in stages:
+        assert s["head_nodes"] > 5 and s["batch_8"]["stage_us"] > 0 and s["batch_8"]["trunk_us"] > 0
 
 
 def test_cuda_benchmark_shares_the_cpu_benchmark_models():
