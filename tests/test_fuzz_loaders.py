@@ -275,6 +275,38 @@ def test_checkpoint_fields(checkpoint, data):
     _outcome(model_from_checkpoint, ck, "fuzzed checkpoint")
 
 
+@settings(max_examples=max(10, settings().max_examples // 3))
+@given(data=st.data())
+def test_checkpoint_warmup_ims(checkpoint, data):
+    """The optional warm-up IM weights: a wrong type, names, shapes or values is one clear error."""
+    import torch
+
+    from jei_edge.model.checkpoint import model_from_checkpoint, warmup_model
+
+    ck = dict(checkpoint)
+    ims = {k: v.clone() for k, v in checkpoint["state_dict"].items() if k.startswith("ims.")}
+    kind = data.draw(st.sampled_from(["json", "key", "shape", "value", "dtype", "drop", "valid"]))
+    name = data.draw(st.sampled_from(sorted(ims)))
+    if kind == "json":
+        ck["warmup_ims"] = data.draw(json_values)
+    else:
+        if kind == "key":
+            ims[data.draw(st.text(max_size=12))] = ims.pop(name)
+        elif kind == "shape":
+            ims[name] = torch.zeros(data.draw(st.lists(st.integers(0, 4), max_size=3)))
+        elif kind == "value":
+            ims[name] = ims[name].clone().fill_(data.draw(st.sampled_from([float("nan"), float("inf"), 1e30])))
+        elif kind == "dtype":
+            ims[name] = ims[name].to(data.draw(st.sampled_from([torch.int64, torch.float16, torch.bool])))
+        elif kind == "drop":
+            ims.pop(name)
+        ck["warmup_ims"] = ims
+    RAN["checkpoints"] = RAN.get("checkpoints", 0) + 1
+    model = _outcome(model_from_checkpoint, ck, "fuzzed checkpoint")
+    if model is not None:
+        _outcome(warmup_model, ck, model, "fuzzed checkpoint")
+
+
 def test_every_loader_ran_its_examples():
     """Runs last in this file: each fuzzed loader really saw examples (the count is in -rP output)."""
     print("hypothesis examples per loader:", dict(sorted(RAN.items())))
