@@ -94,3 +94,18 @@ def test_device_cuda_without_a_driver_is_one_line(vit_bundle, tmp_path, entry):
     assert "Traceback" not in r.stderr and r.stderr.startswith("error: ")
     assert "no CUDA driver" in r.stderr or "could not be imported" in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) <= 2  # the error and its hint
+
+
+def test_iobinding_cache_per_row_count(vit_bundle):
+    """One IOBinding per (stage, live-row count), reused when a row count comes back; results equal
+    the plain `session.run` path; stage 0's binding does not keep the caller's batch alive."""
+    x = model_inputs(64, seed=3)
+    with Runtime.load(vit_bundle, max_batch=64) as rt, Runtime.load(vit_bundle, max_batch=64, io_binding=False) as ref:
+        for b in (64, 7, 64, 1, 7, 33):  # row counts repeat: cached bindings are reused
+            got, want = rt.run(x[:b]), ref.run(x[:b])
+            np.testing.assert_array_equal(got.exit_index, want.exit_index)
+            np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
+        cache = rt.executor._paths[0]["bindings"]
+        assert len(cache) > rt.bundle.num_stages  # several row counts per stage
+        assert all(entry[1] is None for (k, _), entry in cache.items() if k == 0)
+        assert all(entry[1] is rt.workspace.stage_input(k) for (k, _), entry in cache.items() if k > 0)
