@@ -129,7 +129,8 @@ def compare_families(args, command: str, bundle_b) -> dict:
         declared = bool(rs.MODELS[fam].get("declared"))  # untrained: its declared offsets give the exit mix
         offsets = rs.spread_offsets(model, force=True) if declared else None
         large = rs.LARGE if declared else {}
-        fam_out = {"offsets": offsets}
+        results.setdefault("offsets", {})[fam] = offsets
+        fam_out = {}
         for bsz in (int(v) for v in args.batches.split(",")):
             name, options, what = bundle_b(fam, bsz, rs.MODELS[fam].get("data", rs.DATA))
             b = cached_build(model, work / name, options, log, what)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,21 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from realized_speedup import machine  # noqa: E402  (benchmarks/: cpu, cores, onnxruntime, commit)
+
 from jei_edge.backends.onnxruntime.executor import create_session  # noqa: E402
 from jei_edge.profile import median  # noqa: E402
 from jei_edge.profile.measure import timed_call  # noqa: E402
 from jei_edge.runtime import Runtime  # noqa: E402
-
-
-def commit() -> str:
-    try:
-        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                           timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "jei_edge", "benchmarks"], capture_output=True,
-                               text=True, cwd=ROOT, timeout=10).stdout.strip()
-        return c + ("+changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def trunk_graph(stage_file: Path, input_name: str, out: Path) -> int:
@@ -104,8 +93,8 @@ def measure_bundle(bundle: str, inputs: str, batches, repeats: int, inner: int) 
 
 def markdown(res: dict) -> str:
     lines = ["# Exit-head cost per stage (onnxruntime, CPU)", "",
-             f"Command: `{res['command']}`; commit {res['commit']}; {res['cores']} cores; "
-             f"onnxruntime {res['onnxruntime']}. Head = stage graph minus its trunk (cut at hidden_out); "
+             f"Command: `{res['command']}`; commit {res['machine']['commit']}; {res['machine']['cpu']}, "
+             f"{res['machine']['cores']} cores; onnxruntime {res['machine']['onnxruntime']}. Head = stage graph minus its trunk (cut at hidden_out); "
              "share = median of per-repeat (stage - trunk) / stage.", "",
              "| bundle | stage | head nodes | batch | stage us | trunk us | head us | head share |",
              "|---|---|---|---|---|---|---|---|"]
@@ -130,12 +119,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if len(args.inputs) != len(args.bundles):
         p.error("give one --inputs file per bundle")
-    import onnxruntime
-
     batches = [int(b) for b in args.batches.split(",")]
     res = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix()] + (argv or sys.argv[1:])),
-           "commit": commit(), "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M"), "bundles": []}
+           "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "bundles": []}
     for bundle, inputs in zip(args.bundles, args.inputs):
         print(f"[{time.strftime('%H:%M:%S')}] {bundle}", file=sys.stderr, flush=True)
         res["bundles"].append(measure_bundle(bundle, inputs, batches, args.repeats, args.inner))

@@ -40,14 +40,14 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for fam, fo in results["families"].items():
-        for key, m in ((k, v) for k, v in fo.items() if k.startswith("batch_")):
+        for key, m in fo.items():
             lines.append(
                 f"| {fam} | {key[6:]} | {m['b_speedup_over_a_exit']:.2f}x | {m['b_speedup_over_a_full']:.2f}x | "
                 f"{m['b_speedup_over_a_plain']:.2f}x | {100 * m['a'].get('accuracy', 0):.1f}% -> "
                 f"{100 * m['b'].get('accuracy', 0):.1f}% | {m['a']['exit_histogram']} / {m['b']['exit_histogram']} | "
                 f"{100 * m['exit_agreement']:.1f}% | {m['b']['efficiency']:.3f} | {m['b']['speedup_vs_plain']:.2f}x | "
                 f"{m['b_speedup_over_a_exit'] / m['b_speedup_over_a_plain']:.2f} |")
-        report = json.loads((Path(fo["batch_" + args.batches.split(",")[0]]["b_bundle"]) / "report.json").read_text())
+        report = json.loads((Path(next(iter(fo.values()))["b_bundle"]) / "report.json").read_text())
         d, q = report["decisions"], report["quantization"]
         fo["build"] = {"decision_agreement_vs_fp32_model": d["agreement"], "prediction_agreement_vs_fp32_model":
                        d["prediction_agreement"], "parity_inputs": d["samples"], "recipe": q["recipe"],

@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from compare_bundles import merge  # noqa: E402  (benchmarks/, torch-free)
+
 from jei_edge.bundle import Bundle  # noqa: E402  (torch-free, as the measurement child must stay)
 from jei_edge.profile import median  # noqa: E402
 
@@ -265,6 +267,7 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
     (default ``max(n64, 2 x batch)``); ``stage_medians``: also time every stage standalone at batch
     1 and 64 (the per-stage-median ideal; costly on large models)."""
     from jei_edge.profile import Breakdown, Passes, interleaved, median_ratio, settings_record
+    from jei_edge.profile.measure import timed_call
     from jei_edge.runtime import Runtime
 
     assert "torch" not in sys.modules
@@ -287,8 +290,7 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
     # spin after every run and steal the cores from whatever runs next in the process (measured:
     # with an ORT-defaults loop in the same process the same-settings loop timed 1.5-4x slower);
     # what spinning costs is the ``spinning_on`` variant
-    hands = {"hand_same_settings": hand_loop(rt, rt.executor.settings)}
-    hands = {k: v for k, v in hands.items() if v is not None}
+    hand = hand_loop(rt, rt.executor.settings)  # None for a bundle with merged stages
     cost_vs_plain = np.asarray(exits.cost_vs_plain)
     for bsz in batches:
         n = n1 if bsz == 1 else (rows or max(n64, 2 * bsz))
@@ -296,37 +298,36 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
         # plain backbone gets the stages' thread policy (small-batch settings when the batch is small)
         p = Passes.for_runtime(rt, bsz)
         xs = p.batches(x, bsz, n)
-        reaches = p.reaches(xs, offsets)
+        untimed = [rt.run(b, offsets=offsets) for b in xs]  # one pass gives reach counts and exits
+        reaches = [r.reach for r in untimed]
         boundaries = p.boundaries(reaches)
-        timed_exits = np.concatenate([rt.run(b, offsets=offsets).exit_index for b in xs])
-        for name, hand in hands.items():  # the hand-written loop decides exactly as the runtime
+        timed_exits = np.concatenate([r.exit_index for r in untimed])
+        if hand is not None:  # the hand-written loop decides exactly as the runtime (and is warm after this)
             got = np.concatenate([hand(b, offsets)[1] for b in xs])
             if not np.array_equal(got, timed_exits):
-                raise RuntimeError(f"{name} disagrees with the runtime on {int((got != timed_exits).sum())} rows")
+                raise RuntimeError(f"the hand-written loop disagrees with the runtime on "
+                                   f"{int((got != timed_exits).sum())} rows")
         timed_stage_medians = stage_medians and bsz in (1, 64)
         pairs = sorted({(k, m) for r in reaches for k, m in enumerate(r)}) if timed_stage_medians else []
         stage_t = {q: [] for q in pairs}
-        hand_t = {name: [] for name in hands}
+        hand_t = []
         inner = 5 if bsz == 1 else 2
 
-        def each_repeat(i):  # the hand loops, then standalone t_k(m), interleaved with the repeats
-            for name in (list(hands) if i % 2 == 0 else list(hands)[::-1]):
-                run = hands[name]
-                t0 = time.perf_counter()
-                for b in xs:
-                    run(b, offsets)
-                hand_t[name].append(time.perf_counter() - t0)
+        def hand_pass():
+            for b in xs:
+                hand(b, offsets)
+
+        def each_repeat(i):  # the hand-written loop, then standalone t_k(m), interleaved with the repeats
+            if hand is not None:
+                hand_t.append(timed_call(hand_pass)[1])
             for (k, m) in pairs:
                 for _ in range(inner):
                     stage_t[(k, m)].append(p.stage_time(k, m))
 
-        for run in hands.values():  # warm-up
-            run(xs[0], offsets)
         samples = interleaved([p], xs, [reaches], repeats, offsets, warmup=2, each_repeat=each_repeat)[0]
         tk = {q: median(v) for q, v in stage_t.items()}
         ideal_from_medians = sum(tk[(k, m)] for r in reaches for k, m in enumerate(r)) if pairs else None
         ideal = median(samples["ideal"])
-        best_hand = [min(t) for t in zip(*hand_t.values())] if hand_t else []
         theory = 1.0 / float(np.mean(cost_vs_plain[timed_exits]))
         # decide + compact measured directly inside the loop (one extra, untimed pass)
         bd = Breakdown(rt)
@@ -343,9 +344,8 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
             # the same stage runs back to back, no runtime work at all, against the per-stage
             # medians: how much of the second reading's gap a zero-cost runtime would still show
             "back_to_back_vs_stage_medians": ideal_from_medians / ideal if pairs else None,
-            "hand_s": {name: median(v) for name, v in hand_t.items()},
-            "speedup_vs_hand": {name: median_ratio(v, samples["exit"]) for name, v in hand_t.items()},
-            "speedup_vs_best_hand": median_ratio(best_hand, samples["exit"]) if best_hand else None,
+            "hand_s": median(hand_t) if hand_t else None,
+            "speedup_vs_hand": median_ratio(hand_t, samples["exit"]) if hand_t else None,
             "theoretical_speedup_vs_plain": theory,
             "timed_exit_histogram": np.bincount(timed_exits, minlength=rt.num_exits).tolist(),
             "stage_ms": {f"{k}@{m}": round(1e3 * v, 4) for (k, m), v in sorted(tk.items()) if m in (1, bsz)},
@@ -363,10 +363,6 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
     return out
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def run_child(bundle: Path, inputs: Path, variant: str, args, offsets, processes: int = None,
               limits: dict = None) -> dict:
     """``args.processes`` fresh measurement processes; per-batch numbers are medians across them
@@ -375,14 +371,7 @@ def run_child(bundle: Path, inputs: Path, variant: str, args, offsets, processes
             for _ in range(processes or args.processes)]
     out = dict(runs[0])
     for key in (k for k in runs[0] if k.startswith("batch_")):
-        merged = {}
-        for field, v in runs[0][key].items():
-            if _number(v):
-                merged[field] = median([r[key][field] for r in runs])
-            elif isinstance(v, dict) and all(_number(u) for u in v.values()):
-                merged[field] = {name: median([r[key][field][name] for r in runs]) for name in v}
-            else:
-                merged[field] = v
+        merged = merge([r[key] for r in runs])  # medians of every number, nested dicts too
         merged["per_process"] = {f: [r[key][f] for r in runs] for f in ("efficiency", "realized_speedup",
                                                                          "speedup_vs_plain", "exit_ms_per_sample")}
         out[key] = merged
@@ -442,8 +431,7 @@ def markdown(res: dict) -> str:
              "| exit ms/sample |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for fam, r, bsz, b in _batch_rows(res["families"]):
-        hand = b.get("speedup_vs_hand") or {}
-        hand_cell = f"{hand['hand_same_settings']:.2f}x" if "hand_same_settings" in hand else "-"
+        hand_cell = "-" if b.get("speedup_vs_hand") is None else f"{b['speedup_vs_hand']:.2f}x"
         med = "-" if b.get("efficiency_vs_stage_medians") is None else \
             f"{b['efficiency_vs_stage_medians']:.3f} ({b['back_to_back_vs_stage_medians']:.3f})"
         lines.append(f"| {fam} | {bsz} | {b.get('timed_exit_histogram', r['exit_histogram'])} | "

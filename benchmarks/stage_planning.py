@@ -39,7 +39,7 @@ def main(argv=None) -> int:
              "vs plain: every -> planned | efficiency: every -> planned | identical exits |",
              "|---|---|---|---|---|---|---|---|"]
     for fam, fo in results["families"].items():
-        for key, m in ((k, v) for k, v in fo.items() if k.startswith("batch_")):
+        for key, m in fo.items():
             m["plan"] = dict(Bundle.read_manifest(m["b_bundle"]).plan)
             lines.append(f"| {fam} | {key[6:]} | {m['plan']['groups']} | {m['b_speedup_over_a_exit']:.3f}x | "
                          f"{m['b_speedup_over_a_full']:.3f}x | {m['a']['speedup_vs_plain']:.2f}x -> "

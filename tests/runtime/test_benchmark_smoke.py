@@ -38,8 +38,7 @@ def test_measurement_child_reports_every_figure(vit_bundle, tmp_path):
         assert all(a >= c for a, c in zip(b["reach_total"], b["reach_total"][1:]))
         # the hand-written loops ran (they decide exactly as the runtime, or the child fails) and
         # the MAC-theoretical speedup is the timed rows' mean exit cost
-        assert set(b["speedup_vs_hand"]) == {"hand_same_settings"}
-        assert all(0.05 < v < 20 for v in b["speedup_vs_hand"].values()) and 0.05 < b["speedup_vs_best_hand"] < 20
+        assert 0.05 < b["speedup_vs_hand"] < 20 and b["hand_s"] > 0
         assert sum(b["timed_exit_histogram"]) == rows and b["theoretical_speedup_vs_plain"] > 0.3
         assert b["speedup_vs_plain_over_theory"] == b["speedup_vs_plain"] / b["theoretical_speedup_vs_plain"]
 
