@@ -65,6 +65,16 @@ def _set(obj, path, value):
     obj[path[-1]] = value
 
 
+def _mutate(obj, paths, data, most: int) -> None:
+    """Replace the values at 1..``most`` of ``paths`` (drawn) in ``obj`` by drawn JSON values."""
+    for _ in range(data.draw(st.integers(1, most))):
+        path = data.draw(st.sampled_from(paths))
+        try:
+            _set(obj, path, data.draw(json_values))
+        except (KeyError, IndexError, TypeError):  # a path an earlier mutation replaced
+            pass
+
+
 # -- the manifest ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def manifest_raw(vit_bundle):
@@ -76,13 +86,7 @@ def test_manifest_mutations(manifest_raw, data):
     from jei_edge.bundle import parse_manifest
 
     raw = copy.deepcopy(manifest_raw)
-    paths = list(_paths(raw))
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(paths))
-        try:
-            _set(raw, path, data.draw(json_values))
-        except (KeyError, IndexError, TypeError):
-            pass
+    _mutate(raw, list(_paths(raw)), data, 3)
     RAN["manifest"] = RAN.get("manifest", 0) + 1
     _outcome(parse_manifest, raw)
 
@@ -264,13 +268,7 @@ def test_checkpoint_fields(checkpoint, data):
 
     ck = {k: copy.deepcopy(v) for k, v in checkpoint.items() if k != "state_dict"}
     ck["state_dict"] = checkpoint["state_dict"]
-    plain = [p for p in _paths({k: v for k, v in ck.items() if k != "state_dict"})]
-    for _ in range(data.draw(st.integers(1, 2))):
-        path = data.draw(st.sampled_from(plain))
-        try:
-            _set(ck, path, data.draw(json_values))
-        except (KeyError, IndexError, TypeError):
-            pass
+    _mutate(ck, list(_paths({k: v for k, v in ck.items() if k != "state_dict"})), data, 2)
     RAN["checkpoints"] = RAN.get("checkpoints", 0) + 1
     _outcome(model_from_checkpoint, ck, "fuzzed checkpoint")
 
