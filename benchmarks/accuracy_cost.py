@@ -287,7 +287,7 @@ def plot(runs: list, summary: list, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles, labels = {}, []
+    handles = {}
     for ax in axes.flat:  # one legend for all panels, below them
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)

@@ -45,7 +45,7 @@ from jei_edge.profile import median  # noqa: E402
 from jei_edge.profile.measure import median_ratio  # noqa: E402
 from jei_edge.runtime import Runtime  # noqa: E402
 from jei_edge.serve.client import Client, mismatches  # noqa: E402
-from jei_edge.serve.handler import Handler, ModelSpec  # noqa: E402
+from jei_edge.serve.handler import Handler  # noqa: E402
 from jei_edge.serve.repository import RepositoryOptions, write_repository  # noqa: E402
 from jei_edge.serve.server import Ports, TritonServer  # noqa: E402
 
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    lines = [f"# Serving on Triton: early exit vs full vs plain backbone", "",
+    lines = ["# Serving on Triton: early exit vs full vs plain backbone", "",
              f"`{cmd}` at commit `{result['machine']['commit']}` on {result['machine']['cpu']} "
              f"(CPU cores used: {result['affinity']}); bundle `{bundle}`, {len(x)} samples cycled, "
              f"{args.requests} single-sample gRPC requests per model, concurrency and repeat, {args.repeats} repeats, "
