@@ -44,10 +44,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):  # the package, and compare_bundles beside this file (also when
+    if str(_path) not in sys.path:        # imported as benchmarks.realized_speedup, as serving.py does)
+        sys.path.insert(0, str(_path))
 
-from compare_bundles import merge  # noqa: E402  (benchmarks/, torch-free)
+from compare_bundles import merge  # noqa: E402  (torch-free)
 
 from jei_edge.bundle import Bundle  # noqa: E402  (torch-free, as the measurement child must stay)
 from jei_edge.profile import median  # noqa: E402
