@@ -90,6 +90,24 @@ def test_every_stage_has_an_engine(builds, family, target, precision):
     assert any("not run here" in n for n in report["notes"])  # verified on the graphs, and says so
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_merged_stages_build_engines(tmp_path_factory, cache_dir, precision):
+    """A --plan bundle for an RTX target: one engine per merged stage (the CUDA exit kernel decides a
+    merged stage's gates in order); --plan auto is refused for GPU targets (it times on this CPU)."""
+    tmp = tmp_path_factory.mktemp("merged")
+    path, report = _build(tmp, "vit", "rtx-ada", precision, plan="0-1,2-3")
+    m = Bundle.open(path).manifest
+    assert [s.exits for s in m.stages] == [(0, 1), (2, 3)] and all(s.merged for s in m.stages)
+    assert report["lowering"]["engines"] == 2 and all(len(s.engines) == 1 for s in m.stages)
+    for s in m.stages:  # what the engines were built from: the exit path stays FP32 in either precision
+        assert s.output("probs").shape == (2, m.num_classes) and s.output("probs").dtype == "float32"
+        assert s.output("gate").dtype == "float32"
+    assert m.stages[1].output("gate").shape == (1,) and m.stages[0].output("gate").shape == (2,)
+    with pytest.raises(BuildError, match="--plan auto times the stages with onnxruntime on this CPU"):
+        _build(tmp, "vit", "rtx-ada", precision, name="auto.jei", plan="auto")
+    assert not (tmp / "auto.jei").exists()
+
+
 def test_a_second_build_reuses_every_engine(builds, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("again")
     first_path, first = builds[("vit", "rtx-ada", "fp16")]

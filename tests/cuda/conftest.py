@@ -30,33 +30,39 @@ def view(ptr, dtype, count):
 
 
 def emulate_exit_kernel(a: ExitArgs) -> None:
-    """What exit_kernel.cu does, in numpy (exited rows -> original slots, survivors compacted)."""
-    n, C = a.n, a.num_classes
+    """What exit_kernel.cu does, in numpy (exited rows -> original slots, survivors compacted): the
+    stage's gates in order with ``jei_edge.exit_rule.exit_mask``, the earliest that fires wins."""
+    n, C, E, G = a.n, a.num_classes, a.num_exits, a.num_gates
     idx = view(a.idx_in, np.int32, n).copy()
-    probs = view(a.probs, np.float32, n * C).reshape(n, C)
+    probs = view(a.probs, np.float32, n * E * C).reshape(n, E, C)
+    S = view(a.s_in, np.float64, n).copy()
+    slot = np.full(n, -1, np.int64)  # the exit slot each row takes (-1: survives)
     if a.mode == 2:
-        survive = np.zeros(n, bool)
-    elif a.mode == 1:
-        survive = np.ones(n, bool)
+        slot[:] = E - 1
     else:
-        g = view(a.gate, np.float32, n)
-        s = view(a.s_in, np.float64, n)
-        survive = ~exit_mask(g, s, a.delta)
-    slots = idx[~survive]
+        g = view(a.gate, np.float32, n * G).reshape(n, G) if G else np.zeros((n, 0), np.float32)
+        for j in range(G):
+            fire = (slot < 0) & exit_mask(g[:, j], S, a.deltas[j]) if a.mode == 0 else np.zeros(n, bool)
+            slot[fire] = j
+            S = np.where(slot < 0, S + g[:, j], S)
+        if a.final_head:
+            slot[slot < 0] = E - 1
+    survive = slot < 0
+    rows = np.flatnonzero(~survive)
+    slots = idx[rows]
     B = int(slots.max()) + 1 if slots.size else 0
     if slots.size:
-        view(a.out_probs, np.float32, B * C).reshape(B, C)[slots] = probs[~survive]
-        view(a.out_class, np.int32, B)[slots] = np.argmax(probs[~survive], axis=1)
-        view(a.out_conf, np.float32, B)[slots] = np.max(probs[~survive], axis=1)
-        view(a.out_exit, np.int32, B)[slots] = a.exit_index
+        p = probs[rows, slot[rows]]
+        view(a.out_probs, np.float32, B * C).reshape(B, C)[slots] = p
+        view(a.out_class, np.int32, B)[slots] = np.argmax(p, axis=1)
+        view(a.out_conf, np.float32, B)[slots] = np.max(p, axis=1)
+        view(a.out_exit, np.int32, B)[slots] = a.first_exit + slot[rows]
     m = int(survive.sum())
     if m:
         rb = a.row_bytes
         hid = view(a.hidden_in, np.uint8, n * rb).reshape(n, rb)[survive].copy()
         view(a.hidden_out, np.uint8, m * rb).reshape(m, rb)[:] = hid
-        g = view(a.gate, np.float32, n)
-        s = view(a.s_in, np.float64, n)
-        view(a.s_out, np.float64, m)[:] = (s + g)[survive]
+        view(a.s_out, np.float64, m)[:] = S[survive]
         view(a.idx_out, np.int32, m)[:] = idx[survive]
     view(a.survivors, np.int32, 1)[0] = m
 
@@ -282,3 +288,69 @@ def own_outputs(ex) -> bool:
 @pytest.fixture
 def fake_driver():
     return FakeDriver()
+
+
+class MergedMockExecutor(StageExecutor):
+    """A ``MockExecutor`` run as merged stages: stage i covers the mock's exits ``spans[i]``
+    (first, last) and outputs the last hidden state, ``probs [n, E, C]`` and ``gate [n, gates]``
+    (one fewer when it holds the final head), like a ``--plan`` bundle's merged stage graph.
+    Decisions must equal the unmerged mock's ``reference``."""
+
+    def __init__(self, mock: MockExecutor, spans):
+        self.mock, self.spans = mock, [tuple(s) for s in spans]
+        assert self.spans[0][0] == 0 and self.spans[-1][1] == mock.num_stages - 1
+        self.num_stages, self.num_classes, self.row_shape = len(self.spans), mock.num_classes, mock.row_shape
+        self.capabilities = frozenset({Capability.MERGED_STAGES}) | (mock.capabilities & {Capability.BINDS_OUTPUTS})
+        self.calls = []
+        self._own = {}
+
+    def specs(self):
+        C, last_exit = self.num_classes, self.mock.num_stages - 1
+        hd = self.mock.hidden_dtype.name
+        out = []
+        for i, (a, b) in enumerate(self.spans):
+            exits = tuple(range(a, b + 1))
+            gates = tuple(e for e in exits if e < last_exit)
+            inp = TensorSpec("x" if i == 0 else "hidden_in", self.row_shape, "float32" if i == 0 else hd)
+            one = len(exits) == 1
+            probs = TensorSpec("probs", (C,) if one else (len(exits), C))
+            gate = TensorSpec("gate", () if one else (len(gates),))
+            outs = ((TensorSpec("hidden_out", self.row_shape, hd),) if b < last_exit else ()) + (probs,)
+            outs += (gate,) if gates else ()
+            out.append(Stage(i, f"stages/stage{i}.onnx", (a, b + 1), exits, gates, 0, False, (inp,), outs))
+        return out
+
+    def forward(self, i, h):
+        a, b = self.spans[i]
+        P, G = [], []
+        for k in range(a, b + 1):
+            h, p, g = self.mock.forward(k, h)
+            P.append(p)
+            G.append(g)
+        gates = [g for k, g in zip(range(a, b + 1), G) if k < self.mock.num_stages - 1]
+        return h, np.stack(P, axis=1), (np.stack(gates, axis=1) if gates else None)
+
+    def execute(self, i, n, ws):
+        self.calls.append((i, n))
+        d = int(np.prod(self.row_shape))
+        in_dtype = np.float32 if i == 0 else self.mock.hidden_dtype
+        h = view(ws.stage_input(i).device_ptr, in_dtype, n * d).reshape((n,) + self.row_shape)
+        hid, probs, gate = self.forward(i, h)
+        has_hidden = self.spans[i][1] < self.mock.num_stages - 1
+        if Capability.BINDS_OUTPUTS in self.capabilities:
+            H, P, G = self._own.setdefault((id(ws), i), (np.zeros((ws.capacity,) + hid.shape[1:], hid.dtype),
+                                                         np.zeros((ws.capacity,) + probs.shape[1:], np.float32),
+                                                         np.zeros((ws.capacity,) + (gate.shape[1:] if gate is not None
+                                                                                    else (0,)), np.float32)))
+            H[:n], P[:n] = hid, probs
+            if gate is not None:
+                G[:n] = gate
+            ws.bind_outputs(i, probs=P.ctypes.data, hidden=H.ctypes.data if has_hidden else 0,
+                            gate=G.ctypes.data if gate is not None else 0)
+            return
+        outs = ws.stage_outputs(i)
+        view(outs["probs"].ptr, np.float32, probs.size)[:] = probs.ravel()
+        if has_hidden:
+            view(outs["hidden_out"].ptr, self.mock.hidden_dtype, hid.size)[:] = hid.ravel()
+        if gate is not None:
+            view(outs["gate"].ptr, np.float32, gate.size)[:] = gate.ravel()

@@ -103,16 +103,18 @@ class FakeContext:
         in_name = next(name for name, (mode, *_) in io.items() if mode == "INPUT")
         d = int(np.prod(ex.row_shape))
         h = view(self.addresses[in_name], io[in_name][1], n * d).reshape((n,) + ex.row_shape)
-        hid, probs, gate = ex.forward(k, h)
-        view(self.addresses["probs"], np.float32, n * ex.num_classes)[:] = probs.ravel()
+        hid, probs, gate = ex.forward(k, h)  # a merged stage: probs [n, E, C], gate [n, G]
+        view(self.addresses["probs"], np.float32, probs.size)[:] = probs.ravel()
         if "hidden_out" in io:
             view(self.addresses["hidden_out"], io["hidden_out"][1], n * d)[:] = hid.ravel()
-            view(self.addresses["gate"], np.float32, n)[:] = gate
+        if "gate" in io:
+            view(self.addresses["gate"], np.float32, gate.size)[:] = gate.ravel()
         return True
 
 
 class FakeTensorRT(SimpleNamespace):
-    """The module double: ``FakeTensorRT(model)`` where ``model`` is a ``MockExecutor``."""
+    """The module double: ``FakeTensorRT(model)`` where ``model`` is a ``MockExecutor`` (or a
+    ``MergedMockExecutor``: engines of merged stages)."""
 
     def __init__(self, model, fail_at=None):
         trt = self

@@ -22,7 +22,7 @@ from jei_edge.runtime.loop import run_conditional
 
 from tests.runtime.helpers import has_cuda_driver
 
-from .conftest import FakeDriver, MockExecutor, fake_kernel, own_outputs, specs_for, stage
+from .conftest import FakeDriver, MergedMockExecutor, MockExecutor, fake_kernel, own_outputs, specs_for, stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,15 +110,13 @@ def test_model_check_catches_a_foreign_model():
         check_model_matches(good, model, 5, "b")
 
 
-def test_merged_stages_are_refused_by_the_cuda_core():
-    from dataclasses import replace
-
+def test_a_stage_with_more_gates_than_the_kernel_holds_is_refused():
     from jei_edge.runtime.cuda.backend import cuda_backend
+    from jei_edge.runtime.cuda.kernel import MAX_GATES
 
-    ex = MockExecutor(num_stages=2)
-    merged = [replace(specs_for(ex)[0], exits=(0, 1), gates=(0, 1))]
-    with pytest.raises(BundleError, match=r"stage\(s\) \[0\] merge several exits.*--plan every"):
-        cuda_backend(ex, merged, ex.num_classes, 8, driver=FakeDriver())
+    ex = MergedMockExecutor(MockExecutor(num_stages=MAX_GATES + 2), [(0, MAX_GATES), (MAX_GATES + 1, MAX_GATES + 1)])
+    with pytest.raises(BundleError, match=rf"stage\(s\) \[0\] hold more than {MAX_GATES} gates.*--plan"):
+        cuda_backend(ex, ex.specs(), ex.num_classes, 8, driver=FakeDriver())
 
 
 def test_core_runs_a_non_torch_executor_with_torch_blocked():

@@ -12,7 +12,7 @@ import pytest
 
 from jei_edge.errors import BuildError
 from jei_edge.runtime.cuda import nvrtc
-from jei_edge.runtime.cuda.kernel import BLOCK, ExitArgs
+from jei_edge.runtime.cuda.kernel import BLOCK, MAX_GATES, ExitArgs
 
 ARCHS = (75, 80, 86, 87, 89, 90, 110, 120)
 
@@ -85,16 +85,19 @@ def test_argument_struct_layout_matches_the_kernel_source():
     """Field order, sizes and natural-alignment offsets of the C struct == the ctypes mirror."""
     src = nvrtc.kernel_source()
     assert int(re.search(r"sizeof\(ExitArgs\) == (\d+)", src).group(1)) == ctypes.sizeof(ExitArgs)
+    assert int(re.search(r"#define JEI_MAX_GATES (\d+)", src).group(1)) == MAX_GATES
+    defines = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define (\w+) (\d+)", src)}
     struct = re.search(r"struct ExitArgs \{(.*?)\};", src, re.S).group(1)
-    fields = re.findall(r"^\s*(.+?)\s*\b(\w+);", struct, re.M)
-    assert [name for _, name in fields] == [f[0] for f in ExitArgs._fields_]
+    fields = re.findall(r"^\s*(.+?)\s*\b(\w+)(?:\[(\w+)\])?;", struct, re.M)
+    assert [name for _, name, _ in fields] == [f[0] for f in ExitArgs._fields_]
     off = 0
-    for ctype, name in fields:
+    for ctype, name, count in fields:
         size = 8 if ("*" in ctype or ctype in ("long long", "double")) else 4
         assert ctype.endswith("*") or ctype in ("long long", "double", "int", "float"), ctype
+        n = (defines[count] if count in defines else int(count)) if count else 1
         off = -(-off // size) * size
-        assert getattr(ExitArgs, name).offset == off and getattr(ExitArgs, name).size == size, name
-        off += size
+        assert getattr(ExitArgs, name).offset == off and getattr(ExitArgs, name).size == size * n, name
+        off += size * n
     assert -(-off // 8) * 8 == ctypes.sizeof(ExitArgs)
     assert int(re.search(r"#define JEI_BLOCK (\d+)", src).group(1)) == BLOCK
 

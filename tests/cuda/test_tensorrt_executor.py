@@ -24,7 +24,7 @@ from jei_edge.errors import BundleError
 from jei_edge.runtime.cuda.driver import CudaError
 from jei_edge.runtime.loop import run_conditional
 
-from .conftest import FakeDriver, MockExecutor, fake_kernel, specs_for
+from .conftest import FakeDriver, MergedMockExecutor, MockExecutor, fake_kernel, specs_for
 from .fake_tensorrt import FakeTensorRT, record_engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +59,31 @@ def test_engines_through_the_cuda_core_match_the_reference(hidden_dtype):
     assert calls == expect and ex.enqueues == len(ran)
     full = run_conditional(ex, ws, x, "full")
     assert (full.exit_index == model.num_stages - 1).all()
+    ws.close()
+    ex.close()
+
+
+@pytest.mark.parametrize("spans", [[(0, 1), (2, 3)], [(0, 0), (1, 3)], [(0, 3)]])
+def test_engines_of_merged_stages(spans):
+    """A ``--plan`` bundle's engines (merged stages: probs [n, E, C], gate [n, G]) on the CUDA core:
+    decisions equal the unmerged model's, one enqueue and one exit-kernel launch per stage run."""
+    model = MergedMockExecutor(MockExecutor(seed=5), spans)
+    stages = model.specs()
+    trt = FakeTensorRT(model)
+    drv = FakeDriver()
+    cuda_backend_module._KERNELS[(id(drv), None)] = fake_kernel(drv)
+    ex, ws = from_engines(trt, [record_engine(s) for s in stages], stages, model.num_classes, 32, driver=drv)
+    x = np.random.default_rng(7).normal(size=(31, 3, 5)).astype(np.float32)
+    for offsets in ([0.0] * 3, [0.2, -0.1, 0.1]):
+        per_stage = [tuple(offsets[g] for g in s.gates) if s.merged else offsets[s.gates[0]]
+                     for s in stages if s.gates]
+        res = run_conditional(ex, ws, x, "exit", per_stage)
+        levels, probs, _ = model.mock.reference(x, offsets)
+        np.testing.assert_array_equal(res.exit_index, levels)
+        np.testing.assert_array_equal(res.probs, probs)
+    shapes = [c for c in trt.log if c[0] == "shape"]
+    assert all(c[3][1:] == (3, 5) for c in shapes)
+    assert ws.kernel_launches == ex.enqueues
     ws.close()
     ex.close()
 

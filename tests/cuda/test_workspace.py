@@ -157,8 +157,8 @@ def test_kernel_arguments_of_a_boundary():
     ex.execute(0, 10, ws)
     ws.exit_and_compact(0, 10, 0.125, True)
     a = ws.launcher.args
-    assert (a.n, a.mode, a.exit_index, a.num_classes, a.row_bytes) == (10, 0, 0, ex.num_classes, 4 * 6 * 4)
-    assert a.delta == 0.125
+    assert (a.n, a.mode, a.first_exit, a.num_classes, a.row_bytes) == (10, 0, 0, ex.num_classes, 4 * 6 * 4)
+    assert (a.num_gates, a.num_exits, a.final_head, a.deltas[0]) == (1, 1, 0, 0.125)
     assert a.s_in == ws.s_init.ptr and a.idx_in == ws.idx_init.ptr
     assert a.s_out == ws.s_pp[0].ptr and a.hidden_out == ws.stage_input(1).ptr
     assert a.hidden_in == ws.stage_outputs(0)["hidden_out"].ptr and a.gate == ws.stage_outputs(0)["gate"].ptr
@@ -279,3 +279,110 @@ def test_probs_must_be_float32():
     d = FakeDriver()
     with pytest.raises(CudaError, match="'probs' is float16"):
         CudaWorkspace(d, fake_kernel(d), specs, 6, 8)
+
+
+# -- merged stages (``--plan``): several gates decided by one kernel launch ------------------------
+
+SPANS = {  # exits of each stage of a 6-exit mock (exits 0..5, 5 = the final head)
+    "first_two": [(0, 1), (2, 2), (3, 3), (4, 4), (5, 5)],
+    "middle": [(0, 0), (1, 3), (4, 4), (5, 5)],
+    "with_final_head": [(0, 0), (1, 1), (2, 5)],
+    "everything": [(0, 5)],
+    "pairs": [(0, 1), (2, 3), (4, 5)],
+}
+
+
+def make_merged(spans, binds=False, seed=11, hidden_dtype="float32", max_batch=64, **kw):
+    from .conftest import MergedMockExecutor
+
+    ex = MergedMockExecutor(MockExecutor(num_stages=6, seed=seed, binds=binds, hidden_dtype=hidden_dtype), spans)
+    driver = FakeDriver()
+    ws = CudaWorkspace(driver, fake_kernel(driver), ex.specs(), ex.num_classes, max_batch,
+                       own_outputs=own_outputs(ex), **kw)
+    return ex, driver, ws
+
+
+def stage_offsets(ex, offsets):
+    """Per-gate offsets as the loop takes them: a float per one-gate stage, a tuple per merged one."""
+    out, specs = [], ex.specs()
+    for s in specs[:-1] if not specs[-1].gates else specs:
+        d = tuple(offsets[g] for g in s.gates)
+        out.append(d if s.merged else d[0])
+    return out
+
+
+@pytest.mark.parametrize("plan", sorted(SPANS))
+@pytest.mark.parametrize("binds", [False, True])
+def test_merged_stages_decide_like_the_unmerged_model(plan, binds):
+    ex, d, ws = make_merged(SPANS[plan], binds=binds)
+    rng = np.random.default_rng(5)
+    seen = set()
+    for B in (1, 2, 9, 64):
+        x = rng.normal(size=(B, 3, 5)).astype(np.float32)
+        for offsets in ([0.0] * 5, [0.1, -0.2, 0.0, 0.3, -0.1], [-0.3] * 5):
+            res = run_conditional(ex, ws, x, "exit", stage_offsets(ex, offsets))
+            levels, probs, _ = ex.mock.reference(x, offsets)
+            np.testing.assert_array_equal(res.exit_index, levels)
+            np.testing.assert_array_equal(res.probs, probs)
+            np.testing.assert_array_equal(ws.last_classes, probs.argmax(1))
+            stage_of = {e: i for i, (a, b) in enumerate(SPANS[plan]) for e in range(a, b + 1)}
+            assert res.reach == [int((np.vectorize(stage_of.get)(levels) >= i).sum()) for i in range(len(res.reach))]
+            seen.update(levels.tolist())
+    assert len(seen) >= 4
+    # one kernel launch per stage boundary executed, whatever the number of gates inside
+    assert ws.kernel_launches == ws.boundaries == sum(1 for e in d.log if e[0] == "launch")
+
+
+def test_merged_kernel_arguments_carry_every_gate_offset():
+    ex, d, ws = make_merged(SPANS["middle"])
+    x = np.random.default_rng(0).normal(size=(8, 3, 5)).astype(np.float32)
+    ws.begin(x)
+    ex.execute(0, 8, ws)
+    m = ws.exit_and_compact(0, 8, 0.0, True)
+    ex.execute(1, m, ws)
+    ws.exit_and_compact(1, m, (0.1, 0.2, 0.3), True)
+    a = ws.launcher.args
+    assert (a.n, a.first_exit, a.num_gates, a.num_exits, a.final_head) == (m, 1, 3, 3, 0)
+    assert list(a.deltas[:3]) == [0.1, 0.2, 0.3]
+    assert a.gate == ws.stage_outputs(1)["gate"].ptr and a.probs == ws.stage_outputs(1)["probs"].ptr
+
+
+def test_merged_full_mode_reaches_the_final_head():
+    ex, _, ws = make_merged(SPANS["with_final_head"])
+    x = np.random.default_rng(1).normal(size=(20, 3, 5)).astype(np.float32)
+    res = run_conditional(ex, ws, x, "full")
+    assert (res.exit_index == 5).all() and res.reach == [20, 20, 20]
+    h = x
+    for k in range(6):
+        h, p, _ = ex.mock.forward(k, h)
+    np.testing.assert_array_equal(res.probs, p)
+
+
+@pytest.mark.parametrize("mode", ["exit", "full"])
+def test_merged_fp16_hidden_states(mode):
+    ex, _, ws = make_merged(SPANS["pairs"], hidden_dtype="float16")
+    x = np.random.default_rng(2).normal(size=(33, 3, 5)).astype(np.float32)
+    res = run_conditional(ex, ws, x, mode)
+    if mode == "exit":
+        np.testing.assert_array_equal(res.exit_index, ex.mock.reference(x)[0])
+    else:
+        assert (res.exit_index == 5).all()
+
+
+def test_merged_offsets_of_the_wrong_length_are_refused():
+    ex, _, ws = make_merged(SPANS["middle"])
+    x = np.zeros((4, 3, 5), np.float32)
+    with pytest.raises(InputError, match="stage 1 has 3 gate"):
+        run_conditional(ex, ws, x, "exit", [0.0, (0.1, 0.2), 0.0])
+
+
+def test_merged_stage_shapes_must_match_their_exits():
+    from dataclasses import replace
+
+    from jei_edge.bundle.manifest import TensorSpec
+
+    ex, driver, _ = make_merged(SPANS["middle"])
+    specs = ex.specs()
+    bad = replace(specs[1], outputs=tuple(TensorSpec("gate", (2,)) if t.name == "gate" else t for t in specs[1].outputs))
+    with pytest.raises(CudaError, match="stage 1 output 'gate' has row shape \\[2\\]"):
+        CudaWorkspace(driver, fake_kernel(driver), [specs[0], bad] + specs[2:], ex.num_classes, 8)

@@ -50,9 +50,10 @@ def exit_kernel(cuda_driver, tmp_path_factory):
 
 
 class KernelHarness:
-    """Device buffers for up to ``max_rows`` rows / ``max_slots`` output slots / ``max_row_bytes``."""
+    """Device buffers for up to ``max_rows`` rows / ``max_slots`` output slots / ``max_row_bytes`` /
+    ``max_exits`` exits per stage (merged stages: gates ``[n, G]``, probs ``[n, E, C]``)."""
 
-    def __init__(self, driver, kernel, max_rows, max_slots, max_classes, max_row_bytes, max_grid=1024):
+    def __init__(self, driver, kernel, max_rows, max_slots, max_classes, max_row_bytes, max_grid=1024, max_exits=1):
         from jei_edge.runtime.cuda.kernel import KernelLauncher
         from jei_edge.runtime.cuda.memory import DeviceBuffer, HostBuffer
 
@@ -63,8 +64,8 @@ class KernelHarness:
         pad = 16  # room to offset pointers for misaligned cases
         mk = lambda nbytes, name: DeviceBuffer(driver, (nbytes + pad,), np.uint8, stream=self.stream, name=name)
         self.buf = {
-            "gate": mk(max_rows * 4, "gate"), "s_in": mk(max_rows * 8, "s_in"), "idx_in": mk(max_rows * 4, "idx_in"),
-            "probs": mk(max_rows * max_classes * 4, "probs"), "hidden_in": mk(max_rows * max_row_bytes, "hidden_in"),
+            "gate": mk(max_rows * max_exits * 4, "gate"), "s_in": mk(max_rows * 8, "s_in"), "idx_in": mk(max_rows * 4, "idx_in"),
+            "probs": mk(max_rows * max_exits * max_classes * 4, "probs"), "hidden_in": mk(max_rows * max_row_bytes, "hidden_in"),
             "s_out": mk(max_rows * 8, "s_out"), "idx_out": mk(max_rows * 4, "idx_out"),
             "hidden_out": mk(max_rows * max_row_bytes, "hidden_out"),
             "out_probs": mk(max_slots * max_classes * 4, "out_probs"), "out_class": mk(max_slots * 4, "out_class"),
@@ -84,9 +85,16 @@ class KernelHarness:
         self.d.stream_synchronize(self.stream)
         return self.host.array[:nbytes].copy()
 
-    def run(self, *, gate, s, idx, probs, hidden, slots, mode=0, delta=0.0, exit_index=0, offset=0):
-        """Poison outputs, launch once, return every output (bytes beyond the written part included)."""
-        n, C = probs.shape
+    def run(self, *, gate, s, idx, probs, hidden, slots, mode=0, delta=0.0, exit_index=0, offset=0,
+            final_head=False):
+        """Poison outputs, launch once, return every output (bytes beyond the written part included).
+
+        ``gate`` ``[n]`` and ``probs`` ``[n, C]`` for a one-exit stage, ``[n, G]`` / ``[n, E, C]`` for a
+        merged one; ``delta`` a float (every gate) or one per gate; ``exit_index`` the stage's first exit."""
+        n, C = probs.shape[0], probs.shape[-1]
+        E = probs.shape[1] if probs.ndim == 3 else 1
+        G = gate.shape[1] if gate.ndim == 2 else 1
+        deltas = tuple(delta) if np.ndim(delta) else (float(delta),) * G
         row_bytes = hidden.shape[1] if hidden is not None else 0
         for name, b in self.buf.items():
             self.d.memset_async(b.ptr, 0xFF if name.startswith("out") or name in ("s_out", "idx_out") else POISON,
@@ -99,7 +107,8 @@ class KernelHarness:
             self._put("hidden_in", hidden, offset)
         self.count.array[0] = -7
         p = {k: b.ptr for k, b in self.buf.items()}
-        self.launcher.launch(self.stream, n=n, mode=mode, exit_index=exit_index, num_classes=C, delta=delta,
+        self.launcher.launch(self.stream, n=n, mode=mode, first_exit=exit_index, num_classes=C, deltas=deltas,
+                             num_gates=G, num_exits=E, final_head=final_head,
                              gate=p["gate"], s_in=p["s_in"], idx_in=p["idx_in"], probs=p["probs"],
                              hidden_in=p["hidden_in"] + offset, row_bytes=row_bytes, s_out=p["s_out"],
                              idx_out=p["idx_out"], hidden_out=p["hidden_out"] + offset, out_probs=p["out_probs"],

@@ -146,3 +146,28 @@ def test_device_tensor_input(torch_cuda, model):
     xt = torch_cuda.from_numpy(x).cuda()
     res = run_conditional(ex, ws, xt, "exit")
     assert_matches(res, reference(torch_cuda, model, x))
+
+
+@pytest.mark.parametrize("spans", [[(0, 1), (2, 2), (3, 3)], [(0, 0), (1, 3)], [(0, 3)]])
+@pytest.mark.parametrize("graphs", [True, False])
+def test_merged_stages_match_the_unmerged_model(torch_cuda, model, spans, graphs):
+    """A --plan bundle's merged stages on the GPU: one kernel launch decides every gate of a stage
+    in order; decisions and probabilities equal the unmerged model's (the numpy rule on its gates)."""
+    ex, ws = _backend(torch_cuda, model, spans=spans, graphs=graphs)
+    assert ex.num_stages == len(spans)
+    rng = np.random.default_rng(4)
+    seen = set()
+    for B in (1, 7, 64):
+        x = rng.normal(size=(B, 1, 16, 16)).astype(np.float32)
+        for offsets in (None, [0.05, -0.1, 0.1]):
+            per_stage = None
+            if offsets is not None:
+                per_stage = [tuple(offsets[e] for e in range(a, min(b, 2) + 1)) if b > a else offsets[a]
+                             for a, b in spans if a <= 2]
+            res = run_conditional(ex, ws, x, "exit", per_stage)
+            assert_matches(res, reference(torch_cuda, model, x, offsets))
+            seen.update(res.exit_index.tolist())
+        full = run_conditional(ex, ws, x, "full")
+        assert (full.exit_index == 3).all() and full.reach == [B] * len(spans)
+    assert len(seen) >= 3
+    assert ws.kernel_launches == ws.boundaries

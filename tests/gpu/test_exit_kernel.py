@@ -148,3 +148,59 @@ def test_launch_counter(harness):
     for n in (1, 2, 3):
         harness.run(**_case(rng, n, 4, 16), mode=0)
     assert harness.launcher.launches == before + 3
+
+
+# -- merged stages: several gates decided in one launch --------------------------------------------
+
+def _merged_reference(g, s, deltas, mode, final_head):
+    """Slot taken by each row (-1: survives) and its S after the gates, from the numpy rule."""
+    n, G = g.shape
+    slot = np.full(n, -1)
+    S = s.copy()
+    for j in range(G):
+        if mode == 0:
+            fire = (slot < 0) & exit_mask(g[:, j], S, deltas[j])
+            slot[fire] = j
+        S = np.where(slot < 0, S + g[:, j].astype(np.float64), S)
+    if final_head:
+        slot[slot < 0] = G
+    return slot, S
+
+
+@pytest.mark.parametrize("n", [1, 33, 257, 4096])
+@pytest.mark.parametrize("G,final_head", [(2, False), (3, True), (11, False), (31, True)])
+def test_merged_stage_vs_numpy(cuda_driver, exit_kernel, n, G, final_head):
+    from .conftest import KernelHarness
+
+    E, C, rb = G + int(final_head), 10, 96
+    h = KernelHarness(cuda_driver, exit_kernel, max_rows=4096, max_slots=4200, max_classes=C, max_row_bytes=rb,
+                      max_exits=E)
+    try:
+        rng = np.random.default_rng(n * 100 + G)
+        base = _case(rng, n, C, rb)
+        g = (rng.random((n, G)) ** 3).astype(np.float32)
+        z = rng.normal(0, 3, (n, E, C))
+        probs = np.exp(z - z.max(-1, keepdims=True))
+        probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+        deltas = rng.uniform(-0.15, 0.15, G)
+        out = h.run(gate=g, s=base["s"], idx=base["idx"], probs=probs, hidden=None if final_head else base["hidden"],
+                    slots=base["slots"], mode=0, delta=deltas, exit_index=3, final_head=final_head)
+        slot, S = _merged_reference(g, base["s"], deltas, 0, final_head)
+        leave, keep = slot >= 0, slot < 0
+        m = int(keep.sum())
+        assert out["count"] == m
+        sl = base["idx"][leave]
+        chosen = probs[np.flatnonzero(leave), slot[leave]]
+        np.testing.assert_array_equal(out["out_probs"][sl], chosen)
+        np.testing.assert_array_equal(out["out_class"][sl], chosen.argmax(1))
+        np.testing.assert_array_equal(out["out_exit"][sl], 3 + slot[leave])
+        np.testing.assert_array_equal(out["idx_out"][:m], base["idx"][keep])
+        np.testing.assert_array_equal(out["s_out"][:m], S[keep])
+        if not final_head:
+            np.testing.assert_array_equal(out["hidden_out"][: m * rb].reshape(m, rb), base["hidden"][keep])
+        else:
+            assert m == 0
+        if n >= 257:
+            assert len(set(slot.tolist())) >= 3
+    finally:
+        h.close()

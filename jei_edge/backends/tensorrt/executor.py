@@ -23,7 +23,7 @@ from jei_edge._io import shorten
 from jei_edge.bundle.manifest import Stage
 from jei_edge.errors import BundleError
 from jei_edge.runtime.cuda.driver import CudaError
-from jei_edge.runtime.loop import StageExecutor
+from jei_edge.runtime.loop import Capability, StageExecutor
 
 # TensorRT DataType name -> the manifest's element type
 DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
@@ -54,7 +54,9 @@ class TensorRTExecutor(StageExecutor):
         what: how errors name the bundle.
     """
 
-    capabilities = frozenset()  # writes into the workspace's output buffers (no BINDS_OUTPUTS)
+    # writes into the workspace's output buffers (no BINDS_OUTPUTS); a merged stage's engine writes
+    # probs [rows, exits, C] and gate [rows, gates], which the exit kernel decides in order
+    capabilities = frozenset({Capability.MERGED_STAGES})
 
     def __init__(self, trt, engines: Sequence[bytes], stages: Sequence[Stage], logger, what: str = "bundle"):
         if len(engines) != len(stages):

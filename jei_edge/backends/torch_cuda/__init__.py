@@ -19,11 +19,11 @@ from jei_edge.backends.torch_cuda.settings import TorchCudaSettings
 from jei_edge.errors import BundleError
 
 
-def _executor(model, s: TorchCudaSettings):
+def _executor(model, s: TorchCudaSettings, spans=None):
     from jei_edge.backends.torch_cuda.executor import TorchCudaExecutor
 
     return TorchCudaExecutor(model, device_index=s.device_index, graphs=s.graphs, graph_max_batch=s.graph_max_batch,
-                             buckets=s.buckets, tf32=s.tf32)
+                             buckets=s.buckets, tf32=s.tf32, spans=spans)
 
 
 def _bundle_model(bundle):
@@ -54,10 +54,11 @@ class TorchCudaBackend(Backend):
 
         self.check(bundle)
         get_driver(settings.device_index)  # a clear "no CUDA driver" error before torch loads
-        executor = _executor(_bundle_model(bundle), settings)
         m = bundle.manifest
-        check_model_matches(m, stages_from_model(executor.model, executor.torch, executor.device), m.num_classes,
-                            f"bundle '{bundle.path}'")
+        spans = [(st.exits[0], st.exits[-1]) for st in m.stages]  # merged stages of a --plan bundle
+        executor = _executor(_bundle_model(bundle), settings, spans)
+        check_model_matches(m, stages_from_model(executor.model, executor.torch, executor.device, executor.spans),
+                            m.num_classes, f"bundle '{bundle.path}'")
         return executor, m
 
     def create(self, bundle, max_batch: int, settings: TorchCudaSettings) -> Tuple:
@@ -75,17 +76,18 @@ class TorchCudaBackend(Backend):
         return cuda_pipeline(executor, m.stages, m.num_classes, max_batch, settings)
 
 
-def from_model(model, max_batch: int = 256, *, driver=None, pipeline: bool = False, **options):
+def from_model(model, max_batch: int = 256, *, driver=None, pipeline: bool = False, spans=None, **options):
     """``(executor, workspace)`` (or a ``CudaPipeline`` with ``pipeline``) running ``model`` (a
-    JEIModel) on the GPU without a bundle: for tests and benchmarks."""
+    JEIModel) on the GPU without a bundle: for tests and benchmarks. ``spans``: ``(first, last)``
+    exit of each stage to merge exits as a ``--plan`` bundle does (default one stage per exit)."""
     from jei_edge.backends.torch_cuda.executor import stages_from_model
     from jei_edge.runtime.cuda.backend import cuda_backend, cuda_pipeline
     from jei_edge.runtime.cuda.driver import get_driver
 
     settings = TorchCudaSettings.from_options(options)
     drv = get_driver(settings.device_index, driver)
-    executor = _executor(model, settings)
-    stages = stages_from_model(executor.model, executor.torch, executor.device)
+    executor = _executor(model, settings, spans)
+    stages = stages_from_model(executor.model, executor.torch, executor.device, executor.spans)
     make = cuda_pipeline if pipeline else cuda_backend
     return make(executor, stages, executor.num_classes, max_batch, settings, driver=drv)
 

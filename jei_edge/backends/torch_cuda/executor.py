@@ -71,12 +71,15 @@ class TorchCudaExecutor(StageExecutor):
         graph_max_batch: largest batch served by a graph (larger live counts run eagerly).
         buckets: explicit graph buckets (default ``default_buckets``).
         tf32: allow TF32 (faster on Ampere+, breaks FP32 parity); sets PyTorch's global flags.
+        spans: ``(first exit, last exit)`` of every stage (a ``--plan`` bundle's merged stages);
+            default one stage per exit.
     """
 
-    capabilities = frozenset({Capability.BINDS_OUTPUTS})
+    capabilities = frozenset({Capability.BINDS_OUTPUTS, Capability.MERGED_STAGES})
 
     def __init__(self, model, *, device_index: int = 0, graphs: bool = True, graph_max_batch: int = 256,
-                 buckets: Optional[Sequence[int]] = None, tf32: bool = False):
+                 buckets: Optional[Sequence[int]] = None, tf32: bool = False,
+                 spans: Optional[Sequence[Tuple[int, int]]] = None):
         from jei_edge._deps import require
 
         torch = require("torch", purpose="the torch-cuda stage executor")
@@ -89,8 +92,9 @@ class TorchCudaExecutor(StageExecutor):
         set_tf32(torch, tf32)
         self.device = torch.device("cuda", device_index)
         self.model = model.eval().to(self.device)
-        self.num_stages = len(model.stage_ranges())
-        self.modules = [_Contiguous(model.stage(k).eval()) for k in range(self.num_stages)]
+        self.spans = check_spans(spans, len(model.stage_ranges()))
+        self.num_stages = len(self.spans)
+        self.modules = [_Contiguous(model.stage(a, last_exit=b).eval()) for a, b in self.spans]
         self.buckets = Buckets(graphs, graph_max_batch, buckets)
         self._lanes: Dict[int, _Lane] = {}
         self._lock = threading.Lock()
@@ -159,34 +163,59 @@ class TorchCudaExecutor(StageExecutor):
                     out = self.modules[k](lane.inputs[k][:n])
                 self.eager_runs += 1
         lane.hold[k] = out  # keeps eager outputs alive until the boundary kernel has read them
-        if k == self.num_stages - 1:
-            ws.bind_outputs(k, probs=out.data_ptr())
-        else:
-            h, p, g_ = out
-            ws.bind_outputs(k, hidden=h.data_ptr(), probs=p.data_ptr(), gate=g_.data_ptr())
+        ws.bind_outputs(k, **_output_pointers(out))
 
 
-def stages_from_model(model, torch, device) -> List[Stage]:
-    """The stages of a JEIModel (one exit each) as manifest ``Stage`` specs, found by running one
-    zero row through its stage modules: for running a model without a bundle (tests, benchmarks)."""
+def _output_pointers(out) -> Dict[str, int]:
+    """``bind_outputs`` keywords of a stage module's outputs: ``probs`` (a one-exit last stage),
+    ``(probs, gate)`` (a merged last stage) or ``(hidden, probs, gate)``."""
+    if not isinstance(out, tuple):
+        return {"probs": out.data_ptr()}
+    if len(out) == 2:
+        return {"probs": out[0].data_ptr(), "gate": out[1].data_ptr()}
+    return {"hidden": out[0].data_ptr(), "probs": out[1].data_ptr(), "gate": out[2].data_ptr()}
+
+
+def check_spans(spans: Optional[Sequence[Tuple[int, int]]], num_exits: int) -> List[Tuple[int, int]]:
+    """``(first, last)`` exit of every stage, in order, covering exits ``0..num_exits-1`` (default:
+    one stage per exit)."""
+    if spans is None:
+        return [(k, k) for k in range(num_exits)]
+    out = [(int(a), int(b)) for a, b in spans]
+    flat = [e for a, b in out for e in range(a, b + 1)]
+    if not out or flat != list(range(num_exits)) or any(b < a for a, b in out):
+        raise BundleError(f"stage exit spans {out} do not cover exits 0..{num_exits - 1} in order",
+                          hint="rebuild the bundle from this model")
+    return out
+
+
+def stages_from_model(model, torch, device, spans: Optional[Sequence[Tuple[int, int]]] = None) -> List[Stage]:
+    """The stages of a JEIModel (one exit each, or the merged ``spans``) as manifest ``Stage`` specs,
+    found by running one zero row through its stage modules: for running a model without a bundle
+    (tests, benchmarks) and for checking a bundle's model.pt."""
     stages, x = [], torch.zeros((1,) + tuple(model.input_shape), device=device)
     ranges = model.stage_ranges()
     last = len(ranges) - 1
+    C = int(model.num_classes)
     with torch.no_grad():
-        for k in range(len(ranges)):
-            out = model.stage(k).eval()(x)
-            inp = TensorSpec("x" if k == 0 else "hidden_in", tuple(x.shape[1:]))
-            probs = TensorSpec("probs", (int(model.num_classes),))
-            if k == last:
-                outputs = (probs,)
+        for i, (a, b) in enumerate(check_spans(spans, len(ranges))):
+            out = model.stage(a, last_exit=b).eval()(x)
+            exits = tuple(range(a, b + 1))
+            gates = tuple(e for e in exits if e < last)
+            one = len(exits) == 1
+            inp = TensorSpec("x" if i == 0 else "hidden_in", tuple(x.shape[1:]))
+            probs = TensorSpec("probs", (C,) if one else (len(exits), C))
+            gate = TensorSpec("gate", () if one else (len(gates),))
+            if b == last:
+                outputs = (probs, gate) if gates else (probs,)
             else:
                 h = out[0]
                 if h.dtype != torch.float32:
-                    raise InputError(f"stage {k} outputs a {h.dtype} hidden state; the torch-cuda executor "
+                    raise InputError(f"stage {i} outputs a {h.dtype} hidden state; the torch-cuda executor "
                                      "runs FP32 models only")
-                outputs = (TensorSpec("hidden_out", tuple(h.shape[1:])), probs, TensorSpec("gate", ()))
+                outputs = (TensorSpec("hidden_out", tuple(h.shape[1:])), probs, gate)
                 x = h
-            stages.append(Stage(index=k, file="", blocks=tuple(ranges[k]), exits=(k,), gates=() if k == last else (k,),
+            stages.append(Stage(index=i, file="", blocks=(ranges[a][0], ranges[b][1]), exits=exits, gates=gates,
                                 macs=0, input_guard=False, inputs=(inp,), outputs=outputs))
     return stages
 

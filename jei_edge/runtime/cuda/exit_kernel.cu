@@ -1,12 +1,16 @@
 // jei-edge fused exit kernel: one launch per stage boundary.
 //
 // For the n live rows of a batch after stage k it
-//   1. applies the JEI-DNN exit rule  g >= (1 - S)/2 + delta  (mode 0), or lets every row survive
-//      (mode 1, "full" runs) or exit (mode 2, the final head);
+//   1. applies the JEI-DNN exit rule  g >= (1 - S)/2 + delta  to the stage's gates in order
+//      (mode 0; a merged stage holds several exits, and the earliest gate that fires wins, S
+//      accumulating gate by gate exactly as in the unmerged model), or lets every row pass the
+//      gates (mode 1, "full" runs), or sends every row to the stage's last exit (mode 2, the final
+//      head); with final_head set, the rows no gate took leave at the stage's last exit (the final
+//      head of a merged last stage) instead of surviving;
 //   2. writes every exiting row's probabilities, class (first argmax), confidence (max prob) and
 //      exit index to its ORIGINAL output slot idx_in[r];
 //   3. compacts the survivors, in stable order, into the next stage's input buffers: hidden row
-//      (row_bytes bytes, any dtype), running sum S + g and original index;
+//      (row_bytes bytes, any dtype), running sum S + (its gates) and original index;
 //   4. writes the survivor count to *survivors (a device pointer to mapped pinned host memory),
 //      which the host reads after an event sync to set the next stage's input shape.
 //
@@ -16,21 +20,35 @@
 // decisions), so a single launch needs no grid-wide synchronisation. The hidden-row copy is
 // coalesced: all threads of a block copy one row together, 16 bytes per thread when aligned.
 //
-// Gate and probabilities are FP32. The running sum S and the threshold are FP64, as in the numpy
-// reference (jei_edge.exit_rule) and the CPU runtime: with round-to-nearest intrinsics (never
-// contracted) every decision and every S is bit-identical to theirs for the same gate values.
-// (A handful of FP64 operations per row costs nothing measurable, even on GPUs with slow FP64.)
+// Gate and probabilities are FP32: gate [n, num_gates], probs [n, num_exits, C] (a one-exit stage:
+// [n], [n, C]). The running sum S and the threshold are FP64, as in the numpy reference
+// (jei_edge.exit_rule) and the CPU runtime: with round-to-nearest operations (never contracted)
+// every decision and every S is bit-identical to theirs for the same gate values. (A handful of
+// FP64 operations per row costs nothing measurable, even on GPUs with slow FP64.)
+// The decision (jei_decide) is __host__ __device__: tests/cuda/test_exit_decision.py compiles it
+// for the host with nvcc and checks it against the numpy rule on a machine without a GPU.
 // Self-contained on purpose: NVRTC compiles it without any include path.
 
 #define JEI_BLOCK 256
 #define JEI_WARPS (JEI_BLOCK / 32)
+#define JEI_MAX_GATES 32  // gates one stage may hold (kernel.py MAX_GATES)
+
+#ifdef __CUDA_ARCH__
+#define JEI_DADD(x, y) __dadd_rn((x), (y))
+#define JEI_DSUB(x, y) __dsub_rn((x), (y))
+#define JEI_DMUL(x, y) __dmul_rn((x), (y))
+#else  // host build of the decision (tests): plain IEEE double operations, compiled without contraction
+#define JEI_DADD(x, y) ((x) + (y))
+#define JEI_DSUB(x, y) ((x) - (y))
+#define JEI_DMUL(x, y) ((x) * (y))
+#endif
 
 struct ExitArgs {
-    const float* gate;                 // [n]          gate of this stage's exit (modes 0, 1)
-    const double* s_in;                // [n]          running gate sum before this gate
+    const float* gate;                 // [n, num_gates] this stage's gates (modes 0, 1)
+    const double* s_in;                // [n]          running gate sum before this stage's gates
     const int* idx_in;                 // [n]          original output slot of each live row
-    const float* probs;                // [n, C]       this exit's probabilities
-    const unsigned char* hidden_in;    // [n, row]     this stage's hidden output (modes 0, 1)
+    const float* probs;                // [n, num_exits, C] this stage's exits' probabilities
+    const unsigned char* hidden_in;    // [n, row]     this stage's hidden output (unless final_head/mode 2)
     double* s_out;                     // [n]          next stage's S (compacted)
     int* idx_out;                      // [n]          next stage's original slots (compacted)
     unsigned char* hidden_out;         // [n, row]     next stage's hidden input (compacted)
@@ -39,24 +57,48 @@ struct ExitArgs {
     float* out_conf;                   // [B]
     int* out_exit;                     // [B]
     int* survivors;                    // [1]          mapped pinned host memory (device pointer)
-    long long row_bytes;               // bytes of one hidden row (0 in mode 2)
-    double delta;                      // threshold offset of this gate
+    long long row_bytes;               // bytes of one hidden row (0 when nobody can survive)
+    double deltas[JEI_MAX_GATES];      // threshold offset of each gate
     int n;                             // live rows
     int num_classes;                   // C
-    int mode;                          // 0: exit rule, 1: nobody exits, 2: everybody exits
-    int exit_index;                    // index of this exit (0..G)
+    int mode;                          // 0: exit rule, 1: no gate fires, 2: everybody takes the last exit
+    int first_exit;                    // exit index of the stage's first exit (the others follow it)
+    int num_gates;                     // gates of this stage (0..JEI_MAX_GATES)
+    int num_exits;                     // exits of this stage (num_gates, or num_gates + 1 with a final head)
+    int final_head;                    // 1: rows no gate takes leave at the last exit instead of surviving
     int rows_per_block;
 };
 
 // The host packs this struct with ctypes (jei_edge/runtime/cuda/kernel.py): keep both in step
 // (tests/cuda/test_nvrtc.py compares the field list, types and offsets with the ctypes mirror).
-static_assert(sizeof(ExitArgs) == 144, "ExitArgs size changed: update kernel.py");
+static_assert(sizeof(ExitArgs) == 400, "ExitArgs size changed: update kernel.py");
+
+// The exit slot (0..num_exits-1) row r takes in this stage, or -1 when it survives; *s_after gets
+// its running sum after the gates it passed (what the next stage starts from).
+__host__ __device__ __forceinline__ int jei_decide(const ExitArgs& a, int r, double* s_after) {
+    double s = a.s_in ? a.s_in[r] : 0.0;
+    if (a.mode == 2) {
+        *s_after = s;
+        return a.num_exits - 1;
+    }
+    const float* g = a.gate + (long long)r * a.num_gates;
+    for (int j = 0; j < a.num_gates; ++j) {
+        if (a.mode == 0) {
+            const double thr = JEI_DADD(JEI_DMUL(JEI_DSUB(1.0, s), 0.5), a.deltas[j]);
+            if ((double)g[j] >= thr) {  // a NaN gate never fires, as in numpy
+                *s_after = s;
+                return j;
+            }
+        }
+        s = JEI_DADD(s, (double)g[j]);
+    }
+    *s_after = s;
+    return a.final_head ? a.num_exits - 1 : -1;
+}
 
 __device__ __forceinline__ int jei_survives(const ExitArgs& a, int r) {
-    if (a.mode == 2) return 0;
-    if (a.mode == 1) return 1;
-    const double thr = __dadd_rn(__dmul_rn(__dsub_rn(1.0, a.s_in[r]), 0.5), a.delta);
-    return !((double)a.gate[r] >= thr);  // a NaN gate never exits, as in numpy
+    double s;
+    return jei_decide(a, r, &s) < 0;
 }
 
 __device__ __forceinline__ int jei_block_sum(int v, int* red) {
@@ -139,25 +181,27 @@ extern "C" __global__ void __launch_bounds__(JEI_BLOCK) jei_exit_compact(const E
 
     int kept = 0;
     for (int r = r0; r < r1; ++r) {
-        if (jei_survives(a, r)) {  // block-uniform branch
+        double s;
+        const int j = jei_decide(a, r, &s);  // block-uniform
+        if (j < 0) {
             const int d = before + kept;
             ++kept;
             jei_copy_row(a.hidden_in + (long long)r * a.row_bytes,
                          a.hidden_out + (long long)d * a.row_bytes, a.row_bytes);
             if (threadIdx.x == 0) {
-                a.s_out[d] = __dadd_rn(a.s_in[r], (double)a.gate[r]);
+                a.s_out[d] = s;
                 a.idx_out[d] = a.idx_in[r];
             }
         } else {
             const int slot = a.idx_in[r];
-            const float* p = a.probs + (long long)r * a.num_classes;
+            const float* p = a.probs + ((long long)r * a.num_exits + j) * a.num_classes;
             float* q = a.out_probs + (long long)slot * a.num_classes;
             for (int c = threadIdx.x; c < a.num_classes; c += JEI_BLOCK) q[c] = p[c];
             jei_block_argmax(p, a.num_classes, arg_v, arg_i, &best_v, &best_i);
             if (threadIdx.x == 0) {
                 a.out_class[slot] = best_i;
                 a.out_conf[slot] = best_v;
-                a.out_exit[slot] = a.exit_index;
+                a.out_exit[slot] = a.first_exit + j;
             }
         }
     }

@@ -10,7 +10,8 @@ Buffers are allocated once, for ``max_batch`` rows, when the workspace is built:
   (TensorRT), its outputs ``hidden_out``/``probs``/``gate``. Executors that allocate their own
   outputs (torch, CUDA graphs; ``Capability.BINDS_OUTPUTS``) call ``bind_outputs`` instead.
   Shapes and element types come from the bundle manifest's stages: hidden states may be FP32 or
-  FP16 (the kernel copies rows as bytes); gates and probabilities are FP32;
+  FP16 (the kernel copies rows as bytes); gates and probabilities are FP32 (a merged stage's are
+  ``[rows, gates]`` and ``[rows, exits, classes]``: the kernel decides its gates in order);
 - running gate sum ``S`` (FP64, as in the numpy exit rule) and original indices: a constant
   initial pair and a ping-pong pair;
 - results (probs, class, confidence, exit index) in input order, and their pinned host mirrors;
@@ -30,8 +31,8 @@ import numpy as np
 from jei_edge.bundle.manifest import Stage
 from jei_edge.errors import BundleError, InputError
 from jei_edge.runtime.cuda.driver import CudaError
-from jei_edge.runtime.cuda.kernel import (MAX_ROWS, MODE_ALL_EXIT, MODE_EXIT, MODE_NONE_EXIT, ExitKernel,
-                                          KernelLauncher)
+from jei_edge.runtime.cuda.kernel import (MAX_GATES, MAX_ROWS, MODE_ALL_EXIT, MODE_EXIT, MODE_NONE_EXIT,
+                                          ExitKernel, KernelLauncher)
 from jei_edge.runtime.cuda.memory import DeviceBuffer, HostBuffer
 from jei_edge.runtime.loop import Capability, Results, Workspace
 
@@ -42,7 +43,7 @@ class CudaWorkspace(Workspace):
     Args:
         driver: the ``CudaDriver`` (or a test fake).
         kernel: the loaded ``ExitKernel``.
-        stages: the manifest's stages (one exit each: merged stages are not run on CUDA yet).
+        stages: the manifest's stages (merged ones hold up to ``MAX_GATES`` gates).
         num_classes: C.
         max_batch: rows every buffer is sized for.
         own_outputs: allocate stage output buffers (executors that bind their own leave it False).
@@ -50,7 +51,7 @@ class CudaWorkspace(Workspace):
         max_grid: most blocks one exit-kernel launch uses.
     """
 
-    capabilities = frozenset({Capability.BINDS_OUTPUTS, Capability.DEVICE_INPUT})
+    capabilities = frozenset({Capability.BINDS_OUTPUTS, Capability.DEVICE_INPUT, Capability.MERGED_STAGES})
 
     def __init__(self, driver, kernel: ExitKernel, stages: Sequence[Stage], num_classes: int,
                  max_batch: int, *, own_outputs: bool = True, mapped_io: bool = False, max_grid: int = 1024):
@@ -59,10 +60,10 @@ class CudaWorkspace(Workspace):
                              hint=f"use max_batch <= {MAX_ROWS}; larger inputs are split into micro-batches")
         if mapped_io and not getattr(driver, "can_map_host_memory", True):
             raise InputError("mapped_io=True but this GPU cannot map host memory", hint="use mapped_io=False")
-        merged = [s.index for s in stages if s.merged]
-        if merged:  # the kernel decides one gate per boundary
-            raise BundleError(f"stage(s) {merged} merge several exits, which the CUDA runtime does not run yet",
-                              hint="rebuild the bundle with `jei-edge build --plan every` for --device cuda")
+        big = [s.index for s in stages if len(s.gates) > MAX_GATES]
+        if big:  # the kernel's argument struct holds MAX_GATES threshold offsets
+            raise BundleError(f"stage(s) {big} hold more than {MAX_GATES} gates, more than the CUDA exit kernel decides "
+                              "in one launch", hint="rebuild with a --plan that merges fewer exits per stage")
         for a, b in zip(stages[:-1], stages[1:]):
             if a.hidden is None or (a.hidden.shape, a.hidden.dtype) != (b.input.shape, b.input.dtype):
                 got = f"{list(a.hidden.shape)} {a.hidden.dtype}" if a.hidden is not None else "nothing"
@@ -72,6 +73,13 @@ class CudaWorkspace(Workspace):
             for t in s.outputs:
                 if t.name in ("probs", "gate") and t.dtype != "float32":
                     raise CudaError(f"stage {s.index} output '{t.name}' is {t.dtype}; the exit kernel reads float32")
+            want = {"probs": (num_classes,) if len(s.exits) == 1 else (len(s.exits), num_classes),
+                    "gate": () if len(s.exits) == 1 else (len(s.gates),)}
+            for name, shape in want.items():
+                t = s.output(name)
+                if t is not None and tuple(t.shape) != shape:
+                    raise CudaError(f"stage {s.index} output '{name}' has row shape {list(t.shape)}; a stage with "
+                                    f"{len(s.exits)} exit(s) and {len(s.gates)} gate(s) has {list(shape)}")
         self.driver, self.kernel = driver, kernel
         self.stages, self.num_classes, self.max_batch = list(stages), int(num_classes), int(max_batch)
         self.mapped_io = mapped_io
@@ -94,11 +102,8 @@ class CudaWorkspace(Workspace):
         self._bound: List[List[int]] = []
         for s in self.stages:
             outs = None
-            if own_outputs:
-                outs = {"probs": self._dev((B, C), np.float32, f"probs[{s.index}]")}
-                if s.hidden is not None:
-                    outs["hidden_out"] = self._dev((B,) + s.hidden.shape, s.hidden.dtype, f"hidden_out[{s.index}]")
-                    outs["gate"] = self._dev((B,), np.float32, f"gate[{s.index}]")
+            if own_outputs:  # hidden_out, probs and gate (what the stage has) at the manifest's shapes
+                outs = {t.name: self._dev((B,) + tuple(t.shape), t.dtype, f"{t.name}[{s.index}]") for t in s.outputs}
             self.outputs.append(outs)
             self._bound.append([outs["hidden_out"].ptr if outs and "hidden_out" in outs else 0,
                                 outs["probs"].ptr if outs else 0,
@@ -214,30 +219,41 @@ class CudaWorkspace(Workspace):
         idx_in = self.idx_init.ptr if k == 0 else self.idx_pp[(k - 1) % 2].ptr
         return s_in, idx_in
 
-    def _launch(self, k: int, n: int, mode: int, delta: float) -> None:
+    def _deltas(self, k: int, delta) -> Tuple[float, ...]:
+        """One offset per gate of stage ``k`` (a float applies to each; a merged stage takes a tuple)."""
+        ng = len(self.stages[k].gates)
+        if isinstance(delta, (tuple, list)):
+            if len(delta) != ng:
+                raise InputError(f"stage {k} has {ng} gate(s) but got {len(delta)} threshold offsets")
+            return tuple(float(d) for d in delta)
+        return (float(delta),) * ng
+
+    def _launch(self, k: int, n: int, mode: int, delta, final_head: bool = False) -> None:
+        spec = self.stages[k]
+        gates = len(spec.gates)
+        survive = mode != MODE_ALL_EXIT and not final_head  # rows may go on to stage k + 1
         hidden, probs, gate = self._bound[k]
-        if not probs or (mode != MODE_ALL_EXIT and not (hidden and gate)):
+        if not probs or (survive and not hidden) or (mode != MODE_ALL_EXIT and gates and not gate):
             raise CudaError(f"stage {k} has no bound outputs (the executor neither wrote workspace buffers "
                             "nor called bind_outputs)")
         s_in, idx_in = self._pointers(k)
-        last = mode == MODE_ALL_EXIT
-        spec = self.stages[k]
-        row_bytes = 0 if last else spec.hidden.row_bytes
         r = self._results_dev
         self.survivors.array[0] = -1
         self.launcher.launch(
-            self.stream, n=n, mode=mode, exit_index=spec.exit, num_classes=self.num_classes, delta=delta,
-            gate=gate, s_in=s_in, idx_in=idx_in, probs=probs, hidden_in=hidden, row_bytes=row_bytes,
-            s_out=0 if last else self.s_pp[k % 2].ptr, idx_out=0 if last else self.idx_pp[k % 2].ptr,
-            hidden_out=0 if last else self._input_ptr(k + 1),
+            self.stream, n=n, mode=mode, first_exit=spec.exits[0], num_classes=self.num_classes,
+            deltas=self._deltas(k, delta), num_gates=gates, num_exits=len(spec.exits), final_head=final_head,
+            gate=gate, s_in=s_in, idx_in=idx_in, probs=probs, hidden_in=hidden if survive else 0,
+            row_bytes=spec.hidden.row_bytes if survive else 0,
+            s_out=self.s_pp[k % 2].ptr if survive else 0, idx_out=self.idx_pp[k % 2].ptr if survive else 0,
+            hidden_out=self._input_ptr(k + 1) if survive else 0,
             out_probs=r["probs"], out_class=r["class"], out_conf=r["conf"], out_exit=r["exit"],
             survivors=self._survivors_dev)
         self.boundaries += 1
 
-    def exit_and_compact(self, k: int, n: int, delta: float, early_exit: bool) -> int:
+    def exit_and_compact(self, k: int, n: int, delta, early_exit: bool) -> int:
         if n <= 0:
             return 0
-        self._launch(k, n, MODE_EXIT if early_exit else MODE_NONE_EXIT, float(delta))
+        self._launch(k, n, MODE_EXIT if early_exit else MODE_NONE_EXIT, delta)
         if not early_exit:  # ``full``: every row survives, so the host need not wait for the count
             return n
         d = self.driver
@@ -251,10 +267,14 @@ class CudaWorkspace(Workspace):
         return m
 
     def finish(self, k: int, n: int, delta=0.0, early_exit: bool = True) -> None:
-        # one exit per stage here (merged stages are refused when the backend loads): the last
-        # stage has no gate, so its rows all leave at the final head in either mode
-        if n > 0:
-            self._launch(k, n, MODE_ALL_EXIT, 0.0)
+        # the last stage's rows all leave: through its gates when it is merged (exit mode), the
+        # others (every row in full mode, and a one-exit last stage) at the final head
+        if n <= 0:
+            return
+        if early_exit and self.stages[k].gates:
+            self._launch(k, n, MODE_EXIT, delta, final_head=True)
+        else:
+            self._launch(k, n, MODE_ALL_EXIT, delta)
 
     def collect(self, reach: List[int]) -> Results:
         d, B = self.driver, self.batch
