@@ -84,6 +84,8 @@ class FakeDriver:
         self._lock = threading.Lock()
         self._handles = 100
         self.current_threads = set()
+        self.capturing, self.graphs, self.graph_execs = {}, {}, {}
+        self.invalidate_capture = False
 
     def _new(self):
         with self._lock:
@@ -167,10 +169,47 @@ class FakeDriver:
     def module_function(self, module, name):
         return name
 
+    # CUDA graphs: work "enqueued" on a capturing stream is recorded (FakeTensorRT appends closures)
+    def stream_begin_capture(self, stream):
+        self._rec("begin_capture", stream)
+        assert stream not in self.capturing
+        self.capturing[stream] = []
+
+    def stream_end_capture(self, stream):
+        self._rec("end_capture", stream)
+        work = self.capturing.pop(stream)
+        if self.invalidate_capture:
+            from jei_edge.runtime.cuda.driver import CudaError
+
+            raise CudaError("CUDA call cuStreamEndCapture failed on device 0: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED")
+        graph = self._new()
+        self.graphs[graph] = work
+        return graph
+
+    def graph_instantiate(self, graph):
+        exe = self._new()
+        self.graph_execs[exe] = list(self.graphs[graph])
+        return exe
+
+    def graph_launch(self, exe, stream):
+        self._rec("graph_launch", stream, exe)
+        for work in self.graph_execs[exe]:
+            work()
+
+    def graph_destroy(self, graph):
+        self.graphs.pop(graph)
+
+    def graph_exec_destroy(self, exe):
+        self.graph_execs.pop(exe)
+
     def launch(self, function, grid, block, shared, stream, params_address):
         addr = ctypes.c_void_p.from_address(params_address).value
         args = ExitArgs.from_address(addr)
         self._rec("launch", stream, grid, args.n, args.mode)
+        if stream in self.capturing:  # a kernel node: its arguments are copied at capture, as CUDA does
+            frozen = ExitArgs.from_buffer_copy(args)
+            self.capturing[stream].append(lambda: emulate_exit_kernel(frozen))
+            return
         emulate_exit_kernel(args)
 
 

@@ -71,15 +71,30 @@ class FakeEngine:
         row = self.io[name][2][1:]
         return tuple((b,) + row for b in self.rec["profile"])
 
-    def create_execution_context(self):
-        return FakeContext(self)
+    @property
+    def device_memory_size_v2(self):
+        return 4096  # scratch bytes a context of this engine needs
+
+    def create_execution_context(self, how=None):
+        """``how``: None, an allocation strategy (``USER_MANAGED``) or a runtime config (native graphs)."""
+        return FakeContext(self, how)
+
+    def create_runtime_config(self):
+        if not hasattr(self.trt, "CudaGraphStrategy"):
+            raise AttributeError("create_runtime_config")  # full TensorRT has none
+        return SimpleNamespace(cuda_graph_strategy=self.trt.CudaGraphStrategy.DISABLED)
 
 
 class FakeContext:
-    def __init__(self, engine: FakeEngine):
+    def __init__(self, engine: FakeEngine, how=None):
         self.engine, self.trt = engine, engine.trt
-        self.addresses, self.shape = {}, None
-        self.trt.log.append(("context", engine.k))
+        self.addresses, self.shape, self.how, self.scratch = {}, None, how, None
+        self.trt.log.append(("context", engine.k, getattr(how, "cuda_graph_strategy", how)))
+
+    def set_device_memory(self, ptr, size):
+        self.trt.log.append(("device_memory", self.engine.k, ptr, size))
+        assert self.how == self.trt.ExecutionContextAllocationStrategy.USER_MANAGED and size >= 4096
+        self.scratch = ptr
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr
@@ -95,28 +110,39 @@ class FakeContext:
 
     def execute_async_v3(self, stream):
         k, n = self.engine.k, self.shape[0]
-        self.trt.log.append(("enqueue", k, n, stream))
-        if self.trt.fail_at == k:
+        drv = self.trt.driver
+        capturing = drv is not None and stream in drv.capturing
+        self.trt.log.append(("capture" if capturing else "enqueue", k, n, stream))
+        if self.trt.fail_at == k or (capturing and self.trt.capture_fail_at == k):
             return False
+        if capturing:  # recorded into the graph with this shape and these addresses, run at replay
+            addresses, shape = dict(self.addresses), self.shape
+            drv.capturing[stream].append(lambda: self._compute(k, shape[0], addresses))
+            return True
+        self._compute(k, n, self.addresses)
+        return True
+
+    def _compute(self, k, n, addresses):
         ex = self.trt.model
         io = self.engine.io
         in_name = next(name for name, (mode, *_) in io.items() if mode == "INPUT")
         d = int(np.prod(ex.row_shape))
-        h = view(self.addresses[in_name], io[in_name][1], n * d).reshape((n,) + ex.row_shape)
+        h = view(addresses[in_name], io[in_name][1], n * d).reshape((n,) + ex.row_shape)
         hid, probs, gate = ex.forward(k, h)  # a merged stage: probs [n, E, C], gate [n, G]
-        view(self.addresses["probs"], np.float32, probs.size)[:] = probs.ravel()
+        view(addresses["probs"], np.float32, probs.size)[:] = probs.ravel()
         if "hidden_out" in io:
-            view(self.addresses["hidden_out"], io["hidden_out"][1], n * d)[:] = hid.ravel()
+            view(addresses["hidden_out"], io["hidden_out"][1], n * d)[:] = hid.ravel()
         if "gate" in io:
-            view(self.addresses["gate"], np.float32, gate.size)[:] = gate.ravel()
-        return True
+            view(addresses["gate"], np.float32, gate.size)[:] = gate.ravel()
 
 
 class FakeTensorRT(SimpleNamespace):
     """The module double: ``FakeTensorRT(model)`` where ``model`` is a ``MockExecutor`` (or a
-    ``MergedMockExecutor``: engines of merged stages)."""
+    ``MergedMockExecutor``: engines of merged stages). ``driver``: the ``FakeDriver`` whose stream
+    capture records enqueues (CUDA graphs); ``native_graphs``: TensorRT-RTX's ``CudaGraphStrategy``;
+    ``fail_at`` / ``capture_fail_at``: the stage whose enqueue (or captured enqueue) fails."""
 
-    def __init__(self, model, fail_at=None):
+    def __init__(self, model, fail_at=None, driver=None, native_graphs=False, capture_fail_at=None):
         trt = self
 
         class ILogger:
@@ -139,4 +165,11 @@ class FakeTensorRT(SimpleNamespace):
         super().__init__(__name__="fake_tensorrt", __version__="0.0-test-double", ILogger=ILogger, Runtime=Runtime,
                          TensorIOMode=SimpleNamespace(INPUT=_Enum("TensorIOMode", "INPUT"),
                                                       OUTPUT=_Enum("TensorIOMode", "OUTPUT")),
-                         model=model, fail_at=fail_at, log=[])
+                         ExecutionContextAllocationStrategy=SimpleNamespace(
+                             STATIC=_Enum("ExecutionContextAllocationStrategy", "STATIC"),
+                             USER_MANAGED=_Enum("ExecutionContextAllocationStrategy", "USER_MANAGED")),
+                         model=model, fail_at=fail_at, capture_fail_at=capture_fail_at, driver=driver, log=[])
+        if native_graphs:  # TensorRT-RTX: graphs captured by the runtime itself (a runtime config)
+            self.CudaGraphStrategy = SimpleNamespace(DISABLED=_Enum("CudaGraphStrategy", "DISABLED"),
+                                                     WHOLE_GRAPH_CAPTURE=_Enum("CudaGraphStrategy",
+                                                                               "WHOLE_GRAPH_CAPTURE"))

@@ -30,15 +30,17 @@ from .fake_tensorrt import FakeTensorRT, record_engine
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _setup(hidden_dtype="float32", max_batch=32, pipeline=False, profile=(1, 8, 64), engines=None, **kw):
+def _setup(hidden_dtype="float32", max_batch=32, pipeline=False, profile=(1, 8, 64), engines=None, graphs=False,
+           options=None, **kw):
+    """A recorded-engine executor on the fake driver (``graphs``: CUDA graphs per (stage, bucket))."""
     model = MockExecutor(seed=5, hidden_dtype=hidden_dtype)
     stages = specs_for(model)
-    trt = FakeTensorRT(model, **kw)
     drv = FakeDriver()
+    trt = FakeTensorRT(model, driver=drv, **kw)
     cuda_backend_module._KERNELS[(id(drv), None)] = fake_kernel(drv)
     engines = engines or [record_engine(s, profile) for s in stages]
     return model, trt, drv, from_engines(trt, engines, stages, model.num_classes, max_batch, driver=drv,
-                                         pipeline=pipeline)
+                                         pipeline=pipeline, graphs=graphs, **(options or {}))
 
 
 @pytest.mark.parametrize("hidden_dtype", ["float32", "float16"])
@@ -63,16 +65,18 @@ def test_engines_through_the_cuda_core_match_the_reference(hidden_dtype):
     ex.close()
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("spans", [[(0, 1), (2, 3)], [(0, 0), (1, 3)], [(0, 3)]])
-def test_engines_of_merged_stages(spans):
+def test_engines_of_merged_stages(spans, graphs):
     """A ``--plan`` bundle's engines (merged stages: probs [n, E, C], gate [n, G]) on the CUDA core:
     decisions equal the unmerged model's, one enqueue and one exit-kernel launch per stage run."""
     model = MergedMockExecutor(MockExecutor(seed=5), spans)
     stages = model.specs()
-    trt = FakeTensorRT(model)
     drv = FakeDriver()
+    trt = FakeTensorRT(model, driver=drv)
     cuda_backend_module._KERNELS[(id(drv), None)] = fake_kernel(drv)
-    ex, ws = from_engines(trt, [record_engine(s) for s in stages], stages, model.num_classes, 32, driver=drv)
+    ex, ws = from_engines(trt, [record_engine(s) for s in stages], stages, model.num_classes, 32, driver=drv,
+                          graphs=graphs)
     x = np.random.default_rng(7).normal(size=(31, 3, 5)).astype(np.float32)
     for offsets in ([0.0] * 3, [0.2, -0.1, 0.1]):
         per_stage = [tuple(offsets[g] for g in s.gates) if s.merged else offsets[s.gates[0]]
@@ -83,7 +87,7 @@ def test_engines_of_merged_stages(spans):
         np.testing.assert_array_equal(res.probs, probs)
     shapes = [c for c in trt.log if c[0] == "shape"]
     assert all(c[3][1:] == (3, 5) for c in shapes)
-    assert ws.kernel_launches == ex.enqueues
+    assert ws.kernel_launches == ex.enqueues + ex.graph_replays and (ex.graph_replays > 0) == graphs
     ws.close()
     ex.close()
 
@@ -163,3 +167,111 @@ def test_the_board_path_needs_neither_torch_nor_onnxruntime():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("loaded []"), r.stdout + r.stderr
+
+
+# -- CUDA graphs per (stage, batch bucket) ---------------------------------------------------------
+
+def _check_runs(model, ex, ws, sizes=(1, 3, 17, 32, 9)):
+    rng = np.random.default_rng(11)
+    stage_runs = 0
+    for B in sizes:
+        x = rng.normal(size=(B, 3, 5)).astype(np.float32)
+        res = run_conditional(ex, ws, x, "exit")
+        levels, probs, _ = model.reference(x)
+        np.testing.assert_array_equal(res.exit_index, levels)
+        np.testing.assert_array_equal(res.probs, probs)
+        stage_runs += sum(1 for r in res.reach if r)
+    return stage_runs
+
+
+def test_captured_graphs_replace_enqueues_in_the_steady_state():
+    """TensorRT (no CudaGraphStrategy): one context per (stage, bucket) on a lane-shared scratch
+    buffer, a warm-up enqueue at the bucket's shape, then the captured enqueue; runs replay graphs."""
+    from jei_edge.runtime.cuda.graphs import default_buckets
+
+    model, trt, drv, (ex, ws) = _setup(graphs=True, max_batch=32)
+    assert ex.graph_mode == "capture" and not ex.uncapturable
+    buckets = default_buckets(32)
+    n = model.num_stages
+    assert sorted(ex._lanes[id(ws)].graphs) == sorted((k, b) for k in range(n) for b in buckets)
+    user = [c for c in trt.log if c[0] == "context" and getattr(c[2], "name", None) == "USER_MANAGED"]
+    assert len(user) == n * len(buckets)
+    scratch = {c[2] for c in trt.log if c[0] == "device_memory"}
+    assert len(scratch) == 1  # every graph context of the lane shares one scratch buffer
+    captures = [c for c in trt.log if c[0] == "capture"]
+    assert [(c[1], c[2]) for c in captures] == [(k, b) for k in range(n) for b in buckets]
+    assert all(c[3] == ws.stream for c in captures)
+    before = len(trt.log)
+    stage_runs = _check_runs(model, ex, ws)
+    assert not [c for c in trt.log[before:] if c[0] in ("enqueue", "capture", "shape", "context")]
+    launches = [e for e in drv.log if e[0] == "graph_launch"]
+    assert len(launches) == ex.graph_replays == stage_runs and ex.enqueues == 0
+    assert all(e[1] == ws.stream for e in launches)
+    (ptr,) = scratch
+    assert ptr in drv.mem
+    ex.release(ws)
+    assert not drv.graph_execs and ptr not in drv.mem  # graphs destroyed, scratch freed
+    ws.close()
+
+
+def test_live_counts_above_graph_max_batch_run_plain_enqueues():
+    model, trt, drv, (ex, ws) = _setup(graphs=True, max_batch=32, options={"graph_max_batch": 8})
+    assert max(b for _, b in ex._lanes[id(ws)].graphs) == 8
+    x = np.random.default_rng(4).normal(size=(30, 3, 5)).astype(np.float32)
+    before = len(trt.log)
+    res = run_conditional(ex, ws, x, "full")  # 30 rows at every stage: all above 8
+    assert (res.exit_index == model.num_stages - 1).all()
+    assert [c[3][0] for c in trt.log[before:] if c[0] == "shape"] == [30] * model.num_stages
+    assert ex.enqueues == model.num_stages and ex.graph_replays == 0
+    _check_runs(model, ex, ws, sizes=(5, 20))
+
+
+@pytest.mark.parametrize("how", ["enqueue_refused", "capture_invalidated"])
+def test_a_stage_that_cannot_be_captured_runs_plain_enqueues(how, caplog):
+    kw = {"capture_fail_at": 2} if how == "enqueue_refused" else {}
+    model, trt, drv, (ex, ws) = _setup(graphs=True, **kw) if kw else (None, None, None, (None, None))
+    if how == "capture_invalidated":
+        model = MockExecutor(seed=5)
+        stages = specs_for(model)
+        drv = FakeDriver()
+        drv.invalidate_capture = True
+        trt = FakeTensorRT(model, driver=drv)
+        cuda_backend_module._KERNELS[(id(drv), None)] = fake_kernel(drv)
+        with caplog.at_level("WARNING", logger="jei_edge.tensorrt"):
+            ex, ws = from_engines(trt, [record_engine(s) for s in stages], stages, model.num_classes, 32, driver=drv)
+        assert sorted(ex.uncapturable) == list(range(model.num_stages))
+        assert "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED" in caplog.text
+    else:
+        assert sorted(ex.uncapturable) == [2] and "returned False while capturing" in ex.uncapturable[2]
+        assert not [key for key in ex._lanes[id(ws)].graphs if key[0] == 2]
+    assert not drv.capturing  # every capture was ended
+    _check_runs(model, ex, ws)
+    if how == "enqueue_refused":
+        assert ex.enqueues > 0 and ex.graph_replays > 0  # stage 2 plain, the others from graphs
+    ex.release(ws)
+    assert not drv.graph_execs
+
+
+def test_tensorrt_rtx_native_graphs_run_bucket_shapes_warmed_at_load():
+    """TensorRT-RTX: contexts with WHOLE_GRAPH_CAPTURE (the runtime captures per shape itself);
+    live counts run at their bucket's shape, every bucket warmed when the workspace is prepared."""
+    from jei_edge.runtime.cuda.graphs import default_buckets
+
+    model, trt, drv, (ex, ws) = _setup(graphs=True, native_graphs=True, max_batch=32)
+    assert ex.graph_mode == "native"
+    ctx = [c for c in trt.log if c[0] == "context"]
+    assert len(ctx) == model.num_stages and all(c[2].name == "WHOLE_GRAPH_CAPTURE" for c in ctx)
+    warm = [(c[1], c[3][0]) for c in trt.log if c[0] == "shape"]
+    assert warm == [(k, b) for k in range(model.num_stages) for b in default_buckets(32)]
+    before = len(trt.log)
+    _check_runs(model, ex, ws)
+    shapes = {c[3][0] for c in trt.log[before:] if c[0] == "shape"}
+    assert shapes <= set(default_buckets(32)) and not drv.capturing and not drv.graphs
+    assert not [c for c in trt.log[before:] if c[0] == "context"]
+
+
+def test_graphs_off_is_one_plain_enqueue_per_stage_run():
+    model, trt, drv, (ex, ws) = _setup(graphs=False, native_graphs=True)
+    assert ex.graph_mode == "off" and not [e for e in drv.log if e[0] == "begin_capture"]
+    stage_runs = _check_runs(model, ex, ws)
+    assert ex.enqueues == stage_runs and ex.graph_replays == 0

@@ -25,7 +25,8 @@ from jei_edge.runtime.cuda.options import CudaOptions
 
 @dataclass(frozen=True)
 class TensorRTSettings(CudaOptions):
-    """``CudaOptions`` (device_index, mapped_io, max_grid, kernel_cache_dir, lanes) plus:
+    """``CudaOptions`` (device_index, mapped_io, max_grid, kernel_cache_dir, lanes, graphs,
+    graph_max_batch, buckets: CUDA graphs of the engines per (stage, batch bucket)) plus:
 
     Attributes:
         builder_optimization_level: the engines' build setting (0-5; read by ``jei-edge build`` /
@@ -39,18 +40,20 @@ class TensorRTSettings(CudaOptions):
         from jei_edge.backends.base import parse_settings
 
         opts = parse_settings(cls, options, "TensorRT", base=base)
-        if opts.lanes < 1 or opts.max_grid < 1 or opts.builder_optimization_level > 5:
-            raise InputError("TensorRT options lanes and max_grid must be >= 1, builder_optimization_level 0-5")
+        if opts.lanes < 1 or opts.max_grid < 1 or opts.graph_max_batch < 1 or opts.builder_optimization_level > 5:
+            raise InputError("TensorRT options lanes, max_grid and graph_max_batch must be >= 1, "
+                             "builder_optimization_level 0-5")
         return opts
 
 
-def _executor(bundle, trt):
+def _executor(bundle, trt, settings: TensorRTSettings):
     from jei_edge.backends.tensorrt.executor import TensorRTExecutor
     from jei_edge.backends.tensorrt.toolchain import logger
 
     m = bundle.manifest
     engines = [bundle.file(s.engines[0].file).read_bytes() for s in m.stages]
-    return TensorRTExecutor(trt, engines, m.stages, logger(trt), what=str(bundle.path))
+    return TensorRTExecutor(trt, engines, m.stages, logger(trt), what=str(bundle.path),
+                            buckets=settings.graph_buckets())
 
 
 class TensorRTBackend(Backend):
@@ -65,19 +68,19 @@ class TensorRTBackend(Backend):
             return f"it holds no {self.name} engines (target '{m.target.name}' uses {m.target.backend})"
         return None
 
-    def _parts(self, bundle):
+    def _parts(self, bundle, settings: TensorRTSettings):
         from jei_edge.backends.tensorrt.toolchain import import_toolchain
         from jei_edge.backends.tensorrt.validity import check_engines
 
         self.check(bundle)
         check_engines(bundle)  # version, stand-in, GPU, compute capability, validity: before deserializing
-        return _executor(bundle, import_toolchain(self.name, purpose="running"))
+        return _executor(bundle, import_toolchain(self.name, purpose="running"), settings)
 
     def create(self, bundle, max_batch: int, settings: TensorRTSettings) -> Tuple:
         from jei_edge.runtime.cuda.backend import cuda_backend
 
         m = bundle.manifest
-        return cuda_backend(self._parts(bundle), m.stages, m.num_classes, max_batch, settings)
+        return cuda_backend(self._parts(bundle, settings), m.stages, m.num_classes, max_batch, settings)
 
     def pipeline(self, bundle, max_batch: int = 256, **options):
         """A multi-lane ``CudaPipeline`` for ``bundle`` (micro-batch overlap; ``lanes`` option)."""
@@ -85,7 +88,7 @@ class TensorRTBackend(Backend):
 
         settings = self.settings(bundle, options)
         m = bundle.manifest
-        return cuda_pipeline(self._parts(bundle), m.stages, m.num_classes, max_batch, settings)
+        return cuda_pipeline(self._parts(bundle, settings), m.stages, m.num_classes, max_batch, settings)
 
 
 def from_engines(trt, engines: Sequence[bytes], stages: Sequence, num_classes: int, max_batch: int = 256, *,
@@ -99,7 +102,7 @@ def from_engines(trt, engines: Sequence[bytes], stages: Sequence, num_classes: i
 
     settings = TensorRTSettings.from_options(options)
     drv = get_driver(settings.device_index, driver)
-    executor = TensorRTExecutor(trt, engines, stages, logger(trt))
+    executor = TensorRTExecutor(trt, engines, stages, logger(trt), buckets=settings.graph_buckets())
     make = cuda_pipeline if pipeline else cuda_backend
     return make(executor, stages, num_classes, max_batch, settings, driver=drv)
 

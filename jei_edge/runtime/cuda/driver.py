@@ -208,6 +208,36 @@ class CudaDriver:
         self._check(err, "cuEventElapsedTime")
         return float(ms)
 
+    # -- CUDA graphs (stream capture) ------------------------------------------------------
+    def stream_begin_capture(self, stream: int) -> None:
+        """Start capturing ``stream`` (thread-local mode: other threads' CUDA calls are not affected)."""
+        mode = self.cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        err, = self.cu.cuStreamBeginCapture(stream, mode)
+        self._check(err, "cuStreamBeginCapture")
+
+    def stream_end_capture(self, stream: int):
+        """End the capture of ``stream``: the captured graph (raises when the capture was invalidated)."""
+        err, graph = self.cu.cuStreamEndCapture(stream)
+        self._check(err, "cuStreamEndCapture")
+        return graph
+
+    def graph_instantiate(self, graph):
+        err, exe = self.cu.cuGraphInstantiate(graph, 0)
+        self._check(err, "cuGraphInstantiate")
+        return exe
+
+    def graph_launch(self, graph_exec, stream: int) -> None:
+        err, = self.cu.cuGraphLaunch(graph_exec, stream)
+        self._check(err, "cuGraphLaunch")
+
+    def graph_destroy(self, graph) -> None:
+        err, = self.cu.cuGraphDestroy(graph)
+        self._check(err, "cuGraphDestroy")
+
+    def graph_exec_destroy(self, graph_exec) -> None:
+        err, = self.cu.cuGraphExecDestroy(graph_exec)
+        self._check(err, "cuGraphExecDestroy")
+
     # -- modules and launches --------------------------------------------------------------
     def module_load(self, image: bytes) -> int:
         err, mod = self.cu.cuModuleLoadData(image)
