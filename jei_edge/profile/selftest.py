@@ -14,7 +14,12 @@ reference every backend is compared with), whichever can run here:
 3. **exit decisions** on the bundle's stored reference inputs, with the build's rules
    (``jei_edge.compile.verify.check_decisions``);
 4. **speed**: exit vs full vs plain at batch 1 and the target's opt batch
-   (``jei_edge.profile.measure.profile_bundle``, the benchmarks' protocol).
+   (``jei_edge.profile.measure.profile_bundle``, the benchmarks' protocol);
+5. **settings to decide on the board** (CUDA backends): exit-mode time with each value of
+   ``mapped_io`` (zero-copy host memory for inputs and results, vs device buffers + copies: on an
+   integrated GPU such as a Jetson's, measure rather than guess) and ``graphs`` (CUDA graphs vs
+   plain enqueues), side by side on the same batches, with the value the target file sets and
+   the faster one.
 
 What could not run is listed with the reason. A parity failure (stages or decisions) makes the
 command exit 1. Torch-free; Polygraphy is optional (``pip install polygraphy``).
@@ -124,6 +129,51 @@ def _stage_comparison(bundle, backend: str, x: np.ndarray) -> Dict[str, Any]:
                                     "check covers these engines end to end"}
 
 
+# CUDA settings worth measuring on the board: (option, its two values)
+SETTING_CHOICES = (("mapped_io", (False, True)), ("graphs", (True, False)))
+SAME_BAND = 0.03  # within 3%: no measurable difference between two values
+
+
+def compare_settings(load: Callable[..., Any], name: str, values, x: np.ndarray, batch_sizes, repeats: int,
+                     current=None) -> Dict[str, Any]:
+    """Exit-mode time of the same batches with option ``name`` at each of ``values`` (runtimes from
+    ``load(**{name: value})``, measured side by side with ``measure.interleaved``).
+
+    Returns ``{"values", "current", "batches": {b: {"ms_per_sample": {value: ms}, "ratio": t(v1)/t(v0)}},
+    "faster", "advice"}``; ``faster`` is None when every batch size is within ``SAME_BAND``."""
+    from jei_edge.profile.measure import Passes, interleaved, median, median_ratio
+
+    rts = []
+    try:
+        for v in values:
+            rts.append(load(**{name: v}))
+        passes = [Passes(rt) for rt in rts]
+        out: Dict[str, Any] = {"values": list(values), "current": current, "batches": {}}
+        votes = []
+        for b in batch_sizes:
+            xs = Passes.batches(x, b)
+            t = interleaved(passes, xs, [p.reaches(xs) for p in passes], repeats)
+            rows = len(xs) * b
+            ratio = median_ratio(t[1]["exit"], t[0]["exit"])
+            out["batches"][b] = {"ms_per_sample": {str(v): 1e3 * median(r["exit"]) / rows for v, r in zip(values, t)},
+                                 "ratio": ratio}
+            votes.append(0 if ratio > 1 + SAME_BAND else 1 if ratio < 1 - SAME_BAND else None)
+    finally:
+        for rt in rts:
+            rt.close()
+    decided = {v for v in votes if v is not None}
+    out["faster"] = values[decided.pop()] if len(decided) == 1 else None
+    if out["faster"] is None:
+        out["advice"] = (f"{name}: no difference beyond {SAME_BAND:.0%} at every batch size" if not decided
+                         else f"{name}: faster with one value at some batch sizes and the other at others")
+    elif out["faster"] == current:
+        out["advice"] = f"{name} = {str(current).lower()} (the target's setting) is the faster one here"
+    else:
+        out["advice"] = (f"{name} = {str(out['faster']).lower()} is faster here than the target's "
+                         f"{str(current).lower()}: pass it as an option or set it in the target file")
+    return out
+
+
 def _backend_checks(path, backend: str, refs, rule, batch_sizes, repeats: int, samples: int, progress) -> Dict:
     from jei_edge.compile.verify import ParityError, check_decisions
     from jei_edge.profile.measure import profile_bundle
@@ -148,6 +198,17 @@ def _backend_checks(path, backend: str, refs, rule, batch_sizes, repeats: int, s
                                                    "realized_speedup", "speedup_vs_plain", "efficiency")}
                         for b, e in prof["batches"].items()}
         out["theoretical_speedup"] = prof["exits"]["theoretical_speedup"]
+        current = dict(rt.settings.__dict__) if rt.device == "cuda" else {}
+    if current:
+        out["settings"] = {}
+        for name, values in SETTING_CHOICES:
+            progress(f"{backend}: {name} = {values[0]} vs {values[1]}, side by side")
+            try:
+                out["settings"][name] = compare_settings(lambda **o: Runtime.load(path, backend=backend, **o), name,
+                                                         values, refs.x[:samples], batch_sizes, repeats,
+                                                         current.get(name))
+            except JeiEdgeError as exc:
+                out["settings"][name] = {"error": exc.message}
     return out
 
 
@@ -217,6 +278,13 @@ def summary(report: Dict[str, Any]) -> str:
             lines.append(f"  {'':<12}      batch {bsz}: exit {s['exit_ms_per_sample']:.3f} ms/sample, "
                          f"{s['realized_speedup']:.2f}x vs full{plain} (theory {r['theoretical_speedup']:.2f}x), "
                          f"efficiency {s['efficiency']:.2f}")
+        for name, c in r.get("settings", {}).items():
+            if "error" in c:
+                lines.append(f"  {'':<12}      {name}: not measured ({c['error']})")
+                continue
+            per = "; ".join(f"batch {bsz}: " + " vs ".join(f"{v} {ms:.3f}" for v, ms in e["ms_per_sample"].items())
+                            + " ms/sample" for bsz, e in c["batches"].items())
+            lines.append(f"  {'':<12}      {per}: {c['advice']}")
         c = report["stage_comparison"].get(b, {})
         if c.get("ran"):
             worst = max((max(row["max_abs_error"].values()) for row in c["stages"]), default=0.0)

@@ -72,3 +72,37 @@ def test_engines_it_cannot_run_here_are_named_not_hidden(tmp_path):
 def test_unwritable_report_path_is_one_line(vit_bundle, tmp_path):
     r = _cli("selftest", str(vit_bundle), "--repeats", "1", "--samples", "32", "-o", str(tmp_path / "no" / "x.json"))
     assert r.returncode == 2 and "cannot write the report" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_settings_comparison_finds_the_faster_value(vit_bundle):
+    """The board-side settings check (mapped_io / graphs on CUDA) measured with onnxruntime here: a
+    runtime made 2 ms per stage slower for one value must be named the slower one, whatever the
+    machine's noise; the advice says to change a target setting only when it is the slower one."""
+    import time
+
+    from jei_edge.profile.selftest import compare_settings
+    from jei_edge.runtime import Runtime
+
+    def load(io_binding):
+        rt = Runtime.load(vit_bundle, io_binding=io_binding)
+        if not io_binding:  # the slow value, by construction
+            inner = rt.executor.execute
+
+            def slow(k, n, ws):
+                time.sleep(0.002)
+                inner(k, n, ws)
+
+            rt.executor.execute = slow
+        return rt
+
+    from tests.runtime.helpers import model_inputs
+
+    x = model_inputs(64, seed=0)
+    got = compare_settings(load, "io_binding", (True, False), x, (1, 16), repeats=2, current=False)
+    assert got["faster"] is True and got["values"] == [True, False] and got["current"] is False
+    assert set(got["batches"]) == {1, 16}
+    for e in got["batches"].values():
+        assert e["ratio"] > 1.03 and e["ms_per_sample"]["False"] > e["ms_per_sample"]["True"] > 0
+    assert "io_binding = true is faster here than the target's false" in got["advice"]
+    same = compare_settings(load, "io_binding", (True, False), x, (16,), repeats=2, current=True)
+    assert same["faster"] is True and "(the target's setting) is the faster one" in same["advice"]
