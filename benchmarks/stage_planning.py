@@ -6,7 +6,9 @@ torch-free processes, times both bundles on the test split at that batch size wi
 ``jei_edge.profile.Passes`` (``compare_bundles.py``): passes of the two bundles alternate within
 each repeat and the ratio (every-exit time / planned time) is taken per repeat (median over
 repeats, median across processes). Also reported: each bundle's speedup vs the plain backbone,
-realized speedup and realized/ideal efficiency, and that both bundles give identical exit indices.
+realized speedup and realized/ideal efficiency, that both bundles give identical exit indices, and
+the planner's own prediction of the gain (its expected ms/sample with a stage per exit / with its
+plan, from the bundle's manifest) beside the measured one.
 
     python benchmarks/stage_planning.py                 # ~10 min with the models already trained
     python benchmarks/stage_planning.py --quick
@@ -35,14 +37,18 @@ def main(argv=None) -> int:
     lines = ["# Stage planning (CPU, onnxruntime): a stage per exit vs `--plan auto`", "",
              f"Machine: {results['machine']}. Command: `{results['command']}`. Medians over {results['repeats']} repeats "
              f"in each of {results['processes']} processes; passes of the two bundles alternate within a repeat.", "",
-             "| family | batch | auto plan (exit groups) | planned / every (exit mode) | planned / every (full mode) | "
+             "| family | batch | auto plan (exit groups) | planned / every (exit mode) | predicted by the planner | "
+             "prediction error | boundary (us, measured) | planned / every (full mode) | "
              "vs plain: every -> planned | efficiency: every -> planned | identical exits |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for fam, fo in results["families"].items():
         for key, m in fo.items():
-            m["plan"] = dict(Bundle.read_manifest(m["b_bundle"]).plan)
-            lines.append(f"| {fam} | {key[6:]} | {m['plan']['groups']} | {m['b_speedup_over_a_exit']:.3f}x | "
-                         f"{m['b_speedup_over_a_full']:.3f}x | {m['a']['speedup_vs_plain']:.2f}x -> "
+            m["plan"] = plan = dict(Bundle.read_manifest(m["b_bundle"]).plan)
+            m["predicted_speedup"] = plan["expected_ms_per_sample_every_exit"] / plan["expected_ms_per_sample"]
+            m["prediction_error"] = m["predicted_speedup"] / m["b_speedup_over_a_exit"] - 1.0
+            lines.append(f"| {fam} | {key[6:]} | {plan['groups']} | {m['b_speedup_over_a_exit']:.3f}x | "
+                         f"{m['predicted_speedup']:.3f}x | {100 * m['prediction_error']:+.1f}% | "
+                         f"{plan.get('boundary_us', float('nan')):.1f} | {m['b_speedup_over_a_full']:.3f}x | {m['a']['speedup_vs_plain']:.2f}x -> "
                          f"{m['b']['speedup_vs_plain']:.2f}x | {m['a']['efficiency']:.3f} -> {m['b']['efficiency']:.3f} | "
                          f"{m['exit_agreement'] == 1.0} |")
     write_results(results, args.out, lines)

@@ -112,6 +112,21 @@ def test_merged_first_stage_keeps_the_input_guard(family_model):
             rt.run(x[4:5], mode=mode)
 
 
+def test_boundary_cost_is_what_the_pipeline_spends_beyond_its_stages():
+    from jei_edge.compile.planning import boundary_seconds
+
+    times = {(0, 0): 0.002, (1, 1): 0.004, (2, 2): 0.001}
+    reach = [1.0, 0.5, 0.25]
+    alone = 0.002 + 0.5 * 0.004 + 0.25 * 0.001
+    for batch, extra in ((1, 30e-6), (8, 120e-6)):
+        per_row = (alone + sum(reach) * extra) / batch  # the pipeline's measured seconds per input row
+        got = boundary_seconds({"seconds_per_row": per_row, "reach": reach}, times, batch)
+        assert got == pytest.approx(extra, rel=1e-9)
+        assert expected_seconds([(0,), (1,), (2,)], np.array(reach), times, got) == pytest.approx(per_row * batch)
+    # a pipeline measured faster than its stages alone (noise) gives no negative cost
+    assert boundary_seconds({"seconds_per_row": 0.001, "reach": reach}, times, 1) == 0.0
+
+
 def test_auto_plan(family_model):
     fam, ckpt, model, tmp = family_model
     n = len(model.stage_ranges())
@@ -124,6 +139,9 @@ def test_auto_plan(family_model):
     assert plan["expected_ms_per_sample"] <= min(plan["expected_ms_per_sample_every_exit"],
                                                   plan["expected_ms_per_sample_one_stage"]) + 1e-9
     assert not any(p.name.startswith(".planning") for p in out.rglob("*"))
+    # the boundary cost is measured on the stage-per-exit pipeline, so that plan's prediction is the
+    # measured pipeline time: positive and plausible (a stage run costs more in the pipeline than alone)
+    assert plan["boundary"].startswith("measured") and 0.0 <= plan["boundary_us"] < 5000
     assert rep["decisions"]["agreement"] == 1.0 or rep["decisions"]["disagreements_within_tie_band"] == \
         rep["decisions"]["disagreements"]
     with pytest.raises(BuildError, match="needs real inputs"):
