@@ -63,7 +63,6 @@ class _Lane:
     (``native``)."""
 
     contexts: List[object]
-    input_names: List[str]
     bound: Dict[int, Dict[str, int]] = field(default_factory=dict)
     graphs: Dict[Tuple[int, int], Tuple[object, object]] = field(default_factory=dict)
     scratch: Optional[DeviceBuffer] = None
@@ -149,7 +148,7 @@ class TensorRTExecutor(StageExecutor):
         if ws.capacity > top:
             raise BundleError(f"{self.what}: the workspace holds {ws.capacity} rows but the engines' batch profile "
                               f"ends at {top}", hint=f"load it with max_batch <= {top}")
-        contexts, names, bound = [], [], {}
+        contexts, bound = [], {}
         for k, (engine, s) in enumerate(zip(self.engines, self.stages)):
             addresses = {s.input.name: int(ws.stage_input(k).device_ptr)}
             outs = ws.stage_outputs(k)
@@ -157,9 +156,8 @@ class TensorRTExecutor(StageExecutor):
                 raise CudaError("the TensorRT executor writes into workspace-owned outputs; this workspace has none")
             addresses.update({t.name: int(outs[t.name].ptr) for t in s.outputs})
             contexts.append(self._context(k, addresses, native=self.graph_mode == "native"))
-            names.append(s.input.name)
             bound[k] = addresses
-        lane = _Lane(contexts, names, bound, driver=ws.driver)
+        lane = _Lane(contexts, bound, driver=ws.driver)
         self._lanes[id(ws)] = lane
         try:
             if self.graph_mode == "native":
