@@ -275,3 +275,18 @@ def test_graphs_off_is_one_plain_enqueue_per_stage_run():
     assert ex.graph_mode == "off" and not [e for e in drv.log if e[0] == "begin_capture"]
     stage_runs = _check_runs(model, ex, ws)
     assert ex.enqueues == stage_runs and ex.graph_replays == 0
+
+
+def test_pipeline_lanes_capture_their_own_graphs():
+    model, trt, drv, pipe = _setup(pipeline=True, max_batch=16, graphs=True)
+    x = np.random.default_rng(6).normal(size=(70, 3, 5)).astype(np.float32)
+    res = pipe.run(x, "exit", micro_batch=16)
+    levels, probs, _ = model.reference(x)
+    np.testing.assert_array_equal(res.exit_index, levels)
+    np.testing.assert_array_equal(res.probs, probs)
+    ex = pipe.executor
+    assert len({c[2] for c in trt.log if c[0] == "device_memory"}) == 2  # one scratch buffer per lane
+    streams = {e[1] for e in drv.log if e[0] == "graph_launch"}
+    assert streams == {ws.stream for ws in pipe.lanes} and ex.enqueues == 0
+    pipe.close()
+    assert not drv.graph_execs
