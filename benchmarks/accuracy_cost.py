@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,17 +75,11 @@ def machine() -> dict:
 
 
 def git_state() -> dict:
-    def run(*cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
+    """The code measured (``realized_speedup.provenance`` over the training code and this script)."""
+    sys.path.insert(0, str(HERE))
+    from realized_speedup import provenance
 
-    dirty = run("git", "status", "--porcelain", "--", "jei_edge/train", "jei_edge/model", "benchmarks/accuracy_cost.py")
-    import jei_edge
-
-    return {"commit": run("git", "rev-parse", "HEAD"), "dirty_paths": dirty.splitlines(),
-            "package": str(Path(jei_edge.__file__).resolve().parent)}
+    return provenance(("jei_edge/train", "jei_edge/model", "benchmarks/accuracy_cost.py"))
 
 
 def warmup_digest(ckpt: dict) -> str:

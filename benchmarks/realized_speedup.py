@@ -401,16 +401,25 @@ def machine() -> dict:
         pass
     import onnxruntime
 
-    try:  # the code measured: the commit, and whether the working tree differed from it
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                                timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "jei_edge", "benchmarks"],
-                                    capture_output=True, text=True, cwd=ROOT, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", False
+    code = provenance()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "host": platform.node(),
-            "commit": commit + ("+changes" if dirty else "")}
+            "commit": code["commit"] + ("+changes" if code["dirty_paths"] else "")}
+
+
+def provenance(paths=("jei_edge", "benchmarks")) -> dict:
+    """The code measured: the commit, the uncommitted changes under ``paths``, the imported package
+    (every benchmark records this; "" / [] where git is unavailable)."""
+    def git(*args) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    import jei_edge
+
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty_paths": git("status", "--porcelain", "--", *paths).splitlines(),
+            "package": str(Path(jei_edge.__file__).resolve().parent)}
 
 
 def _batch_rows(section: dict):
