@@ -10,6 +10,12 @@ across processes), accuracy, exit histograms, and exit/prediction agreement with
 
     python benchmarks/int8_speedup.py            # ~10 min with the models already trained
     python benchmarks/int8_speedup.py --quick
+    python benchmarks/int8_speedup.py --edges fp32 --out benchmarks/results/int8_speedup_fp32_edges.json
+
+``--edges auto|int8|fp32`` (``jei-edge build --int8-edges / --fp32-edges``; default ``auto``: the
+build's default, quantized edges where the next stage quantizes its input) picks how hidden states
+cross the INT8 bundle's stage edges (bundle ``FAMILY_int8.jei``, or ``FAMILY_int8_EDGESedges.jei``);
+``--min-agreement F`` is the build's INT8 agreement floor (default 0.95).
 
 Results: ``benchmarks/results/int8_speedup.json`` and ``.md``.
 """
@@ -25,14 +31,29 @@ from compare_bundles import run_comparison, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
+    import argparse
+
     from jei_edge.compile import BuildOptions
 
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--edges", choices=("auto", "int8", "fp32"), default="auto")
+    own.add_argument("--min-agreement", type=float, default=0.95)
+    opts, argv = own.parse_known_args(argv)
+    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(opts).items() if v != own.get_default(k))
+    suffix = "" if opts.edges == "auto" else f"_{opts.edges}edges"
+    edges = {"auto": None, "int8": True, "fp32": False}[opts.edges]
+
     def int8(fam, bsz, data):
-        return f"{fam}_int8.jei", BuildOptions(precision="int8", data=data, force=True), "--precision int8"
+        return (f"{fam}_int8{suffix}.jei", BuildOptions(precision="int8", data=data, force=True, quantized_edges=edges,
+                                                        min_agreement=opts.min_agreement),
+                f"--precision int8 (edges {opts.edges})")
 
     args, results = run_comparison(__doc__, __file__, int8, argv)
+    results["command"] = results["command"].replace(".py", ".py" + flags, 1)
+    results["edges"] = opts.edges
     lines = ["# INT8 vs FP32 (CPU, onnxruntime)", "",
-             f"Machine: {results['machine']}. Command: `{results['command']}`. Medians over {results['repeats']} repeats "
+             f"Machine: {results['machine']}. Command: `{results['command']}` (INT8 stage edges: {opts.edges}). "
+             f"Medians over {results['repeats']} repeats "
              f"in each of {results['processes']} processes; the two bundles alternate within each repeat.", "",
              "| family | batch | INT8 / FP32 speed (exit mode) | (full mode) | (plain backbone) | accuracy FP32 -> INT8 | "
              "exit histogram FP32 / INT8 | exit agreement | INT8 efficiency | INT8 vs plain INT8 | "
@@ -54,12 +75,18 @@ def main(argv=None) -> int:
                        "calibration_rows_per_stage": [s["calibration_rows"] for s in q["stages"]],
                        "floor_on": d.get("floor_on"), "floor_agreement": d.get("floor_agreement"),
                        "synthetic_agreement": d.get("synthetic_agreement"), "agreement_by_kind": d.get("agreement_by_kind")}
-        held = "" if d.get("floor_agreement") is None else (
-            f" (floor held on {d['floor_on']}: {100 * d['floor_agreement']:.2f}%; synthetic inputs apart: "
-            f"{100 * (d.get('synthetic_agreement') or 0):.2f}%)")
+        floor = d.get("floor_agreement")
+        held = "" if floor is None else (
+            f" (on {d['floor_on']}: {100 * floor:.2f}%, the default floor of 95% "
+            f"{'held' if floor >= 0.95 else 'NOT held: built with --min-agreement ' + str(d.get('min_agreement'))}; "
+            f"synthetic inputs apart: {100 * (d.get('synthetic_agreement') or 0):.2f}%)")
+        edges = q.get("edges", "fp32")
+        fo["build"]["edges"] = edges
+        edge_types = "fp32" if isinstance(edges, str) else "/".join(e["dtype"] for e in edges)
         notes.append(f"- {fam}: build parity vs the FP32 PyTorch model on {d['samples']} inputs: exit decisions "
                      f"{100 * d['agreement']:.2f}%{held}, predictions {100 * d['prediction_agreement']:.2f}%; exit-aware "
-                     f"calibration rows per stage {fo['build']['calibration_rows_per_stage']} (recipe '{q['recipe']}')")
+                     f"calibration rows per stage {fo['build']['calibration_rows_per_stage']} (recipe '{q['recipe']}'); "
+                     f"stage edges {edge_types}")
     write_results(results, args.out, lines + [""] + notes)
     return 0
 

@@ -45,7 +45,10 @@ MAX_STAGES = 4096
 MAX_BATCH = 1 << 16
 MAX_DEPTH = 32  # nesting of free-form (informative) JSON objects
 # element types a stage tensor may have; gates and probabilities are always float32
-DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int32": 4, "int64": 8}
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
+# a quantized hidden state (an INT8 bundle's stage edge): its element type and zero-point range;
+# real value = (q - zero_point) * scale, one scale and zero point per edge
+QUANTIZED = {"uint8": (0, 255), "int8": (-128, 127)}
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_BACKENDS = ("tensorrt", "tensorrt_rtx")
 REBUILD = "rebuild the bundle with `jei-edge build MODEL.pt --target T -o NAME.jei --force`"
@@ -54,11 +57,21 @@ REBUILD = "rebuild the bundle with `jei-edge build MODEL.pt --target T -o NAME.j
 # -- the dataclasses -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TensorSpec:
-    """One stage input or output: name, per-row shape (batch axis removed) and element type."""
+    """One stage input or output: name, per-row shape (batch axis removed) and element type.
+
+    A quantized hidden state (``uint8``/``int8``, an INT8 bundle's stage edge) also carries its
+    ``scale`` and ``zero_point``: real value = ``(q - zero_point) * scale``.
+    """
 
     name: str
     shape: Tuple[int, ...]
     dtype: str = "float32"
+    scale: Optional[float] = None
+    zero_point: Optional[int] = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
 
     @property
     def itemsize(self) -> int:
@@ -76,7 +89,10 @@ class TensorSpec:
         return self.row_elements * self.itemsize
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "shape": ["batch", *self.shape], "dtype": self.dtype}
+        d = {"name": self.name, "shape": ["batch", *self.shape], "dtype": self.dtype}
+        if self.scale is not None:
+            d.update(scale=self.scale, zero_point=self.zero_point)
+        return d
 
 
 @dataclass(frozen=True)
@@ -507,7 +523,16 @@ def _tensor(f: _Field) -> TensorSpec:
     if not dims or dims[0].value != "batch":
         raise f.key("shape").fail('must start with the dynamic batch axis "batch"')
     shape = tuple(d.integer(1, MAX_DIM) for d in dims[1:])
-    spec = TensorSpec(name, shape, f.key("dtype", "float32").choice(tuple(DTYPES)))
+    dtype = f.key("dtype", "float32").choice(tuple(DTYPES))
+    scale_f, zp_f = f.key("scale", None), f.key("zero_point", None)
+    scale = zero_point = None
+    if scale_f.value is not None or zp_f.value is not None:
+        if dtype not in QUANTIZED:
+            raise (scale_f if scale_f.value is not None else zp_f).fail(
+                f"is only allowed on a quantized tensor ({' or '.join(QUANTIZED)}), not {dtype}")
+        scale = scale_f.number(1e-30, 1e30)
+        zero_point = zp_f.integer(*QUANTIZED[dtype])
+    spec = TensorSpec(name, shape, dtype, scale, zero_point)
     if spec.row_elements > MAX_ROW_ELEMENTS:
         raise f.key("shape").fail(f"holds more than {MAX_ROW_ELEMENTS} elements per row")
     return spec
@@ -610,6 +635,11 @@ def _stage(f: _Field, k: int, last: bool, version: int) -> Stage:
         raise f.key("inputs").fail(f"must hold exactly one tensor named '{want_in}'")
     outputs = tuple(_tensor(x) for x in f.key("outputs").items(max_len=3))
     names = [o.name for o in outputs]
+    for side, tensors in (("inputs", inputs), ("outputs", outputs)):
+        for i, t in enumerate(tensors):
+            if t.name in ("hidden_in", "hidden_out") and t.dtype in QUANTIZED and not t.quantized:
+                raise f.key(side).items()[i].key("scale", None).fail(f"is required for a {t.dtype} hidden state "
+                                                            "(with its zero_point)")
     want = (["probs", "gate"] if len(exits) > 1 else ["probs"]) if last else ["hidden_out", "probs", "gate"]
     if names != want:
         raise f.key("outputs").fail(f"must be tensors {want} in this order")
@@ -705,6 +735,9 @@ def parse_manifest(raw: Any, where: str = "bundle") -> Manifest:
     for a, b, bf in zip(stages[:-1], stages[1:], stages_f[1:]):
         if a.hidden.shape != b.input.shape or a.hidden.dtype != b.input.dtype:
             raise bf.key("inputs").fail(f"must match stage {a.index}'s hidden_out {list(a.hidden.shape)} {a.hidden.dtype}")
+        if (a.hidden.scale, a.hidden.zero_point) != (b.input.scale, b.input.zero_point):
+            raise bf.key("inputs").items()[0].key("scale", None).fail(
+                f"and zero_point must equal stage {a.index}'s hidden_out ({a.hidden.scale}, {a.hidden.zero_point})")
         if a.blocks[1] != b.blocks[0] and a.blocks[1] - 1 != b.blocks[0]:
             raise bf.key("blocks").fail(f"must continue stage {a.index}'s blocks {list(a.blocks)}")
 

@@ -66,7 +66,8 @@ class BuildOptions:
     plan_batch: int = 1  # batch size the "auto" plan is timed and optimised for
     calibration: str = "default"  # INT8: a recipe name (calibration/) or a .toml file
     min_agreement: float = 0.95  # INT8: fail below this exit-decision agreement with the FP32 model
-    # INT8: hidden states cross stage edges quantized (compile/quantize.py); None = on for onnxruntime targets
+    # INT8: hidden states cross stage edges quantized (compile/quantize.py): True every edge, False none,
+    # None the edges whose next stage quantizes its input anyway, on onnxruntime targets
     quantized_edges: Optional[bool] = None
 
 
@@ -142,6 +143,10 @@ def prepare(model_path, output, options: BuildOptions) -> Job:
                          f"u8: {target.backend}'s parser refuses non-zero zero points")
         if not 0.0 <= options.min_agreement <= 1.0:
             raise BuildError(f"min_agreement must be in [0, 1], got {options.min_agreement}")
+        if options.quantized_edges and target.backend != "onnxruntime":
+            raise BuildError(f"quantized (int8) stage edges are for onnxruntime targets; target '{target.name}' runs "
+                             f"{target.backend}, whose executors keep float hidden states",
+                             hint="drop --int8-edges (the default keeps FP32 edges there)")
     opset = int(options.opset or target.opset)
     if opset < MIN_OPSET:
         raise BuildError(f"opset {opset} is too old; jei-edge exports opset >= {MIN_OPSET}")
@@ -249,11 +254,11 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
         from jei_edge.compile.quantize import quantize_bundle_graphs
 
         x_calib = calibration_inputs(ckpt, job.recipe, opts.data, opts.seed, job.real)
-        edges = opts.quantized_edges
-        if edges is None:  # the CPU runtime moves rows as bytes; the CUDA executors expect float hidden states
-            edges = job.target.backend == "onnxruntime"
+        # None: the edges that save work, on onnxruntime targets (the CUDA executors keep float hidden states)
+        edges = {True: "all", False: "none"}.get(opts.quantized_edges,
+                                                 "auto" if job.target.backend == "onnxruntime" else "none")
         stages, quant = quantize_bundle_graphs(model, plans, stages, plain, root, x_calib, job.recipe,
-                                               progress=progress, quantized_edges=edges)
+                                               progress=progress, edges=edges)
         quant["min_agreement"] = float(opts.min_agreement)  # verify's floor (int8 bundles)
     seconds["export"] = time.perf_counter() - t
 

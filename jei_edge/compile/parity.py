@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 import numpy as np
 
 from jei_edge.bundle.manifest import Graph, Stage
+from jei_edge.compile.quantize import dequantize_rows, quantize_rows
 from jei_edge.compile.verify import E2E_FACTOR, max_abs_error
 from jei_edge.errors import BuildError
 
@@ -76,7 +77,9 @@ def check_stages(model, stages: Sequence[Stage], sessions: Sequence, plain: Grap
     for stage, sess, ref, h in zip(stages, sessions, refs, inputs):
         k = stage.index
         names = [o.name for o in stage.outputs]
-        got = sess.run(names, {stage.input.name: h.astype(stage.input.dtype, copy=False)})  # FP16 graphs: float16
+        feed = quantize_rows(h, stage.input) if stage.input.quantized else h.astype(stage.input.dtype, copy=False)
+        got = sess.run(names, {stage.input.name: feed})  # FP16 graphs: float16; quantized edges: their integers
+        got = [dequantize_rows(g, t) if t.quantized else g for g, t in zip(got, stage.outputs)]
         row = {"stage": k, "max_abs_error": {}}
         for name, r, g in zip(names, ref, got):
             if r.shape != g.shape:

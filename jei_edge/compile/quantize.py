@@ -17,6 +17,20 @@ The INT8 design (docs/runtime.md, "INT8"):
   *slower* with symmetric int8 activations (ViT stage: 1.2-1.5x vs 0.83-0.95x). ``s8``
   (symmetric int8) is what TensorRT needs; TensorRT targets will use it.
 
+- **Quantized edges** (``edges``): the hidden state crossing a stage edge is the QuantizeLinear
+  output (``uint8``/``int8``), not FP32: stage k ends with ``Q(hidden, scale, zero_point)`` and
+  its IM reads the dequantized edge, stage k+1 starts at the DequantizeLinear input and its
+  quantized convolutions read the edge's integers directly. One scale and zero point per edge
+  (the ones the quantizer calibrated for stage k+1's input; minmax of the rows reaching it when
+  none), recorded on the manifest's ``hidden_out`` / ``hidden_in``. onnxruntime then fuses each
+  stage as it fuses the plain graph (the residual Add + ReLU + Q into QLinearAdd, no FP32
+  Add/ReLU and fewer layout transposes per edge), and compaction moves 4x fewer bytes.
+  ``"auto"`` (the default on onnxruntime targets) quantizes the edges whose next stage already
+  quantizes its input (a ResNet block's convolutions); an edge into a stage that reads it in
+  FP32 (a ViT block starts with LayerNorm and a residual Add) stays FP32, since quantizing it
+  would add a Q/DQ pair and an 8-bit residual stream and remove nothing. ``"all"`` quantizes
+  every edge, ``"none"`` none (docs/runtime.md, "INT8", has the measurements).
+
 Methods: ``minmax``, ``entropy``, ``percentile`` (recipes in ``calibration/*.toml``).
 """
 
@@ -288,7 +302,8 @@ def _raw_inputs_for_fp32_nodes(path: Path, fp32_nodes: set) -> int:
 
 
 def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, tmp: Path, x_calib: np.ndarray,
-                           recipe: Recipe, progress: Optional[Callable[[str], None]] = None) -> Dict:
+                           recipe: Recipe, progress: Optional[Callable[[str], None]] = None,
+                           edges: str = "none") -> Tuple[List[Stage], Dict]:
     """Replace the FP32 stage graphs (and the plain backbone) in ``tmp`` by calibrated INT8 ones.
 
     Args:
@@ -300,9 +315,12 @@ def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, 
         x_calib: calibration inputs.
         recipe: the calibration recipe.
         progress: called with a short message per graph.
+        edges: which stage edges carry quantized hidden states: ``none``, ``auto``, ``all``
+            (module docstring).
 
     Returns:
-        The quantization record (manifest ``quantization`` and build report).
+        ``(stages, record)``: the stages (with quantized ``hidden_out`` / ``hidden_in`` specs on
+        quantized edges) and the quantization record (manifest ``quantization``, build report).
     """
     say = progress or (lambda m: None)
     if len(x_calib) == 0:
@@ -322,7 +340,14 @@ def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, 
         report["stages"].append(info)
     say(f"int8: calibrating the plain backbone on {len(x_calib)} rows")
     report["plain"] = _quantize_in_place(tmp / plain.file, plain.inputs[0].name, x_calib, recipe)
-    return report
+    stages = list(stages)
+    report["edges"] = "fp32"
+    if edges != "none" and len(stages) > 1:
+        stages, record = quantize_edges(tmp, stages, inputs, recipe.activations, every=edges == "all")
+        report["edges"] = record
+        n = sum(e["dtype"] != "float32" for e in record)
+        say(f"int8: {n} of {len(record)} stage edges carry {EDGE_TYPES[recipe.activations]} hidden states")
+    return stages, report
 
 
 def _quantize_in_place(path: Path, input_name: str, calib: np.ndarray, recipe: Recipe) -> Dict:
@@ -330,3 +355,185 @@ def _quantize_in_place(path: Path, input_name: str, calib: np.ndarray, recipe: R
     info = quantize_graph(path, q, input_name, calib, recipe)
     q.replace(path)
     return info
+
+
+# -- quantized stage edges ------------------------------------------------------------------------
+EDGE_TYPES = {"u8": "uint8", "s8": "int8"}
+
+
+EDGE_MODES = ("none", "auto", "all")
+
+
+def edge_params(path: Path, input_name: str, calib: np.ndarray, activations: str) -> Tuple[float, int, str, bool]:
+    """``(scale, zero_point, dtype, own)`` of the edge into the graph at ``path``: the quantizer's
+    own parameters for its input (the QuantizeLinear nodes reading it; ``own`` True), so that its
+    quantized consumers read the edge's integers unchanged; else (no quantized consumer: a ViT
+    block starts with LayerNorm) minmax of ``calib``, the rows reaching the stage."""
+    import onnx
+    from onnx import numpy_helper
+
+    dtype = EDGE_TYPES[activations]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] == input_name and len(node.input) == 3:
+            if node.input[1] in init and node.input[2] in init:
+                scale = numpy_helper.to_array(init[node.input[1]])
+                zp = numpy_helper.to_array(init[node.input[2]])
+                if scale.size == 1 and zp.size == 1 and zp.dtype == np.dtype(dtype):
+                    return float(scale.reshape(())), int(zp.reshape(())), dtype, True
+    return (*minmax_params(calib, dtype), dtype, False)
+
+
+def minmax_params(x: np.ndarray, dtype: str) -> Tuple[float, int]:
+    """onnxruntime's minmax rule (range widened to hold 0): uint8 asymmetric, int8 symmetric."""
+    lo, hi = min(float(np.min(x)), 0.0) if x.size else 0.0, max(float(np.max(x)), 0.0) if x.size else 0.0
+    if dtype == "uint8":
+        scale = (hi - lo) / 255.0 or 1.0
+        return float(np.float32(scale)), int(np.clip(round(-lo / scale), 0, 255))
+    return float(np.float32(max(abs(lo), abs(hi)) / 127.0 or 1.0)), 0
+
+
+def quantize_rows(x: np.ndarray, spec) -> np.ndarray:
+    """Real values -> the edge's integers (QuantizeLinear: round half to even, saturate)."""
+    lo, hi = (0, 255) if spec.dtype == "uint8" else (-128, 127)
+    q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(spec.scale)) + spec.zero_point
+    return np.clip(q, lo, hi).astype(spec.dtype)
+
+
+def dequantize_rows(q: np.ndarray, spec) -> np.ndarray:
+    """The edge's integers -> real values (DequantizeLinear)."""
+    return ((q.astype(np.int32) - spec.zero_point) * np.float32(spec.scale)).astype(np.float32)
+
+
+def quantize_edges(tmp: Path, stages: Sequence[Stage], inputs: Sequence[np.ndarray],
+                   activations: str, every: bool = False) -> Tuple[List[Stage], List[Dict]]:
+    """Rewrite stage edges k -> k+1 to carry the quantized hidden state (module docstring).
+
+    Args:
+        tmp: the staging directory holding the (already quantized) stage graphs.
+        stages: the stages; ``inputs``: the calibration rows of each stage (``stage_inputs``).
+        activations: the recipe's ``u8`` / ``s8``.
+        every: every edge; else only those whose next stage quantizes its input itself.
+
+    Returns:
+        ``(stages with quantized hidden specs, one record per edge)``.
+    """
+    import dataclasses
+
+    from jei_edge.compile.export import check_onnx
+
+    out, edges = list(stages), []
+    for k in range(len(stages) - 1):
+        a, b = out[k], out[k + 1]
+        scale, zp, dtype, own = edge_params(tmp / b.file, b.input.name, inputs[k + 1], activations)
+        if not (own or every):
+            edges.append({"edge": f"{k}->{k + 1}", "dtype": "float32",
+                          "why": f"stage {k + 1} reads its input in FP32 only: nothing to save"})
+            continue
+        _quantize_graph_output(tmp / a.file, a.hidden.name, scale, zp, dtype)
+        removed = _quantize_graph_input(tmp / b.file, b.input.name, scale, zp, dtype)
+        for st in (a, b):
+            check_onnx(tmp / st.file, f"stage {st.index} (quantized edge)", st.input.name, [o.name for o in st.outputs])
+        q_out = dataclasses.replace(a.hidden, dtype=dtype, scale=scale, zero_point=zp)
+        out[k] = dataclasses.replace(a, outputs=tuple(q_out if o.name == a.hidden.name else o for o in a.outputs))
+        out[k + 1] = dataclasses.replace(b, inputs=(dataclasses.replace(b.input, dtype=dtype, scale=scale, zero_point=zp),))
+        edges.append({"edge": f"{k}->{k + 1}", "dtype": dtype, "scale": scale, "zero_point": zp,
+                      "quantize_nodes_removed": removed})
+    return out, edges
+
+
+_ONNX_TYPES = {"uint8": 2, "int8": 3}  # onnx.TensorProto.UINT8 / INT8
+
+
+def _qparams(graph, prefix: str, scale: float, zp: int, dtype: str) -> Tuple[str, str]:
+    from onnx import numpy_helper
+
+    s_name, z_name = f"{prefix}_edge_scale", f"{prefix}_edge_zero_point"
+    graph.initializer.extend([numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name),
+                              numpy_helper.from_array(np.array(zp, dtype=dtype), z_name)])
+    return s_name, z_name
+
+
+def _quantize_graph_output(path: Path, name: str, scale: float, zp: int, dtype: str) -> None:
+    """Graph output ``name`` becomes ``QuantizeLinear(name)``; the graph's own readers of the FP32
+    value (the IM) read ``DequantizeLinear`` of it, the value the next stage sees, which also
+    leaves the FP32 value one reader so onnxruntime can fuse it into the quantized op before it."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    fp32, dq = f"{name}_fp32", f"{name}_dequantized"
+    at = None
+    for i, node in enumerate(graph.node):
+        for j, o in enumerate(node.output):
+            if o == name:
+                node.output[j], at = fp32, i
+        for j, x in enumerate(node.input):
+            if x == name:
+                node.input[j] = dq
+    if at is None:
+        raise BuildError(f"INT8 quantized edge: no node of '{path.name}' writes '{name}'")
+    s_name, z_name = _qparams(graph, name, scale, zp, dtype)
+    graph.node.insert(at + 1, onnx.helper.make_node("QuantizeLinear", [fp32, s_name, z_name], [name],
+                                                    name=f"{name}_edge_QuantizeLinear"))
+    graph.node.insert(at + 2, onnx.helper.make_node("DequantizeLinear", [name, s_name, z_name], [dq],
+                                                    name=f"{name}_edge_DequantizeLinear"))
+    for o in graph.output:
+        if o.name == name:
+            o.type.tensor_type.elem_type = _ONNX_TYPES[dtype]
+    _prune(graph)
+    onnx.save(model, str(path))
+
+
+def _quantize_graph_input(path: Path, name: str, scale: float, zp: int, dtype: str) -> int:
+    """Graph input ``name`` becomes the quantized edge: its readers read ``DequantizeLinear(name)``,
+    and every QuantizeLinear of that value with the edge's own parameters is dropped (its readers
+    read ``name`` itself). Returns how many QuantizeLinear nodes were dropped."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    dq = f"{name}_dequantized"
+    for node in graph.node:
+        for j, x in enumerate(node.input):
+            if x == name:
+                node.input[j] = dq
+    s_name, z_name = _qparams(graph, name, scale, zp, dtype)
+    graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", [name, s_name, z_name], [dq],
+                                               name=f"{name}_edge_DequantizeLinear"))
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    same = set()
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] == dq and len(node.input) == 3:
+            s, z = init.get(node.input[1]), init.get(node.input[2])
+            if (s is not None and z is not None and s.size == 1 and z.size == 1 and z.dtype == np.dtype(dtype)
+                    and np.float32(s.reshape(())) == np.float32(scale) and int(z.reshape(())) == zp):
+                same.add(node.output[0])
+    if same:
+        for node in graph.node:
+            for j, x in enumerate(node.input):
+                if x in same:
+                    node.input[j] = name
+    for i in graph.input:
+        if i.name == name:
+            i.type.tensor_type.elem_type = _ONNX_TYPES[dtype]
+    _prune(graph)
+    onnx.save(model, str(path))
+    return len(same)
+
+
+def _prune(graph) -> None:
+    """Drop nodes whose outputs nobody reads (and the initializers only they used)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = outputs | {x for n in graph.node for x in n.input}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {x for n in graph.node for x in n.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)

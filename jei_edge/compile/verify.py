@@ -128,6 +128,12 @@ def _run(rt, x: np.ndarray, mode: str, update, offsets) -> tuple:
     return np.concatenate(probs), np.concatenate(exits)
 
 
+def _quantized_edges(rt) -> bool:
+    """The bundle's stage edges carry quantized hidden states (INT8 onnxruntime bundles)."""
+    stages = getattr(getattr(rt, "manifest", None), "stages", ())
+    return any(s.input.quantized for s in stages[1:])
+
+
 def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> Dict:
     """Run ``rt`` on the references in ``exit`` and ``full`` mode and compare (see the module docstring).
 
@@ -182,8 +188,9 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
             raise ParityError(f"INT8 parity failed: exit decisions agree with the FP32 model on "
                               f"{100 * floor_value:.2f}% of {report['floor_on']}, below the required "
                               f"{100 * rule.min_agreement:.1f}%; tensor 'gate'",
-                              hint="calibrate on more or more representative data, try --calibration percentile, "
-                                   "or lower --min-agreement")
+                              hint="calibrate on more or more representative data, try --calibration percentile"
+                                   + (", build with --fp32-edges" if _quantized_edges(rt) else "")
+                                   + ", or lower --min-agreement")
         return report
     if beyond:
         i = int(np.flatnonzero(diff)[~ties][0])

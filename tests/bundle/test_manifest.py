@@ -177,3 +177,81 @@ def test_schema_v1_loads_through_the_same_parser(vit_bundle, tmp_path, raw):
     x = np.random.default_rng(2).normal(size=(20,) + m1.input.shape).astype(np.float32)
     with Runtime.load(b) as r1, Runtime.load(vit_bundle) as r2:
         np.testing.assert_array_equal(r1.run(x).exit_index, r2.run(x).exit_index)
+
+
+# -- quantized stage edges (INT8 bundles: uint8/int8 hidden states with one scale and zero point per edge)
+def _quantized(raw, dtype="uint8", scale=0.05, zero_point=3):
+    m = copy.deepcopy(raw)
+    for k, st in enumerate(m["stages"]):
+        for t in st["outputs"][:1] if st["outputs"][0]["name"] == "hidden_out" else []:
+            t.update(dtype=dtype, scale=scale * (k + 1), zero_point=zero_point)
+        if k:
+            st["inputs"][0].update(dtype=dtype, scale=scale * k, zero_point=zero_point)
+    return m
+
+
+@pytest.fixture(scope="module")
+def raw_q(raw):
+    return _quantized(raw)
+
+
+def test_quantized_edges_round_trip(raw_q):
+    m = parse_manifest(raw_q, "q.jei")
+    a, b = m.stages[0].hidden, m.stages[1].input
+    assert (a.dtype, a.scale, a.zero_point, a.itemsize) == ("uint8", 0.05, 3, 1) and a.quantized and b == a.__class__(
+        "hidden_in", a.shape, "uint8", 0.05, 3)
+    assert not m.stages[0].input.quantized and m.stages[0].output("probs").scale is None
+    assert parse_manifest(m.to_dict(), "again") == m
+    assert parse_manifest(_quantized(raw_q, "int8", 0.5, -128), "s8").stages[1].input.zero_point == -128
+
+
+QUANT_CASES = [
+    ("stages.0.outputs.0.scale", ..., r"stages\[0\].outputs\[0\].scale' must be a finite number"),
+    ("stages.1.inputs.0.zero_point", ..., r"stages\[1\].inputs\[0\].zero_point' must be an integer in \[0, 255\]"),
+    ("stages.1.inputs.0.zero_point", 256, r"stages\[1\].inputs\[0\].zero_point' must be an integer in \[0, 255\]"),
+    ("stages.1.inputs.0.zero_point", 2.5, r"stages\[1\].inputs\[0\].zero_point"),
+    ("stages.0.outputs.0.scale", float("nan"), r"stages\[0\].outputs\[0\].scale"),
+    ("stages.0.outputs.0.scale", -0.1, r"stages\[0\].outputs\[0\].scale"),
+    ("stages.0.outputs.0.scale", 0, r"stages\[0\].outputs\[0\].scale"),
+    ("stages.0.outputs.0.scale", True, r"stages\[0\].outputs\[0\].scale"),
+    ("stages.0.outputs.0.scale", "0.05", r"stages\[0\].outputs\[0\].scale"),
+    ("stages.1.inputs.0.scale", 0.07, r"stages\[1\].inputs\[0\].scale' and zero_point must equal stage 0's hidden_out"),
+    ("stages.1.inputs.0.zero_point", 4, r"stages\[1\].inputs\[0\].scale' and zero_point must equal stage 0"),
+    ("stages.0.outputs.1.scale", 0.1, r"stages\[0\].outputs\[1\].scale' is only allowed on a quantized tensor"),
+    ("stages.0.inputs.0.zero_point", 0, r"stages\[0\].inputs\[0\].zero_point' is only allowed on a quantized"),
+    ("stages.1.inputs.0.dtype", "float32", r"stages\[1\].inputs\[0\].scale' is only allowed"),
+    ("stages.1.inputs.0.dtype", "int8", r"stages\[1\].inputs\[0\].zero_point|must match stage 0's hidden_out"),
+]
+
+
+@pytest.mark.parametrize("path,value,match", QUANT_CASES, ids=[c[0] + "=" + repr(c[1])[:20] for c in QUANT_CASES])
+def test_malformed_quantized_edge_is_a_bundle_error_naming_it(raw_q, path, value, match):
+    m = copy.deepcopy(raw_q)
+    _set(m, path, value)
+    with pytest.raises(BundleError, match=match):
+        parse_manifest(m, "q.jei")
+
+
+def test_quantized_hidden_state_needs_its_scale(raw):
+    """A uint8/int8 hidden state without scale and zero point is refused (a float one needs none)."""
+    for dtype in ("uint8", "int8"):
+        m = copy.deepcopy(raw)
+        m["stages"][0]["outputs"][0]["dtype"] = m["stages"][1]["inputs"][0]["dtype"] = dtype
+        with pytest.raises(BundleError, match=rf"stages\[0\].outputs\[0\].scale' is required for a {dtype} hidden state"):
+            parse_manifest(m, "q.jei")
+
+
+def test_fuzzed_quantized_manifests_give_bundle_error_or_a_valid_manifest(raw_q):
+    rng = np.random.default_rng(7)
+    errors = 0
+    for _ in range(2000):
+        m, what = _fuzz(raw_q, rng)
+        if m is None:
+            continue
+        try:
+            parse_manifest(m, "q.jei")
+        except BundleError:
+            errors += 1
+        except Exception as exc:
+            pytest.fail(f"{what}: {type(exc).__name__}: {exc}")
+    assert errors > 600

@@ -1,12 +1,24 @@
 """INT8 builds: exit-aware calibration, Q/DQ only in the backbone, the input guard intact, clear errors."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
 
+from jei_edge.bundle import MANIFEST, Bundle
 from jei_edge.compile import BuildOptions, build_bundle, verify_bundle
-from jei_edge.compile.quantize import MIN_ROWS, Recipe, load_recipe, quantize_graph, stage_inputs
+from jei_edge.compile.quantize import (
+    MIN_ROWS,
+    Recipe,
+    dequantize_rows,
+    load_recipe,
+    minmax_params,
+    quantize_graph,
+    quantize_rows,
+    stage_inputs,
+)
 from jei_edge.errors import BuildError, InputError
 from jei_edge.runtime import Runtime
 from tests.runtime.helpers import model_inputs, save_spread
@@ -22,9 +34,11 @@ def int8_bundle(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"int8_{request.param}")
     ckpt = save_spread(tmp / "m.pt", request.param)
     out = tmp / "m8.jei"
-    # an untrained spread model: agreement is reported, not required, here
+    # an untrained spread model: agreement is reported, not required, here. The ResNet's edges are
+    # quantized by default (its blocks start with convolutions); the ViT's only when asked for (all
+    # edges: minmax parameters, LayerNorm and the residual Add read the dequantized edge)
     report = build_bundle(ckpt, out, BuildOptions(precision="int8", data=DATA, parity_samples=600, stage_samples=64,
-                                                  min_agreement=0.0))
+                                                  min_agreement=0.0, quantized_edges=request.param == "vit" or None))
     return request.param, ckpt, out, report
 
 
@@ -42,7 +56,8 @@ def test_int8_bundle_is_quantized_in_the_backbone_only(int8_bundle):
         g = _graph(out / st["file"])
         ops = [n.op_type for n in g.node]
         assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, st["file"]
-        dq_out = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
+        # the IM may read the dequantized edge (what the next stage reads), nothing else quantized
+        dq_out = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"} - {"hidden_out_dequantized"}
         for n in g.node:  # IMs, gates and the guard read FP32 tensors only
             if n.name.startswith(("/outs.", "/gates.", "/head", "/Flatten", "/ReduceSum")):
                 assert not set(n.input) & dq_out, (st["file"], n.name)
@@ -119,7 +134,153 @@ def test_int8_build_json_output_is_clean(tmp_path, capsys):
 
     ckpt = save_spread(tmp_path / "m.pt", "resnet")
     rc = cli_main(["build", str(ckpt), "-o", str(tmp_path / "j.jei"), "--precision", "int8", "--data", DATA,
-                   "--parity-samples", "300", "--min-agreement", "0", "--json"])
+                   "--parity-samples", "300", "--min-agreement", "0", "--fp32-edges", "--json"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert json.loads(out)["precision"] == "int8"
+    report = json.loads(out)
+    assert report["precision"] == "int8" and report["quantization"]["edges"] == "fp32"
+    # --fp32-edges: the hidden states cross the edges in FP32, as before quantized edges
+    stages = json.loads((tmp_path / "j.jei" / "manifest.json").read_text())["stages"]
+    assert {t["dtype"] for s in stages for t in s["inputs"] + s["outputs"]} == {"float32"}
+    assert not any("scale" in t for s in stages for t in s["inputs"] + s["outputs"])
+
+
+# -- quantized stage edges
+def _init(graph):
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+
+def test_int8_edges_carry_the_quantized_hidden_state(int8_bundle):
+    """Stage k writes QuantizeLinear's output, stage k+1 reads it through DequantizeLinear only, with
+    the one scale / zero point the manifest records; the ResNet's convolutions read the integers
+    (the quantizer's own parameters), the ViT's forced edges use minmax of the reaching rows."""
+    import onnx
+
+    fam, _, out, report = int8_bundle
+    m = Bundle.open(out).manifest
+    edges = report["quantization"]["edges"]
+    assert len(edges) == len(m.stages) - 1 >= 2
+    for a, b, e in zip(m.stages[:-1], m.stages[1:], edges):
+        assert a.hidden.dtype == b.input.dtype == "uint8" and a.hidden.itemsize == 1
+        assert (a.hidden.scale, a.hidden.zero_point) == (b.input.scale, b.input.zero_point) == (e["scale"], e["zero_point"])
+        ga, gb = _graph(out / a.file), _graph(out / b.file)
+        (q,) = [n for n in ga.node if "hidden_out" in n.output]
+        assert q.op_type == "QuantizeLinear"
+        init = _init(ga)
+        assert init[q.input[1]] == np.float32(a.hidden.scale) and init[q.input[2]] == a.hidden.zero_point
+        assert init[q.input[2]].dtype == np.uint8
+        assert {o.name: o.type.tensor_type.elem_type for o in ga.output}["hidden_out"] == onnx.TensorProto.UINT8
+        assert gb.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        readers = [n for n in gb.node if "hidden_in" in n.input]
+        assert readers and {n.op_type for n in readers} == {"DequantizeLinear"}
+        init = _init(gb)
+        for n in readers:
+            assert init[n.input[1]] == np.float32(b.input.scale) and init[n.input[2]] == b.input.zero_point
+        # nothing re-quantizes the dequantized edge with the edge's own parameters
+        dq = {n.output[0] for n in readers}
+        for n in gb.node:
+            if n.op_type == "QuantizeLinear" and n.input[0] in dq:
+                assert (init[n.input[1]], init[n.input[2]]) != (np.float32(b.input.scale), b.input.zero_point)
+        if fam == "resnet":  # the block's convolutions read the edge's integers directly
+            assert e["quantize_nodes_removed"] >= 1
+            assert e["scale"] == float(init["hidden_in_scale"]) and e["zero_point"] == 0  # ReLU output: zp 0
+            assert any(n.op_type == "DequantizeLinear" and n.input[0] == "hidden_in"
+                       and any(c.op_type == "Conv" and n.output[0] in c.input for c in gb.node) for n in gb.node)
+
+
+def test_int8_edges_compact_uint8_rows(int8_bundle):
+    """The CPU workspace holds uint8 hidden rows and compacts them: a batch whose rows leave at
+    different exits gives the results of the same rows run one at a time (batch 1 never moves rows)."""
+    _, _, out, _ = int8_bundle
+    with Runtime.load(out, max_batch=64) as rt:
+        assert rt.workspace.stage_outputs(0)["hidden_out"].dtype == np.uint8
+        assert rt.workspace.stage_input(1).dtype == np.uint8
+        x = model_inputs(64, seed=5)
+        res = rt.run(x)
+        assert any(0 < r < 64 for r in res.reach[1:]), res.reach  # rows left early: survivors were compacted
+        assert len(set(res.exit_index.tolist())) >= 2
+        one = [rt.run(x[i:i + 1]) for i in range(64)]
+    assert np.array_equal(res.exit_index, np.concatenate([r.exit_index for r in one]))
+    np.testing.assert_allclose(res.probs, np.concatenate([r.probs for r in one]), atol=1e-5)
+
+
+def test_quantize_rows_match_onnxruntime():
+    """The build's numpy Q/DQ (per-stage parity feeds the PyTorch hidden state through it) is
+    onnxruntime's QuantizeLinear / DequantizeLinear: round half to even, saturation."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jei_edge.bundle.manifest import TensorSpec
+
+    x = np.concatenate([np.linspace(-3, 9, 1001, dtype=np.float32), np.float32([0.25, 0.75, -0.25, 1e6, -1e6])])
+    for dtype in ("uint8", "int8"):
+        scale, zp = minmax_params(np.float32([-2.0, 7.0]) if dtype == "uint8" else np.float32([-6.0, 5.0]), dtype)
+        assert (zp == 0) == (dtype == "int8") and scale > 0
+        spec = TensorSpec("hidden_out", (x.size,), dtype, scale, zp)
+        elem = TensorProto.UINT8 if dtype == "uint8" else TensorProto.INT8
+        g = helper.make_graph(
+            [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"])],
+            "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, x.size])],
+            [helper.make_tensor_value_info("q", elem, [1, x.size]), helper.make_tensor_value_info("d", TensorProto.FLOAT, [1, x.size])],
+            [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zp, dtype), "z")])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        q, d = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x[None]})
+        mine = quantize_rows(x[None], spec)
+        assert mine.dtype == np.dtype(dtype) and np.array_equal(mine, q)
+        assert np.array_equal(dequantize_rows(q, spec), d)
+        qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+        lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
+        inside = (x >= lo) & (x <= hi)
+        assert inside.sum() > 500 and (~inside).sum() >= 2
+        err = np.abs(dequantize_rows(mine, spec)[0] - x)
+        assert err[inside].max() <= scale / 2 + 1e-6  # rounding error only (float32)
+        assert set(mine[0][~inside].tolist()) <= {qmin, qmax}  # saturated
+
+
+def test_quantized_edge_manifest_errors_are_one_line(int8_bundle, tmp_path, capsys):
+    """A manifest whose edge disagrees with its graphs or with itself: one error line, exit code 2."""
+    from jei_edge.runtime.cli import main as run_main
+
+    _, _, out, _ = int8_bundle
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32))
+    cases = []
+    raw = json.loads((out / MANIFEST).read_text())
+    m = json.loads(json.dumps(raw))  # the graphs say uint8, the manifest float32 (consistently)
+    for t in [m["stages"][0]["outputs"][0], m["stages"][1]["inputs"][0]]:
+        t["dtype"] = "float32"
+        del t["scale"], t["zero_point"]
+    cases.append((m, r"stage 0 graph 'stages/stage0.onnx' tensor 'hidden_out' is uint8.*the manifest says float32"))
+    m = json.loads(json.dumps(raw))
+    m["stages"][1]["inputs"][0]["scale"] *= 2
+    cases.append((m, r"stages\[1\].inputs\[0\].scale' and zero_point must equal stage 0's hidden_out"))
+    m = json.loads(json.dumps(raw))
+    del m["stages"][0]["outputs"][0]["scale"]
+    cases.append((m, r"stages\[0\].outputs\[0\].scale' must be a finite number"))
+    for i, (m, match) in enumerate(cases):
+        b = tmp_path / f"b{i}.jei"
+        shutil.copytree(out, b)
+        (b / MANIFEST).write_text(json.dumps(m))
+        rc = run_main([str(b), str(tmp_path / "a.npy")])
+        o, err = capsys.readouterr()
+        assert rc == 2 and o == "" and "Traceback" not in err, err
+        assert err.startswith("error:") and len(err.strip().splitlines()) <= 2, err  # the error (+ its hint)
+        assert re.search(match, err), err
+
+
+def test_int8_edges_auto_leaves_fp32_reading_stages_alone(tmp_path):
+    """By default an edge is quantized only when the next stage quantizes its input itself: a ViT
+    block reads its input in FP32 (LayerNorm, the residual Add), so its edges stay FP32, said in the
+    report; a TensorRT target refuses forced quantized edges before any work."""
+    ckpt = save_spread(tmp_path / "m.pt", "vit")
+    report = build_bundle(ckpt, tmp_path / "v.jei", BuildOptions(precision="int8", data=DATA, parity_samples=300,
+                                                                 stage_samples=32, min_agreement=0.0))
+    edges = report["quantization"]["edges"]
+    assert edges and all(e["dtype"] == "float32" and "reads its input in FP32" in e["why"] for e in edges)
+    assert all(not st.input.quantized and st.input.dtype == "float32" for st in Bundle.open(tmp_path / "v.jei").manifest.stages)
+    with pytest.raises(BuildError, match="quantized .int8. stage edges are for onnxruntime targets"):
+        build_bundle(ckpt, tmp_path / "t.jei", BuildOptions(target="orin-nano-jp6", precision="int8", data=DATA,
+                                                            quantized_edges=True))
+    assert not (tmp_path / "t.jei").exists()

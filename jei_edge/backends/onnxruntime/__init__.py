@@ -84,7 +84,7 @@ class OnnxruntimeBackend(Backend):
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-              "tensor(double)": "float64", "tensor(int8)": "int8", "tensor(int32)": "int32", "tensor(int64)": "int64"}
+              "tensor(double)": "float64", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64"}
 
 
 def _check_types(sess, st) -> None:
