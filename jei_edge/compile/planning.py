@@ -17,113 +17,124 @@ only.
 The boundary cost is measured, not assumed: the one-stage-per-exit pipeline (the ``(k, k)``
 candidates' sessions in the runtime's own conditional loop, ``NumpyWorkspace`` and
 ``OrtStageExecutor``) runs on real inputs inside the same timing rounds as the candidates, and
-``boundary = (pipeline time - sum reach[a] * T(a, a)) / sum reach[a]``: everything a stage run
-costs in the pipeline beyond the session timed alone (the decision and compaction, the glue, and
-a session being colder between other stages than in a loop of its own). It also absorbs, at
-batch > 1, that a stage runs on fewer rows than ``batch`` once some have left. The predicted time
-of the stage-per-exit plan is then the measured one by construction; a merged plan's prediction
-errs by the span timings only. (A fixed 10 us per boundary over-predicted the gain of merging:
-~10% predicted vs 6% measured at batch 1, 5% vs ~5% at batch 64.)
+``boundary = (pipeline time - sum reach[a] * T(a, a)) / sum reach[a]`` (at least 0).
+
+Then the choice is checked the same way: the planned grouping, a stage per exit and one single
+stage are each run as a pipeline on the same real inputs, interleaved, and the fastest is kept;
+the report's expected times are those measurements. Candidates timed alone in a round robin over
+all spans run colder than inside the pipeline, by different amounts for small and large spans,
+so the model alone mispredicted the gain of merging (~10-13% predicted where 5-6% was measured
+at batch 1); the measured pipelines are what the runtime will do.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-PIPELINE_ROWS = 64  # real rows per timing round for the boundary calibration (batch 1); at least one batch
+PIPELINE_ROWS = 256  # real rows each pipeline runs per timing round (at least one batch)
 
 
-def time_spans(model, x: np.ndarray, work: Path, settings, opset: int, batch: int = 1, repeats: int = 30,
-               progress: Optional[Callable[[str], None]] = None, x_pipeline: Optional[np.ndarray] = None):
-    """Seconds per run of every candidate stage ``a..b`` on ``batch`` rows (onnxruntime, ``settings``).
+class Candidates:
+    """Every candidate stage ``a..b`` exported and loaded in onnxruntime (``settings``), with the
+    input rows that reach it (``batch`` rows of ``x``, hidden states from the unmerged stages)."""
 
-    With ``x_pipeline`` (real inputs) also times the one-stage-per-exit pipeline on them, in the same
-    rounds: returns ``(times, pipeline)`` where ``pipeline`` is ``{"seconds_per_row", "reach"}``
-    (median seconds per input row, and the fraction of rows entering each stage)."""
-    import torch
+    def __init__(self, model, x: np.ndarray, work: Path, settings, opset: int, batch: int = 1,
+                 progress: Optional[Callable[[str], None]] = None):
+        import torch
 
-    from jei_edge.backends.onnxruntime.executor import create_session
-    from jei_edge.compile.export import _export
-    from jei_edge.compile.plan import StagePlan
+        from jei_edge.backends.onnxruntime.executor import create_session
+        from jei_edge.compile.export import _export
+        from jei_edge.compile.plan import StagePlan
 
-    model.requires_grad_(False)  # IMs share frozen modules without owning them: trace them as constants
-    n_exits = len(model.stage_ranges())
-    rows = np.ascontiguousarray(np.resize(x[:max(batch, 2)], (max(batch, 2),) + x.shape[1:]).astype(np.float32))
-    # the hidden state entering each exit's stage, for these rows (from the unmerged stages)
-    inputs = [rows]
-    with torch.no_grad():
-        h = torch.from_numpy(rows)
-        for k in range(n_exits - 1):
-            h = model.stage(k)(h)[0]
-            inputs.append(np.ascontiguousarray(h.numpy()))
-    sessions: Dict[Tuple[int, int], tuple] = {}
-    for a in range(n_exits):
+        self.settings, self.batch = settings, int(batch)
+        model.requires_grad_(False)  # IMs share frozen modules without owning them: trace them as constants
+        self.n_exits = n_exits = len(model.stage_ranges())
+        rows = np.ascontiguousarray(np.resize(x[:max(batch, 2)], (max(batch, 2),) + x.shape[1:]).astype(np.float32))
+        # the hidden state entering each exit's stage, for these rows (from the unmerged stages)
+        inputs = [rows]
+        with torch.no_grad():
+            h = torch.from_numpy(rows)
+            for k in range(n_exits - 1):
+                h = model.stage(k)(h)[0]
+                inputs.append(np.ascontiguousarray(h.numpy()))
+        self.inputs = inputs
+        self.sessions: Dict[Tuple[int, int], tuple] = {}
+        for a in range(n_exits):
+            if progress:
+                progress(f"planning: exporting the stages that start at exit {a} ({n_exits - a} candidates)")
+            for b in range(a, n_exits):
+                module = model.stage(a, last_exit=b).eval()
+                # the candidate's I/O names as the compiler would give it (index a: "x" iff it starts at exit 0)
+                plan = StagePlan(index=a, blocks=(0, 0), exits=tuple(range(a, b + 1)), last=b == n_exits - 1, macs=0)
+                path = work / f"span_{a}_{b}.onnx"
+                with torch.no_grad():
+                    _export(module, torch.from_numpy(inputs[a][:2].copy()), path, plan.input_name, plan.output_names,
+                            opset, f"candidate stage {a}..{b}")
+                sess = create_session(path, settings, f"candidate stage {a}..{b}")
+                self.sessions[(a, b)] = (sess, {sess.get_inputs()[0].name: inputs[a][:batch]})
+                path.unlink()
+
+    def time_spans(self, repeats: int = 30, pipeline: Optional["Pipeline"] = None,
+                   progress: Optional[Callable[[str], None]] = None):
+        """Seconds per run of every candidate on ``batch`` rows (median), and the median seconds per
+        row of ``pipeline`` timed in the same rounds (None without one).
+
+        Round robin over the candidates, a few runs each per round: a shared machine's drift and
+        stalls spread over all candidates instead of biasing the ones timed during them."""
+        samples: Dict[Tuple[int, int], list] = {key: [] for key in self.sessions}
+        per_round = 3
+        rounds = max(1, repeats // per_round)
         if progress:
-            progress(f"planning: exporting the stages that start at exit {a} ({n_exits - a} candidates)")
-        for b in range(a, n_exits):
-            module = model.stage(a, last_exit=b).eval()
-            # the candidate's I/O names as the compiler would give it (index a: "x" iff it starts at exit 0)
-            plan = StagePlan(index=a, blocks=(0, 0), exits=tuple(range(a, b + 1)), last=b == n_exits - 1, macs=0)
-            path = work / f"span_{a}_{b}.onnx"
-            with torch.no_grad():
-                _export(module, torch.from_numpy(inputs[a][:2].copy()), path, plan.input_name, plan.output_names,
-                        opset, f"candidate stage {a}..{b}")
-            sess = create_session(path, settings, f"candidate stage {a}..{b}")
-            sessions[(a, b)] = (sess, {sess.get_inputs()[0].name: inputs[a][:batch]})
-            path.unlink()
-    # round robin over the candidates, a few runs each per round: a shared machine's drift and
-    # stalls spread over all candidates instead of biasing the ones timed during them
-    samples: Dict[Tuple[int, int], list] = {key: [] for key in sessions}
-    per_round = 3
-    rounds = max(1, repeats // per_round)
-    if progress:
-        progress(f"planning: timing {len(sessions)} candidate stages at batch {batch} ({rounds} rounds)")
-    for sess, feed in sessions.values():
-        sess.run(None, feed)
-    pipe = _Pipeline(sessions, inputs, settings, batch, x_pipeline) if x_pipeline is not None else None
-    piped: List[float] = []
-    for _ in range(rounds):
-        for key, (sess, feed) in sessions.items():
-            for _ in range(per_round):
-                t = time.perf_counter()
-                sess.run(None, feed)
-                samples[key].append(time.perf_counter() - t)
-        if pipe is not None:
-            piped.append(pipe.seconds_per_row())
-    times = {key: float(np.median(v)) for key, v in samples.items()}
-    if pipe is None:
-        return times
-    return times, {"seconds_per_row": float(np.median(piped)), "reach": pipe.reach}
+            progress(f"planning: timing {len(self.sessions)} candidate stages at batch {self.batch} ({rounds} rounds)")
+        for sess, feed in self.sessions.values():
+            sess.run(None, feed)
+        piped: List[float] = []
+        for _ in range(rounds):
+            for key, (sess, feed) in self.sessions.items():
+                for _ in range(per_round):
+                    t = time.perf_counter()
+                    sess.run(None, feed)
+                    samples[key].append(time.perf_counter() - t)
+            if pipeline is not None:
+                piped.append(pipeline.seconds_per_row())
+        times = {key: float(np.median(v)) for key, v in samples.items()}
+        return times, (float(np.median(piped)) if piped else None)
+
+    def pipeline(self, groups: Sequence[Sequence[int]], x: np.ndarray) -> "Pipeline":
+        return Pipeline(self, groups, x)
 
 
-class _Pipeline:
-    """The one-stage-per-exit plan run by the runtime's own loop on the ``(k, k)`` candidate sessions."""
+class Pipeline:
+    """A grouping of exits run by the runtime's own conditional loop (``NumpyWorkspace``,
+    ``OrtStageExecutor``) on the candidates' sessions, over ``PIPELINE_ROWS`` rows of ``x``."""
 
-    def __init__(self, sessions, inputs, settings, batch: int, x: np.ndarray):
+    def __init__(self, cands: Candidates, groups: Sequence[Sequence[int]], x: np.ndarray):
         from jei_edge.backends.onnxruntime.executor import OrtStageExecutor
         from jei_edge.bundle.manifest import Stage, TensorSpec
         from jei_edge.runtime.workspace import NumpyWorkspace
 
-        n = 1 + max(b for _, b in sessions)
-        stages = []
-        for k in range(n):
-            sess, feed = sessions[(k, k)]
+        last, batch = cands.n_exits - 1, cands.batch
+        self.groups = [tuple(g) for g in groups]
+        stages, sessions = [], []
+        for i, g in enumerate(self.groups):
+            sess, feed = cands.sessions[(g[0], g[-1])]
             outs = sess.run(None, feed)
             specs = tuple(TensorSpec(o.name, tuple(v.shape[1:]), str(v.dtype)) for o, v in zip(sess.get_outputs(), outs))
-            inp = TensorSpec(sess.get_inputs()[0].name, tuple(inputs[k].shape[1:]), str(inputs[k].dtype))
-            stages.append(Stage(k, "", (k, k + 1), (k,), () if k == n - 1 else (k,), 0, False, (inp,), specs))
-        self.num_classes = int(stages[-1].output("probs").shape[-1])
-        self.executor = OrtStageExecutor([sessions[(k, k)][0] for k in range(n)], settings)
-        self.ws = NumpyWorkspace(stages, self.num_classes, batch)
+            inp = cands.inputs[g[0]]
+            stages.append(Stage(i, "", (g[0], g[-1] + 1), g, tuple(e for e in g if e < last), 0, False,
+                                (TensorSpec(sess.get_inputs()[0].name, tuple(inp.shape[1:]), str(inp.dtype)),), specs))
+            sessions.append(sess)
+        self.executor = OrtStageExecutor(sessions, cands.settings)
+        self.ws = NumpyWorkspace(stages, int(stages[-1].output("probs").shape[-1]), batch)
         rows = max(batch, PIPELINE_ROWS // batch * batch)
         x = np.ascontiguousarray(np.resize(x, (rows,) + x.shape[1:]).astype(np.float32))
         self.batches = [x[i:i + batch] for i in range(0, rows, batch)]
         self.rows = rows
-        reach = np.zeros(n)
+        reach = np.zeros(len(stages))
         for b in self.batches:  # untimed: warm-up and the rows entering each stage
             r = self._run(b)
             reach[:len(r)] += r
@@ -139,6 +150,16 @@ class _Pipeline:
         for b in self.batches:
             self._run(b)
         return (time.perf_counter() - t) / self.rows
+
+
+def compare_pipelines(pipelines: Sequence[Pipeline], rounds: int = 10) -> List[float]:
+    """Median seconds per row of each pipeline, timed interleaved (the order alternating per round)."""
+    out: List[List[float]] = [[] for _ in pipelines]
+    order = list(range(len(pipelines)))
+    for i in range(rounds):
+        for j in (order if i % 2 == 0 else order[::-1]):
+            out[j].append(pipelines[j].seconds_per_row())
+    return [float(np.median(v)) for v in out]
 
 
 def boundary_seconds(pipeline: Dict, times: Dict[Tuple[int, int], float], batch: int) -> float:
@@ -177,24 +198,44 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
     """Measure and choose (see the module docstring). Returns ``(groups, report)``."""
     from jei_edge.model.jei import exit_decisions
 
-    reach = exit_decisions(model, x_real).reach(len(model.stage_ranges()))
-    times, pipeline = time_spans(model, x_real, work, settings, opset, batch=batch, progress=progress,
-                                 x_pipeline=x_real)
-    n = len(reach)
-    b_s = boundary_seconds(pipeline, times, batch)
-    boundary_us = b_s * 1e6
-    groups, cost = best_groups(reach, times, b_s)
+    n = len(model.stage_ranges())
+    reach = exit_decisions(model, x_real).reach(n)
+    cands = Candidates(model, x_real, work, settings, opset, batch=batch, progress=progress)
     every = [(i,) for i in range(n)]
+    every_pipe = cands.pipeline(every, x_real)
+    times, piped = cands.time_spans(pipeline=every_pipe, progress=progress)
+    b_s = boundary_seconds({"seconds_per_row": piped, "reach": every_pipe.reach}, times, batch)
+    planned, cost = best_groups(reach, times, b_s)
+    # the check: the plan, a stage per exit and one single stage, each run as a pipeline
+    options = {"every_exit": every, "one_stage": [tuple(range(n))]}
+    options = {"planned": planned, **{k: g for k, g in options.items() if g != planned}}
+    if progress:
+        progress(f"planning: running the plan {[list(g) for g in planned]}, a stage per exit and one stage "
+                 f"as pipelines at batch {batch}")
+    names = list(options)
+    pipes = [every_pipe if options[k] == every else cands.pipeline(options[k], x_real) for k in names]
+    measured = dict(zip(names, compare_pipelines(pipes)))
+    chosen = min(names, key=lambda k: measured[k])
+    groups = list(options[chosen])
+
+    def ms(groups_) -> float:
+        key = next(k for k in names if options[k] == groups_)
+        return round(1e3 * measured[key], 4)
+
     report = {
-        "mode": "auto", "batch": int(batch), "boundary_us": round(float(boundary_us), 3), "samples": int(len(x_real)),
+        "mode": "auto", "batch": int(batch), "boundary_us": round(float(b_s * 1e6), 3), "samples": int(len(x_real)),
         "boundary": "measured (stage-per-exit pipeline vs its stages timed alone)",
         "reach": [round(float(r), 6) for r in reach],
         "span_ms": {f"{a}-{b}": round(1e3 * t, 4) for (a, b), t in sorted(times.items())},  # per run of `batch` rows
         "groups": [list(g) for g in groups],
-        # the span times are per run of ``batch`` rows: per sample is that / batch
-        "expected_ms_per_sample": round(1e3 * cost / batch, 4),
-        "expected_ms_per_sample_every_exit": round(1e3 * expected_seconds(every, reach, times, b_s) / batch, 4),
-        "expected_ms_per_sample_one_stage": round(1e3 * expected_seconds([tuple(range(n))], reach, times, b_s) / batch, 4),
+        "modelled_groups": [list(g) for g in planned],
+        "modelled_ms_per_sample": round(1e3 * cost / batch, 4),
+        # measured: each grouping run as a pipeline on the same real rows, interleaved
+        "expected": "measured pipelines (planned, every exit, one stage) on the build's real inputs",
+        "pipeline_rows": int(every_pipe.rows),
+        "expected_ms_per_sample": ms(groups),
+        "expected_ms_per_sample_every_exit": ms(every),
+        "expected_ms_per_sample_one_stage": ms([tuple(range(n))]),
     }
     return groups, report
 
