@@ -154,10 +154,11 @@ class Pipeline:
 
 def compare_pipelines(pipelines: Sequence[Pipeline], rounds: int = 10) -> List[float]:
     """Median seconds per row of each pipeline, timed interleaved (the order alternating per round)."""
+    from jei_edge.profile.measure import alternating
+
     out: List[List[float]] = [[] for _ in pipelines]
-    order = list(range(len(pipelines)))
-    for i in range(rounds):
-        for j in (order if i % 2 == 0 else order[::-1]):
+    for _, order in alternating(len(pipelines), rounds):
+        for j in order:
             out[j].append(pipelines[j].seconds_per_row())
     return [float(np.median(v)) for v in out]
 

@@ -233,15 +233,22 @@ def interleaved(passes: Sequence[Passes], xs: Sequence[np.ndarray], reaches: Seq
     for p in passes:
         p.warm_up(xs, offsets, warmup)
     out = [{m: [] for m in MODES + (("calls",) if per_call else ())} for _ in passes]
-    order = list(range(len(passes)))
-    for i in range(repeats):
-        for j in (order if i % 2 == 0 else order[::-1]):
+    for i, order in alternating(len(passes), repeats):
+        for j in order:
             t = passes[j].repeat(i, xs, reaches[j], offsets, out[j]["calls"] if per_call else None)
             for m, v in t.items():
                 out[j][m].append(v)
         if each_repeat is not None:
             each_repeat(i)
     return out
+
+
+def alternating(count: int, repeats: int):
+    """``(i, order)`` for each repeat: the ``count`` contestants in order, reversed every other
+    repeat (side-by-side timing: neither always goes first)."""
+    order = list(range(count))
+    for i in range(repeats):
+        yield i, (order if i % 2 == 0 else order[::-1])
 
 
 # -- per-step breakdown of Runtime.run ------------------------------------------------------------
