@@ -108,6 +108,11 @@ def test_model_check_catches_a_foreign_model():
         check_model_matches(SimpleNamespace(num_classes=4, stages=other), model, 4, "b")
     with pytest.raises(BundleError, match="num_classes"):
         check_model_matches(good, model, 5, "b")
+    for dtype in ("uint8", "float16"):  # INT8 quantized edges / FP16 engines: not what model.pt computes
+        lowered = [stage(0, (3, 8, 8), (5, 16), 4, False, hidden_dtype=dtype),
+                   stage(1, (5, 16), None, 4, True, in_dtype=dtype)]
+        with pytest.raises(BundleError, match=rf"stage 0 hidden is {dtype} in the manifest.*--device cpu"):
+            check_model_matches(SimpleNamespace(num_classes=4, stages=lowered), model, 4, "b")
 
 
 def test_a_stage_with_more_gates_than_the_kernel_holds_is_refused():

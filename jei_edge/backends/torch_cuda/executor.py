@@ -234,6 +234,11 @@ def check_model_matches(manifest, model_stages: List[Stage], num_classes: int, w
                               f"{list(ms.blocks)} in model.pt", hint="rebuild the bundle from this model")
         for a in ("input", "hidden"):
             got, want = getattr(st, a), getattr(ms, a)
+            if got is not None and want is not None and got.dtype != want.dtype:
+                raise BundleError(f"{where}: stage {st.index} {a} is {got.dtype} in the manifest (a lowered or INT8 "
+                                  f"stage graph) but the torch-cuda executor runs model.pt in {want.dtype}",
+                                  hint="run this bundle with --device cpu or its own target's backend, or build "
+                                       "one for torch-cuda (FP32, --fp32-edges)")
             if (got and got.shape) != (want and want.shape):
                 raise BundleError(f"{where}: stage {st.index} {a} has row shape {list(got.shape) if got else None} in "
                                   f"the manifest but {list(want.shape) if want else None} from model.pt",
