@@ -50,7 +50,7 @@ import numpy as np
 
 from jei_edge._data import data_dir, is_file_name
 from jei_edge._io import shorten
-from jei_edge.bundle.manifest import Graph, Stage
+from jei_edge.bundle.manifest import QUANTIZED, Graph, Stage
 from jei_edge.errors import BuildError, InputError
 
 MIN_ROWS = 16  # fewer reaching rows than this: calibrate the stage on every calibration row
@@ -367,9 +367,6 @@ def _quantize_in_place(path: Path, input_name: str, calib: np.ndarray, recipe: R
 EDGE_TYPES = {"u8": "uint8", "s8": "int8"}
 
 
-EDGE_MODES = ("none", "auto", "all")
-
-
 def edge_params(path: Path, input_name: str, calib: np.ndarray, activations: str) -> Tuple[float, int, str, bool]:
     """``(scale, zero_point, dtype, own)`` of the edge into the graph at ``path``: the quantizer's
     own parameters for its input (the QuantizeLinear nodes reading it; ``own`` True), so that its
@@ -402,7 +399,7 @@ def minmax_params(x: np.ndarray, dtype: str) -> Tuple[float, int]:
 
 def quantize_rows(x: np.ndarray, spec) -> np.ndarray:
     """Real values -> the edge's integers (QuantizeLinear: round half to even, saturate)."""
-    lo, hi = (0, 255) if spec.dtype == "uint8" else (-128, 127)
+    lo, hi = QUANTIZED[spec.dtype]
     q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(spec.scale)) + spec.zero_point
     return np.clip(q, lo, hi).astype(spec.dtype)
 
