@@ -31,11 +31,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _setup(hidden_dtype="float32", max_batch=32, pipeline=False, profile=(1, 8, 64), engines=None, graphs=False,
-           options=None, **kw):
-    """A recorded-engine executor on the fake driver (``graphs``: CUDA graphs per (stage, bucket))."""
+           options=None, invalidate_capture=False, **kw):
+    """A recorded-engine executor on the fake driver (``graphs``: CUDA graphs per (stage, bucket);
+    ``invalidate_capture``: every stream capture ends invalidated)."""
     model = MockExecutor(seed=5, hidden_dtype=hidden_dtype)
     stages = specs_for(model)
     drv = FakeDriver()
+    drv.invalidate_capture = invalidate_capture
     trt = FakeTensorRT(model, driver=drv, **kw)
     cuda_backend_module._KERNELS[(id(drv), None)] = fake_kernel(drv)
     engines = engines or [record_engine(s, profile) for s in stages]
@@ -228,17 +230,12 @@ def test_live_counts_above_graph_max_batch_run_plain_enqueues():
 
 @pytest.mark.parametrize("how", ["enqueue_refused", "capture_invalidated"])
 def test_a_stage_that_cannot_be_captured_runs_plain_enqueues(how, caplog):
-    kw = {"capture_fail_at": 2} if how == "enqueue_refused" else {}
-    model, trt, drv, (ex, ws) = _setup(graphs=True, **kw) if kw else (None, None, None, (None, None))
+    with caplog.at_level("WARNING", logger="jei_edge.tensorrt"):
+        if how == "enqueue_refused":
+            model, trt, drv, (ex, ws) = _setup(graphs=True, capture_fail_at=2)
+        else:
+            model, trt, drv, (ex, ws) = _setup(graphs=True, invalidate_capture=True)
     if how == "capture_invalidated":
-        model = MockExecutor(seed=5)
-        stages = specs_for(model)
-        drv = FakeDriver()
-        drv.invalidate_capture = True
-        trt = FakeTensorRT(model, driver=drv)
-        cuda_backend_module._KERNELS[(id(drv), None)] = fake_kernel(drv)
-        with caplog.at_level("WARNING", logger="jei_edge.tensorrt"):
-            ex, ws = from_engines(trt, [record_engine(s) for s in stages], stages, model.num_classes, 32, driver=drv)
         assert sorted(ex.uncapturable) == list(range(model.num_stages))
         assert "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED" in caplog.text
     else:
