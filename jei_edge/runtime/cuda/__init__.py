@@ -4,7 +4,7 @@ events, the fused exit kernel (``exit_kernel.cu``, compiled with NVRTC at load t
 
 Torch-free: importing this package imports neither torch nor the CUDA bindings (they load when a
 workspace is built), and nothing here ever imports torch. Executors come from backends
-(``jei_edge.backends.torch_cuda``; TensorRT next) and plug in through ``backend.cuda_backend``.
+(``jei_edge.backends.torch_cuda``, ``jei_edge.backends.tensorrt``) and plug in through ``backend.cuda_backend``.
 See docs/cuda.md.
 """
 

@@ -2,7 +2,7 @@
 ``CudaWorkspace`` (or several, as pipeline lanes). Torch-free: the stages' shapes and dtypes come
 from the bundle manifest (``jei_edge.bundle.manifest.Stage``), never from running a model.
 
-Executor backends (``jei_edge.backends.torch_cuda``; TensorRT next) build their executor and call
+Executor backends (``jei_edge.backends.torch_cuda``, ``jei_edge.backends.tensorrt``) build their executor and call
 ``cuda_backend`` / ``cuda_pipeline``.
 """
 
