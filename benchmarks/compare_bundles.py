@@ -96,17 +96,24 @@ def bench_parser(doc: str, out_name: str):
     p.add_argument("--processes", type=int, default=3)
     p.add_argument("--n1", type=int, default=150)
     p.add_argument("--n64", type=int, default=512)
+    p.add_argument("--large-repeats", type=int, default=None,
+                   help="repeats of the large declared models (default: realized_speedup.LARGE's)")
     p.add_argument("--quick", action="store_true", help="3 repeats, 1 process, fewer samples (smoke run)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out_name))
     return p
 
 
-def compare_families(args, command: str, bundle_b) -> dict:
+def compare_families(args, command: str, bundle_b, spread: bool = False) -> dict:
     """For each family of ``realized_speedup.py``'s benchmark models and each batch size: bundle
     A = the model's FP32 bundle with a stage per exit, bundle B = ``bundle_b(family, batch, data)``
     -> ``(file name in --work, BuildOptions, what)``, built from the model unless it exists;
-    ``args.processes`` fresh processes of ``compare``, merged. Returns the results
-    (``families[fam]["batch_N"]`` = merged numbers, ``per_process`` and ``b_bundle``)."""
+    ``args.processes`` fresh processes of ``compare``, merged (the large declared models: one
+    process, ``realized_speedup.LARGE``'s sample counts and repeats, ``--large-repeats`` overrides).
+    Threshold offsets: the declared models' declared ones (``spread_offsets(force=True)``); the
+    trained models run at offsets 0, or with ``spread`` at ``realized_speedup.spread_offsets(model)``
+    (that benchmark's operating point: offsets 0 unless the trained exits are degenerate, then
+    spread evenly over every exit). Returns the results (``families[fam]["batch_N"]`` = merged
+    numbers, ``per_process`` and ``b_bundle``; ``offsets[fam]``; ``limits[fam]``)."""
     import time
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -120,23 +127,29 @@ def compare_families(args, command: str, bundle_b) -> dict:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = {"machine": rs.machine(), "command": command + (" --quick" if args.quick else ""),
+    results = {"machine": rs.machine(), "command": command,
                "repeats": args.repeats, "processes": args.processes, "families": {}}
     for fam in args.families.split(","):
         model = rs.ensure_model(fam, work, log)
         a = rs.ensure_bundle(model, log)
         inputs = rs.test_inputs(model, work)
         declared = bool(rs.MODELS[fam].get("declared"))  # untrained: its declared offsets give the exit mix
-        offsets = rs.spread_offsets(model, force=True) if declared else None
-        large = rs.LARGE if declared else {}
+        offsets = rs.spread_offsets(model, force=declared) if declared or spread else None
+        large = dict(rs.LARGE) if declared else {}
+        if declared and args.large_repeats:
+            large["repeats"] = args.large_repeats
+        repeats, processes = large.get("repeats", args.repeats), 1 if declared else args.processes
         results.setdefault("offsets", {})[fam] = offsets
+        results.setdefault("limits", {})[fam] = {"repeats": repeats, "processes": processes,
+                                                 "n1": large.get("n1", args.n1), "n64": large.get("rows", args.n64)}
+        log(f"{fam}: offsets {None if offsets is None else np.round(offsets, 3).tolist()}, {repeats} repeats, "
+            f"{processes} process(es)")
         fam_out = {}
         for bsz in (int(v) for v in args.batches.split(",")):
             name, options, what = bundle_b(fam, bsz, rs.MODELS[fam].get("data", rs.DATA))
             b = cached_build(model, work / name, options, log, what)
             n = large.get("n1", args.n1) if bsz == 1 else large.get("rows", args.n64)
-            runs = [child(a, b, inputs, bsz, n, large.get("repeats", args.repeats), offsets)
-                    for _ in range(1 if declared else args.processes)]
+            runs = [child(a, b, inputs, bsz, n, repeats, offsets) for _ in range(processes)]
             m = merge(runs)
             m["per_process"] = [{k: r[k] for k in ("b_speedup_over_a_exit", "b_speedup_over_a_full")} for r in runs]
             m["b_bundle"] = str(b)
@@ -147,11 +160,15 @@ def compare_families(args, command: str, bundle_b) -> dict:
     return results
 
 
-def run_comparison(doc: str, script: str, bundle_b, argv=None):
-    """A two-bundle benchmark's command line and measurements: ``(args, compare_families(...))``."""
+def run_comparison(doc: str, script: str, bundle_b, argv=None, spread: bool = False):
+    """A two-bundle benchmark's command line and measurements: ``(args, compare_families(...))``;
+    the results' ``command`` is the script with every argument given."""
+    import shlex
+
     name = Path(script).stem
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = bench_parser(doc, f"{name}.json").parse_args(argv)
-    return args, compare_families(args, f"python benchmarks/{name}.py", bundle_b)
+    return args, compare_families(args, shlex.join([f"python benchmarks/{name}.py", *argv]), bundle_b, spread)
 
 
 def cached_build(model, path: Path, options, log, what: str) -> Path:
