@@ -10,6 +10,7 @@ INPUTS BATCH N REPEATS`` is that process.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +128,7 @@ def compare_families(args, command: str, bundle_b, spread: bool = False) -> dict
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = {"machine": rs.machine(), "command": command,
+    results = {"machine": rs.machine(), "command": command, "load_before": [round(v, 2) for v in os.getloadavg()],
                "repeats": args.repeats, "processes": args.processes, "families": {}}
     for fam in args.families.split(","):
         model = rs.ensure_model(fam, work, log)
@@ -157,6 +158,7 @@ def compare_families(args, command: str, bundle_b, spread: bool = False) -> dict
             log(f"  {fam} batch {bsz}: B {m['b_speedup_over_a_exit']:.3f}x faster than A (exit mode), "
                 f"{m['b_speedup_over_a_full']:.3f}x (full); exit agreement {100 * m['exit_agreement']:.1f}%")
         results["families"][fam] = fam_out
+    results["load_after"] = [round(v, 2) for v in os.getloadavg()]  # 1/5/15-minute load averages
     return results
 
 

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     lines = ["# INT8 vs FP32 (CPU, onnxruntime)", "",
              f"Machine: {results['machine']}. Command: `{results['command']}` (INT8 stage edges: {opts.edges}). "
              f"Medians over repeats (per family below) in each of the family's processes (median across them); "
-             f"the two bundles alternate within each repeat. Threshold offsets: `realized_speedup.spread_offsets` "
+             f"the two bundles alternate within each repeat. Load average (1/5/15 min) before / after: "
+             f"{results['load_before']} / {results['load_after']}. Threshold offsets: `realized_speedup.spread_offsets` "
              f"(trained models: offsets 0 unless their exits are degenerate, then spread evenly over every exit; "
              f"declared models: their declared offsets); the exit histograms are of the timed rows.", "",
              "| family | batch | INT8 / FP32 speed (exit mode) | (full mode) | (plain backbone) | accuracy FP32 -> INT8 | "
