@@ -170,7 +170,7 @@ def run_comparison(doc: str, script: str, bundle_b, argv=None, spread: bool = Fa
     name = Path(script).stem
     argv = sys.argv[1:] if argv is None else list(argv)
     args = bench_parser(doc, f"{name}.json").parse_args(argv)
-    return args, compare_families(args, shlex.join([f"python benchmarks/{name}.py", *argv]), bundle_b, spread)
+    return args, compare_families(args, shlex.join(["python", f"benchmarks/{name}.py", *argv]), bundle_b, spread)
 
 
 def cached_build(model, path: Path, options, log, what: str) -> Path:
