@@ -14,7 +14,11 @@ at least 3 exits each take >= 5% of samples) and batch sizes 1 and 64, on the te
   **speedup vs plain backbone** = plain / exit; each ratio is the median over repeats of the
   per-repeat ratio (the ratio of the medians is kept as ``efficiency_ratio_of_medians``);
 - **per-boundary overhead** = (exit time - ideal) / boundaries crossed, in microseconds (and the
-  decide+compact time measured directly inside the loop).
+  decide+compact time measured directly inside the loop);
+- **speedup vs a hand-written loop** (``hand_loop``: raw sessions, numpy masks, the package's exit
+  rule) = hand / exit, the hand loop timed as a rival of the exit pass (next to it in every repeat),
+  with the confidence interval of the median ratio (``median_ci``) and a verdict: faster, slower
+  or parity (the interval holds 1).
 
 The passes and their interleaved protocol are ``jei_edge.profile`` (``Passes``, ``interleaved``:
 the same code as ``jei-edge profile``; decide+compact from ``Breakdown``); this script adds fresh
@@ -51,7 +55,7 @@ for _path in (ROOT, ROOT / "benchmarks"):  # the package, and compare_bundles be
 from compare_bundles import merge  # noqa: E402  (torch-free)
 
 from jei_edge.bundle import Bundle  # noqa: E402  (torch-free, as the measurement child must stay)
-from jei_edge.profile import median  # noqa: E402
+from jei_edge.profile import median, median_ci, ratio_verdict  # noqa: E402
 
 # Harder than the default synthetic source (blends with another class's prototype up to 45%, pixel
 # noise up to 0.6, both scaled by a per-sample difficulty): easy samples are right at the first
@@ -267,8 +271,7 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
     """Everything of one bundle in this (torch-free) process. ``rows``: samples per batch size > 1
     (default ``max(n64, 2 x batch)``); ``stage_medians``: also time every stage standalone at batch
     1 and 64 (the per-stage-median ideal; costly on large models)."""
-    from jei_edge.profile import Breakdown, Passes, interleaved, median_ratio, settings_record
-    from jei_edge.profile.measure import timed_call
+    from jei_edge.profile import Breakdown, Passes, interleaved, median_ratio, ratios, settings_record
     from jei_edge.runtime import Runtime
 
     assert "torch" not in sys.modules
@@ -297,7 +300,9 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
         n = n1 if bsz == 1 else (rows or max(n64, 2 * bsz))
         # the package's passes and protocol (jei_edge.profile, shared with `jei-edge profile`); the
         # plain backbone gets the stages' thread policy (small-batch settings when the batch is small)
-        p = Passes.for_runtime(rt, bsz)
+        # the hand-written loop is a rival of the exit pass: timed next to it in every repeat
+        rivals = {"hand": (lambda b: hand(b, offsets))} if hand is not None else None
+        p = Passes.for_runtime(rt, bsz, rivals=rivals)
         xs = p.batches(x, bsz, n)
         untimed = [rt.run(b, offsets=offsets) for b in xs]  # one pass gives reach counts and exits
         reaches = [r.reach for r in untimed]
@@ -311,16 +316,9 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
         timed_stage_medians = stage_medians and bsz in (1, 64)
         pairs = sorted({(k, m) for r in reaches for k, m in enumerate(r)}) if timed_stage_medians else []
         stage_t = {q: [] for q in pairs}
-        hand_t = []
         inner = 5 if bsz == 1 else 2
 
-        def hand_pass():
-            for b in xs:
-                hand(b, offsets)
-
-        def each_repeat(i):  # the hand-written loop, then standalone t_k(m), interleaved with the repeats
-            if hand is not None:
-                hand_t.append(timed_call(hand_pass)[1])
+        def each_repeat(i):  # standalone t_k(m), interleaved with the repeats
             for (k, m) in pairs:
                 for _ in range(inner):
                     stage_t[(k, m)].append(p.stage_time(k, m))
@@ -345,8 +343,11 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
             # the same stage runs back to back, no runtime work at all, against the per-stage
             # medians: how much of the second reading's gap a zero-cost runtime would still show
             "back_to_back_vs_stage_medians": ideal_from_medians / ideal if pairs else None,
-            "hand_s": median(hand_t) if hand_t else None,
-            "speedup_vs_hand": median_ratio(hand_t, samples["exit"]) if hand_t else None,
+            "hand_s": median(samples["hand"]) if hand is not None else None,
+            "speedup_vs_hand": median_ratio(samples["hand"], samples["exit"]) if hand is not None else None,
+            # per-repeat ratios: run_child pools them over processes into a confidence interval
+            "ratios_vs_hand": ratios(samples["hand"], samples["exit"]).tolist() if hand is not None else None,
+            "ratios_efficiency": ratios(samples["ideal"], samples["exit"]).tolist(),
             "theoretical_speedup_vs_plain": theory,
             "timed_exit_histogram": np.bincount(timed_exits, minlength=rt.num_exits).tolist(),
             "stage_ms": {f"{k}@{m}": round(1e3 * v, 4) for (k, m), v in sorted(tk.items()) if m in (1, bsz)},
@@ -375,6 +376,11 @@ def run_child(bundle: Path, inputs: Path, variant: str, args, offsets, processes
         merged = merge([r[key] for r in runs])  # medians of every number, nested dicts too
         merged["per_process"] = {f: [r[key][f] for r in runs] for f in ("efficiency", "realized_speedup",
                                                                          "speedup_vs_plain", "exit_ms_per_sample")}
+        # confidence intervals of the median ratio over every repeat of every process
+        for f, ci_key in (("ratios_vs_hand", "speedup_vs_hand_ci"), ("ratios_efficiency", "efficiency_ci")):
+            pooled = [v for r in runs for v in (r[key].get(f) or [])]
+            merged[f] = pooled or None
+            merged[ci_key] = median_ci(pooled) if pooled else None
         out[key] = merged
     return out
 
@@ -429,24 +435,35 @@ def _batch_rows(section: dict):
             yield fam, r, key[6:], r[key]
 
 
+def _interval(ci: dict, digits: int = 2) -> str:
+    return f"[{ci['low']:.{digits}f}-{ci['high']:.{digits}f}]"
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Realized speedup (CPU, onnxruntime {m['onnxruntime']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores; load average before/after {res['load_before']} / "
              f"{res['load_after']}. Medians over {res['repeats']} repeats in each of {res['processes']} processes (median "
              f"across processes). Command: `{res['command']}`.", "",
+             "[CI]: distribution-free confidence interval of the median per-repeat ratio (order statistics "
+             "of every repeat of every process; 95% where there are at least 6 repeats, else min-max); "
+             "faster / slower: the whole interval is above / below 1; parity: it holds 1 (the two cannot be "
+             "told apart on this machine). The large models run fewer repeats (their interval is wider).", "",
              "| family | batch | exits of the timed rows | theoretical speedup vs plain (MACs) | measured speedup "
-             "vs plain | measured / theoretical | speedup vs hand-written loop (same session settings) | "
-             "efficiency (ideal/exit) | per-stage-median ideal | realized speedup (full/exit) | overhead / boundary "
+             "vs plain | measured / theoretical | speedup vs hand-written loop (same session settings) [CI] | "
+             "efficiency (ideal/exit) [CI] | per-stage-median ideal | realized speedup (full/exit) | overhead / boundary "
              "| exit ms/sample |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for fam, r, bsz, b in _batch_rows(res["families"]):
         hand_cell = "-" if b.get("speedup_vs_hand") is None else f"{b['speedup_vs_hand']:.2f}x"
+        if b.get("speedup_vs_hand_ci"):
+            hand_cell += f" {_interval(b['speedup_vs_hand_ci'])} {ratio_verdict(b['speedup_vs_hand_ci'])}"
+        eff_cell = f"{b['efficiency']:.3f}" + (f" {_interval(b['efficiency_ci'], 3)}" if b.get("efficiency_ci") else "")
         med = "-" if b.get("efficiency_vs_stage_medians") is None else \
             f"{b['efficiency_vs_stage_medians']:.3f} ({b['back_to_back_vs_stage_medians']:.3f})"
         lines.append(f"| {fam} | {bsz} | {b.get('timed_exit_histogram', r['exit_histogram'])} | "
                      f"{b['theoretical_speedup_vs_plain']:.2f}x | {b['speedup_vs_plain']:.2f}x | "
-                     f"{b['speedup_vs_plain_over_theory']:.3f} | {hand_cell} | {b['efficiency']:.3f} | {med} | "
+                     f"{b['speedup_vs_plain_over_theory']:.3f} | {hand_cell} | {eff_cell} | {med} | "
                      f"{b['realized_speedup']:.2f}x | {b['overhead_us_per_boundary']:.1f} us | "
                      f"{b['exit_ms_per_sample']:.3f} |")
     if res.get("spread"):

@@ -5,13 +5,14 @@
 self-contained HTML page; ``measure_energy`` adds energy per inference on Jetson boards
 (``power.PowerSampler``: tegrastats or jtop). ``jei-edge profile`` is the
 command line. The timing protocol (``Passes``, ``interleaved``, ``median``, ``median_ratio``,
-``median_time``, ``Breakdown``) is what ``benchmarks/`` uses too.
+``median_ci``, ``median_time``, ``Breakdown``) is what ``benchmarks/`` uses too.
 """
 
 from jei_edge.profile.html import write_html
-from jei_edge.profile.measure import (Breakdown, Passes, interleaved, measure_energy, median, median_ratio,
-                                      median_time, profile_bundle, settings_record)
+from jei_edge.profile.measure import (Breakdown, Passes, interleaved, measure_energy, median, median_ci, median_ratio,
+                                      median_time, profile_bundle, ratio_verdict, ratios, settings_record)
 from jei_edge.profile.report import format_profile, plot_profile, write_json
 
-__all__ = ["Breakdown", "Passes", "interleaved", "measure_energy", "median", "median_ratio", "median_time",
+__all__ = ["Breakdown", "Passes", "interleaved", "measure_energy", "median", "median_ci", "median_ratio", "median_time",
+           "ratio_verdict", "ratios",
            "profile_bundle", "settings_record", "format_profile", "plot_profile", "write_html", "write_json"]

@@ -15,7 +15,12 @@ profile``) and every script in ``benchmarks/`` use it:
 ``interleaved(passes, xs, reaches, repeats)`` is the timing protocol: per repeat, exit and ideal
 side by side in alternating order (so that a shared machine's stalls hit both alike), then full and
 plain; with several ``Passes`` (bundles compared side by side) their order alternates too.
-``median`` / ``median_ratio`` summarise repeats (ratios are taken per repeat). ``Breakdown`` times
+**Rivals** (``Passes(..., rivals={"hand": fn})``: any other way to run the same batches, e.g. a
+hand-written loop) are timed in the same group as exit, on the far side of it from ideal, so that
+exit is always next to both. ``median`` / ``median_ratio`` summarise repeats (ratios are taken per
+repeat); ``median_ci`` gives the distribution-free confidence interval of a median (order
+statistics), so that a ratio can be called faster, slower, or not told apart from 1 on a noisy
+machine. ``Breakdown`` times
 each step of ``Runtime.run``'s own code path through declared wrappers of the executor and
 workspace (``TimedExecutor``, ``TimedWorkspace``).
 
@@ -44,7 +49,40 @@ def median(values) -> float:
 
 def median_ratio(num, den) -> float:
     """Median over repeats of the per-repeat ratio ``num[i] / den[i]``."""
-    return median(np.asarray(num, dtype=np.float64) / np.asarray(den, dtype=np.float64))
+    return median(ratios(num, den))
+
+
+def ratios(num, den) -> np.ndarray:
+    """The per-repeat ratios ``num[i] / den[i]``."""
+    return np.asarray(num, dtype=np.float64) / np.asarray(den, dtype=np.float64)
+
+
+def median_ci(values, level: float = 0.95) -> Dict[str, float]:
+    """Distribution-free confidence interval of the median of ``values`` (independent repeats):
+    the order statistics ``(x_(j), x_(n+1-j))`` with the largest ``j`` whose binomial coverage
+    ``1 - 2 P(Bin(n, 1/2) < j)`` is still at least ``level``. With too few values for ``level``
+    (fewer than 6 at 95%) it is ``(min, max)``. Returns ``{"median", "low", "high", "coverage"}``
+    (``coverage``: the interval's actual confidence)."""
+    from math import comb
+
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    n = int(x.size)
+    if n == 0:
+        raise ValueError("median_ci of no values")
+    below = 0.0  # P(Bin(n, 1/2) < j), growing with j
+    j, coverage = 1, 1.0 - 2.0 * 0.5 ** n
+    for cand in range(2, n // 2 + 1):
+        below += comb(n, cand - 1) * 0.5 ** n
+        if 1.0 - 2.0 * below < level:
+            break
+        j, coverage = cand, 1.0 - 2.0 * below
+    return {"median": float(np.median(x)), "low": float(x[j - 1]), "high": float(x[n - j]),
+            "coverage": float(coverage)}
+
+
+def ratio_verdict(ci: Dict[str, float]) -> str:
+    """``faster`` (the interval lies above 1), ``slower`` (below 1) or ``parity`` (it holds 1)."""
+    return "faster" if ci["low"] > 1.0 else "slower" if ci["high"] < 1.0 else "parity"
 
 
 def timed_call(fn: Callable[..., Any], *args, sync: Optional[Callable[[], None]] = None):
@@ -73,17 +111,25 @@ class Passes:
     Args:
         rt: a loaded ``Runtime``.
         plain: the plain backbone as a callable ``plain(batch)`` (None: no plain pass).
+        rivals: other ways to run the same batches, by name (``fn(batch)``, e.g. a hand-written
+            loop), timed next to the exit pass in every repeat; names must not be a mode's.
     """
 
-    def __init__(self, rt, plain: Optional[Callable[[np.ndarray], Any]] = None):
+    def __init__(self, rt, plain: Optional[Callable[[np.ndarray], Any]] = None,
+                 rivals: Optional[Dict[str, Callable[[np.ndarray], Any]]] = None):
         self.rt = rt
         self.ex = rt.executor
         self.ws = rt.workspace
         self.num_stages = rt.bundle.num_stages
         self.plain = plain
+        self.rivals = dict(rivals or {})
+        clash = sorted(set(self.rivals) & set(MODES + ("calls",)))
+        if clash:
+            raise ValueError(f"rival names {clash} are taken by the passes")
 
     @classmethod
-    def for_runtime(cls, rt, batch_size: Optional[int] = None) -> "Passes":
+    def for_runtime(cls, rt, batch_size: Optional[int] = None,
+                    rivals: Optional[Dict[str, Callable[[np.ndarray], Any]]] = None) -> "Passes":
         """With the bundle's plain backbone on the runtime's settings (onnxruntime runtimes only; the
         small-batch settings when ``batch_size`` is small enough for them, as the stages do)."""
         plain = None
@@ -101,7 +147,7 @@ class Passes:
 
             def plain(b):
                 return run(names, {"x": b})
-        return cls(rt, plain)
+        return cls(rt, plain, rivals)
 
     # -- batches and reach counts ------------------------------------------------------------
     @staticmethod
@@ -185,25 +231,36 @@ class Passes:
         """One standalone run of stage ``k`` on ``m`` rows of its (primed) input buffer."""
         return timed_call(self.ex.execute, k, m, self.ws, sync=self.ws.synchronize)[1]
 
+    def rival_pass(self, name: str, xs) -> float:
+        fn = self.rivals[name]
+        t = self._clock()
+        for b in xs:
+            fn(b)
+        return self._clock() - t
+
     def warm_up(self, xs, offsets=None, times: int = 1) -> None:
         for _ in range(times):
             self.exit_pass(xs, offsets)
+            for name in self.rivals:
+                self.rival_pass(name, xs)
             self.full_pass(xs)
             if self.plain is not None:
                 self.plain_pass(xs)
 
     def repeat(self, i: int, xs, reaches, offsets=None, per_call: Optional[list] = None) -> Dict[str, float]:
-        """Repeat ``i`` of the protocol: exit and ideal side by side (ideal first on even ``i``),
+        """Repeat ``i`` of the protocol: ideal, exit and the rivals side by side, in that order on
+        even ``i`` and reversed on odd ``i`` (exit always next to ideal and to the first rival),
         then full, then plain (when there is one). Seconds per pass."""
         t: Dict[str, float] = {}
-        self.prime(xs[0])
-        if i % 2 == 0:
-            t["ideal"] = self.ideal_pass(xs, reaches)
-            t["exit"] = self.exit_pass(xs, offsets, per_call)
-        else:
-            t["exit"] = self.exit_pass(xs, offsets, per_call)
-            self.prime(xs[0])
-            t["ideal"] = self.ideal_pass(xs, reaches)
+        group = ["ideal", "exit"] + list(self.rivals)
+        for step in (group if i % 2 == 0 else group[::-1]):
+            if step == "ideal":
+                self.prime(xs[0])
+                t["ideal"] = self.ideal_pass(xs, reaches)
+            elif step == "exit":
+                t["exit"] = self.exit_pass(xs, offsets, per_call)
+            else:
+                t[step] = self.rival_pass(step, xs)
         t["full"] = self.full_pass(xs)
         if self.plain is not None:
             t["plain"] = self.plain_pass(xs)
@@ -225,14 +282,14 @@ def interleaved(passes: Sequence[Passes], xs: Sequence[np.ndarray], reaches: Seq
         each_repeat: called with ``i`` after every repeat (more measurements interleaved with these).
 
     Returns:
-        Per ``Passes``: ``{"exit", "ideal", "full", "plain"[, "calls"]: seconds per repeat}``
-        (``plain`` empty without a plain backbone).
+        Per ``Passes``: ``{"exit", "ideal", "full", "plain"[, "calls"], *rivals: seconds per
+        repeat}`` (``plain`` empty without a plain backbone).
     """
     if repeats < 1:
         raise InputError(f"repeats must be >= 1, got {repeats}")
     for p in passes:
         p.warm_up(xs, offsets, warmup)
-    out = [{m: [] for m in MODES + (("calls",) if per_call else ())} for _ in passes]
+    out = [{m: [] for m in MODES + (("calls",) if per_call else ()) + tuple(p.rivals)} for p in passes]
     for i, order in alternating(len(passes), repeats):
         for j in order:
             t = passes[j].repeat(i, xs, reaches[j], offsets, out[j]["calls"] if per_call else None)

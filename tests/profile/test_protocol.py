@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jei_edge.errors import InputError
-from jei_edge.profile import Breakdown, Passes, interleaved, median, median_ratio, median_time
+from jei_edge.profile import (Breakdown, Passes, interleaved, median, median_ci, median_ratio, median_time,
+                              ratio_verdict, ratios)
 from jei_edge.profile.measure import TimedWorkspace
 from jei_edge.runtime import Runtime
 from tests.runtime.helpers import model_inputs
@@ -26,6 +27,56 @@ def test_interleaved_times_every_pass_of_every_runtime(bundle):
         assert len(t["calls"]) == 3 * len(xs)
     with pytest.raises(InputError, match="repeats must be >= 1"):
         interleaved(passes, xs, reaches, 0)
+
+
+def test_rivals_are_timed_next_to_the_exit_pass_in_alternating_order(bundle):
+    rt = Runtime.load(bundle, max_batch=4)
+    xs = Passes.batches(model_inputs(8, seed=7), 4)
+    order = []
+    p = Passes.for_runtime(rt, 4, rivals={"hand": lambda b: order.append("hand"), "other": lambda b: order.append("other")})
+    run, ideal = rt.run, p.ideal_pass
+
+    def logged_run(b, **kw):
+        order.append("exit" if kw.get("mode", "exit") == "exit" else "full")
+        return run(b, **kw)
+
+    def logged_ideal(xs_, reaches):
+        order.append("ideal")
+        return ideal(xs_, reaches)
+
+    rt.run, p.ideal_pass = logged_run, logged_ideal
+    reaches = p.reaches(xs)
+    order.clear()
+    for i in range(2):
+        t = p.repeat(i, xs, reaches)
+        assert set(t) == {"ideal", "exit", "hand", "other", "full", "plain"} and min(t.values()) > 0
+    once = lambda seq: [s for j, s in enumerate(seq) if j == 0 or seq[j - 1] != s]  # noqa: E731
+    # "full" before "ideal": ``prime`` (a full-mode run filling the buffers)
+    assert once(order) == ["full", "ideal", "exit", "hand", "other", "full",
+                           "other", "hand", "exit", "full", "ideal", "full"]
+    out = interleaved([p], xs, [reaches], 3)[0]
+    assert len(out["hand"]) == len(out["other"]) == 3
+    with pytest.raises(ValueError, match="taken by the passes"):
+        Passes(rt, rivals={"exit": print})
+
+
+def test_median_ci_is_the_order_statistic_interval():
+    # n = 7: j = 1 is the only interval with >= 95% (98.4%); j = 2 covers 87.5%
+    ci = median_ci([5, 1, 7, 3, 2, 6, 4])
+    assert (ci["median"], ci["low"], ci["high"]) == (4.0, 1.0, 7.0) and ci["coverage"] == pytest.approx(1 - 2 / 128)
+    assert median_ci([5, 1, 7, 3, 2, 6, 4], level=0.8)["low"] == 2.0
+    # n = 21: j = 6 (coverage 97.3%; j = 7 would be 92.2%)
+    ci = median_ci(np.arange(21.0))
+    assert (ci["low"], ci["high"]) == (5.0, 15.0) and 0.95 <= ci["coverage"] < 0.98
+    # too few values for 95%: min-max with its real coverage
+    ci = median_ci([1.0, 3.0, 2.0])
+    assert (ci["low"], ci["high"], ci["coverage"]) == (1.0, 3.0, 0.75)
+    assert ratio_verdict(median_ci([1.02, 1.05, 1.1])) == "faster"
+    assert ratio_verdict(median_ci([0.9, 0.95, 0.97])) == "slower"
+    assert ratio_verdict(median_ci([0.9, 1.05, 1.0])) == "parity"
+    assert ratios([2, 6], [1, 3]).tolist() == [2.0, 2.0]
+    with pytest.raises(ValueError):
+        median_ci([])
 
 
 def test_summaries():

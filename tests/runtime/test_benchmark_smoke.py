@@ -39,6 +39,8 @@ def test_measurement_child_reports_every_figure(vit_bundle, tmp_path):
         # the hand-written loops ran (they decide exactly as the runtime, or the child fails) and
         # the MAC-theoretical speedup is the timed rows' mean exit cost
         assert 0.05 < b["speedup_vs_hand"] < 20 and b["hand_s"] > 0
+        assert len(b["ratios_vs_hand"]) == len(b["ratios_efficiency"]) == 2  # one per repeat
+        assert b["speedup_vs_hand"] == float(np.median(b["ratios_vs_hand"]))
         assert sum(b["timed_exit_histogram"]) == rows and b["theoretical_speedup_vs_plain"] > 0.3
         assert b["speedup_vs_plain_over_theory"] == b["speedup_vs_plain"] / b["theoretical_speedup_vs_plain"]
 
