@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from jei_edge.profile import median  # noqa: E402  (torch-free)
+from jei_edge.profile import median, median_ci  # noqa: E402  (torch-free)
 
 
 def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets=None) -> dict:
-    from jei_edge.profile import Passes, interleaved, median_ratio
+    from jei_edge.profile import Passes, interleaved, median_ratio, ratios
     from jei_edge.runtime import Runtime
 
     assert "torch" not in sys.modules
@@ -49,6 +49,8 @@ def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets
            "prediction_agreement": float(np.mean(preds["a"] == preds["b"]))}
     for mode in ("exit", "full", "plain"):
         out[f"b_speedup_over_a_{mode}"] = median_ratio(t["a"][mode], t["b"][mode])
+    # per-repeat ratios: compare_families pools them over processes into a confidence interval
+    out["b_speedup_over_a_exit_ratios"] = ratios(t["a"]["exit"], t["b"]["exit"]).tolist()
     for k in passes:
         tk = t[k]
         out[k] = {"stages": rts[k].bundle.num_stages, "exit_ms_per_sample": 1e3 * median(tk["exit"]) / rows,
@@ -152,6 +154,9 @@ def compare_families(args, command: str, bundle_b, spread: bool = False) -> dict
             n = large.get("n1", args.n1) if bsz == 1 else large.get("rows", args.n64)
             runs = [child(a, b, inputs, bsz, n, repeats, offsets) for _ in range(processes)]
             m = merge(runs)
+            pooled = [v for r in runs for v in r["b_speedup_over_a_exit_ratios"]]
+            m["b_speedup_over_a_exit_ratios"] = pooled
+            m["b_speedup_over_a_exit_ci"] = median_ci(pooled)  # every repeat of every process
             m["per_process"] = [{k: r[k] for k in ("b_speedup_over_a_exit", "b_speedup_over_a_full")} for r in runs]
             m["b_bundle"] = str(b)
             fam_out[f"batch_{bsz}"] = m

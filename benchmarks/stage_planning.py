@@ -37,17 +37,23 @@ def main(argv=None) -> int:
     lines = ["# Stage planning (CPU, onnxruntime): a stage per exit vs `--plan auto`", "",
              f"Machine: {results['machine']}. Command: `{results['command']}`. Medians over {results['repeats']} repeats "
              f"in each of {results['processes']} processes; passes of the two bundles alternate within a repeat.", "",
-             "| family | batch | auto plan (exit groups) | planned / every (exit mode) | predicted by the planner | "
-             "prediction error | boundary (us, measured) | planned / every (full mode) | "
+             "[CI]: distribution-free confidence interval of the measured median ratio (every repeat of every "
+             "process, `jei_edge.profile.median_ci`); the prediction is *within noise* when it lies inside it.", "",
+             "| family | batch | auto plan (exit groups) | planned / every (exit mode) [CI] | predicted by the planner | "
+             "prediction error | prediction in CI | boundary (us, measured) | planned / every (full mode) | "
              "vs plain: every -> planned | efficiency: every -> planned | identical exits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for fam, fo in results["families"].items():
         for key, m in fo.items():
             m["plan"] = plan = dict(Bundle.read_manifest(m["b_bundle"]).plan)
             m["predicted_speedup"] = plan["expected_ms_per_sample_every_exit"] / plan["expected_ms_per_sample"]
             m["prediction_error"] = m["predicted_speedup"] / m["b_speedup_over_a_exit"] - 1.0
-            lines.append(f"| {fam} | {key[6:]} | {plan['groups']} | {m['b_speedup_over_a_exit']:.3f}x | "
+            ci = m["b_speedup_over_a_exit_ci"]
+            m["prediction_within_ci"] = ci["low"] <= m["predicted_speedup"] <= ci["high"]
+            lines.append(f"| {fam} | {key[6:]} | {plan['groups']} | {m['b_speedup_over_a_exit']:.3f}x "
+                         f"[{ci['low']:.3f}-{ci['high']:.3f}] | "
                          f"{m['predicted_speedup']:.3f}x | {100 * m['prediction_error']:+.1f}% | "
+                         f"{'yes' if m['prediction_within_ci'] else 'no'} | "
                          f"{plan.get('boundary_us', float('nan')):.1f} | {m['b_speedup_over_a_full']:.3f}x | {m['a']['speedup_vs_plain']:.2f}x -> "
                          f"{m['b']['speedup_vs_plain']:.2f}x | {m['a']['efficiency']:.3f} -> {m['b']['efficiency']:.3f} | "
                          f"{m['exit_agreement'] == 1.0} |")

@@ -470,6 +470,9 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
             "ideal_ms_per_sample": 1e3 * ti / rows,
             "throughput_exit": rows / te, "throughput_full": rows / tf,
             "realized_speedup": median_ratio(t["full"], t["exit"]), "efficiency": median_ratio(t["ideal"], t["exit"]),
+            # how far the medians can be trusted on this machine (order-statistic intervals)
+            "efficiency_ci": median_ci(ratios(t["ideal"], t["exit"])),
+            "realized_speedup_ci": median_ci(ratios(t["full"], t["exit"])),
             "overhead_us_per_boundary": 1e6 * (te - ti) / max(boundaries, 1),
             "latency_ms_per_call": _percentiles(t["calls"]),
             "stage_ms": stage_ms,  # stage k alone on bsz rows
@@ -477,7 +480,8 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
         if t["plain"]:
             tp = median(t["plain"])
             entry.update({"plain_ms_per_sample": 1e3 * tp / rows, "throughput_plain": rows / tp,
-                          "speedup_vs_plain": median_ratio(t["plain"], t["exit"])})
+                          "speedup_vs_plain": median_ratio(t["plain"], t["exit"]),
+                          "speedup_vs_plain_ci": median_ci(ratios(t["plain"], t["exit"]))})
         out["batches"][str(bsz)] = entry
     return out
 

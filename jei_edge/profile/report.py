@@ -34,6 +34,16 @@ def format_profile(info: Dict[str, Any]) -> str:
         lines.append(f"  {bsz:>5}  {b['exit_ms_per_sample']:11.3f}  {b['full_ms_per_sample']:11.3f}  {plain}  "
                      f"{b['realized_speedup']:7.2f}x  {vsp}  {b['efficiency']:10.3f}  {b['throughput_exit']:9.0f}  "
                      f"{lat['p50']:7.3f}/{lat['p99']:.3f}")
+    cis = [(bsz, b) for bsz, b in info["batches"].items() if b.get("efficiency_ci")]
+    if cis:
+        cov = min(b["efficiency_ci"]["coverage"] for _, b in cis)
+        lines += ["", f"  confidence intervals of the medians (order statistics of the repeats, >= {100 * cov:.0f}%; "
+                      "narrow them with --repeats)"]
+        for bsz, b in cis:
+            parts = [f"{name} [{b[key]['low']:.3f}, {b[key]['high']:.3f}]"
+                     for name, key in (("realized", "realized_speedup_ci"), ("vs plain", "speedup_vs_plain_ci"),
+                                       ("efficiency", "efficiency_ci")) if b.get(key)]
+            lines.append(f"  {bsz:>5}  " + "  ".join(parts))
     sizes = list(info["batches"])
     lines += ["", "  stage latency (stage alone on a full batch, ms) and rows reaching it"]
     lines.append("  " + f"{'stage':>5}" + "".join(f"  {'t(' + s + ')':>9}  {'reach@' + s:>9}" for s in sizes))

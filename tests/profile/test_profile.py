@@ -42,8 +42,11 @@ def test_profile_figures_follow_their_definitions(bundle):
         assert b["latency_ms_per_call"]["p50"] <= b["latency_ms_per_call"]["p99"] <= b["latency_ms_per_call"]["max"]
         for f in ("realized_speedup", "efficiency", "speedup_vs_plain"):
             assert 0.05 < b[f] < 20, (bsz, f, b[f])
+            ci = b[f + "_ci"]  # the interval holds the median it qualifies
+            assert ci["low"] <= b[f] <= ci["high"] and ci["median"] == pytest.approx(b[f])
     text = format_profile(info)
     assert "theoretical speedup" in text and "efficiency" in text and "reach@8" in text
+    assert "confidence intervals of the medians" in text
 
 
 def test_passes_refuse_too_few_samples(bundle):

@@ -93,3 +93,4 @@ def test_two_bundle_comparison_child(vit_bundle, tmp_path):
     assert r["a"]["exit_histogram"] == r["b"]["exit_histogram"] and "accuracy" in r["a"]
     for mode in ("exit", "full", "plain"):
         assert 0.05 < r[f"b_speedup_over_a_{mode}"] < 20
+    assert r["b_speedup_over_a_exit_ratios"] == [r["b_speedup_over_a_exit"]]  # one repeat
