@@ -6,6 +6,7 @@ fixtures' ``finally`` and ``TritonServer``'s context manager); request counts ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -292,14 +293,27 @@ def _tritonservers_with(arg: str):
     return pids
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_serve_command_stops_on_signal_without_orphans(serve_env, serve_bundle, rt, sig):
+@contextlib.contextmanager
+def _serve_command(bundle, *extra):
+    """``jei-edge serve BUNDLE`` on free loopback ports, as ``(process, ports)``; afterwards nothing
+    of it is left running (the command killed if it still runs, its tritonserver too)."""
     ports = Ports.free()
-    cmd = [sys.executable, "-m", "jei_edge.cli", "serve", str(serve_bundle), "--http-port", str(ports.http),
-           "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--exit-timeout", "5",
-           "--backend-opt", "intra_op_threads=1", "--instances", "2"]
+    cmd = [sys.executable, "-m", "jei_edge.cli", "serve", str(bundle), "--http-port", str(ports.http),
+           "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--exit-timeout", "5", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        yield proc, ports
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for pid in _tritonservers_with(f"--http-port={ports.http}"):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_command_stops_on_signal_without_orphans(serve_env, serve_bundle, rt, sig):
+    with _serve_command(serve_bundle, "--backend-opt", "intra_op_threads=1", "--instances", "2") as (proc, ports):
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -321,12 +335,6 @@ def test_serve_command_stops_on_signal_without_orphans(serve_env, serve_bundle, 
         assert proc.returncode == 0, err
         assert "stopped" in err
         assert not _tritonservers_with(f"--http-port={ports.http}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for pid in _tritonservers_with(f"--http-port={ports.http}"):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _line_within(stream, seconds: float) -> str:
@@ -340,23 +348,13 @@ def _line_within(stream, seconds: float) -> str:
 def test_serve_command_stopped_while_starting_exits_cleanly(serve_env, serve_bundle):
     """A stop asked for before Triton is ready (or before its process exists) is a clean stop: exit 0,
     no 'exited while starting' error, no tritonserver left behind."""
-    ports = Ports.free()
-    cmd = [sys.executable, "-m", "jei_edge.cli", "serve", str(serve_bundle), "--http-port", str(ports.http),
-           "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--exit-timeout", "5"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _serve_command(serve_bundle) as (proc, ports):
         assert "starting Triton" in _line_within(proc.stderr, 60)  # the signal handlers are in place
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert "stopped (signal SIGTERM)" in err and "Traceback" not in err and "error" not in err
         assert not _tritonservers_with(f"--http-port={ports.http}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for pid in _tritonservers_with(f"--http-port={ports.http}"):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_serve_refuses_bad_options_in_one_line(serve_env, serve_bundle):
