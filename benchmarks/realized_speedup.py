@@ -55,7 +55,7 @@ for _path in (ROOT, ROOT / "benchmarks"):  # the package, and compare_bundles be
 from compare_bundles import merge  # noqa: E402  (torch-free)
 
 from jei_edge.bundle import Bundle  # noqa: E402  (torch-free, as the measurement child must stay)
-from jei_edge.profile import median, median_ci, ratio_verdict  # noqa: E402
+from jei_edge.profile import format_interval, median, median_ci, ratio_verdict  # noqa: E402
 
 # Harder than the default synthetic source (blends with another class's prototype up to 45%, pixel
 # noise up to 0.6, both scaled by a per-sample difficulty): easy samples are right at the first
@@ -435,10 +435,6 @@ def _batch_rows(section: dict):
             yield fam, r, key[6:], r[key]
 
 
-def _interval(ci: dict, digits: int = 2) -> str:
-    return f"[{ci['low']:.{digits}f}-{ci['high']:.{digits}f}]"
-
-
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Realized speedup (CPU, onnxruntime {m['onnxruntime']})", "",
@@ -460,8 +456,8 @@ def markdown(res: dict) -> str:
     for fam, r, bsz, b in _batch_rows(res["families"]):
         hand_cell = "-" if b.get("speedup_vs_hand") is None else f"{b['speedup_vs_hand']:.2f}x"
         if b.get("speedup_vs_hand_ci"):
-            hand_cell += f" {_interval(b['speedup_vs_hand_ci'])} {ratio_verdict(b['speedup_vs_hand_ci'])}"
-        eff_cell = f"{b['efficiency']:.3f}" + (f" {_interval(b['efficiency_ci'], 3)}" if b.get("efficiency_ci") else "")
+            hand_cell += f" {format_interval(b['speedup_vs_hand_ci'], 2)} {ratio_verdict(b['speedup_vs_hand_ci'])}"
+        eff_cell = f"{b['efficiency']:.3f}" + (f" {format_interval(b['efficiency_ci'])}" if b.get("efficiency_ci") else "")
         med = "-" if b.get("efficiency_vs_stage_medians") is None else \
             f"{b['efficiency_vs_stage_medians']:.3f} ({b['back_to_back_vs_stage_medians']:.3f})"
         lines.append(f"| {fam} | {bsz} | {b.get('timed_exit_histogram', r['exit_histogram'])} | "

@@ -28,6 +28,7 @@ from compare_bundles import run_comparison, write_results  # noqa: E402
 def main(argv=None) -> int:
     from jei_edge.bundle import Bundle
     from jei_edge.compile import BuildOptions
+    from jei_edge.profile import format_interval
 
     def planned(fam, bsz, data):
         return (f"{fam}_auto_b{bsz}.jei", BuildOptions(plan="auto", plan_batch=bsz, data=data, force=True),
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
             ci = m["b_speedup_over_a_exit_ci"]
             m["prediction_within_ci"] = ci["low"] <= m["predicted_speedup"] <= ci["high"]
             lines.append(f"| {fam} | {key[6:]} | {plan['groups']} | {m['b_speedup_over_a_exit']:.3f}x "
-                         f"[{ci['low']:.3f}-{ci['high']:.3f}] | "
+                         f"{format_interval(ci)} | "
                          f"{m['predicted_speedup']:.3f}x | {100 * m['prediction_error']:+.1f}% | "
                          f"{'yes' if m['prediction_within_ci'] else 'no'} | "
                          f"{plan.get('boundary_us', float('nan')):.1f} | {m['b_speedup_over_a_full']:.3f}x | {m['a']['speedup_vs_plain']:.2f}x -> "

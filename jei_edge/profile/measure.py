@@ -80,6 +80,11 @@ def median_ci(values, level: float = 0.95) -> Dict[str, float]:
             "coverage": float(coverage)}
 
 
+def format_interval(ci: Dict[str, float], digits: int = 3) -> str:
+    """``[low-high]`` of a ``median_ci`` result (the form every report and benchmark table uses)."""
+    return f"[{ci['low']:.{digits}f}-{ci['high']:.{digits}f}]"
+
+
 def ratio_verdict(ci: Dict[str, float]) -> str:
     """``faster`` (the interval lies above 1), ``slower`` (below 1) or ``parity`` (it holds 1)."""
     return "faster" if ci["low"] > 1.0 else "slower" if ci["high"] < 1.0 else "parity"

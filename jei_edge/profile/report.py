@@ -9,6 +9,7 @@ from typing import Any, Dict
 
 from jei_edge._deps import require
 from jei_edge._io import atomic_write_bytes
+from jei_edge.profile.measure import format_interval
 
 
 def format_profile(info: Dict[str, Any]) -> str:
@@ -40,7 +41,7 @@ def format_profile(info: Dict[str, Any]) -> str:
         lines += ["", f"  confidence intervals of the medians (order statistics of the repeats, >= {100 * cov:.0f}%; "
                       "narrow them with --repeats)"]
         for bsz, b in cis:
-            parts = [f"{name} [{b[key]['low']:.3f}, {b[key]['high']:.3f}]"
+            parts = [f"{name} {format_interval(b[key])}"
                      for name, key in (("realized", "realized_speedup_ci"), ("vs plain", "speedup_vs_plain_ci"),
                                        ("efficiency", "efficiency_ci")) if b.get(key)]
             lines.append(f"  {bsz:>5}  " + "  ".join(parts))
