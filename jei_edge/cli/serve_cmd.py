@@ -68,24 +68,15 @@ def serve(bundle, host, http_port, grpc_port, metrics_port, exit_timeout, startu
         try:
             if not as_json:
                 click.echo(f"starting Triton ({len(opts.modes)} model(s) x {opts.instances} instance(s))...", err=True)
-            try:
-                server.start(startup_timeout)
-            except ServerError:
-                if stop["sig"] is None:
-                    raise
-                # a stop asked for while starting (Triton may already answer health checks before
-                # start() sees it ready): the server's exit is the requested one, not a failure
-                click.echo(f"stopped (signal {signal.Signals(stop['sig']).name}) while starting", err=True)
-                return
-            if stop["sig"] is not None:  # it came before tritonserver's process existed: pass it on now
-                server.signal(signal.SIGTERM)
-            info = {"models": [s.name for s in opts.specs()], "http": server.http_url, "grpc": server.grpc_url,
-                    "metrics": server.metrics_url, "log": str(server.log_path), "instances": opts.instances}
-            if as_json:
-                emit_json(info)
-            else:
-                click.echo(f"serving {bundle} as {', '.join(info['models'])}: HTTP {info['http']}, gRPC {info['grpc']}, "
-                           f"metrics {info['metrics']} (Ctrl-C stops; log {info['log']})")
+            server.start(startup_timeout)  # returns early, without error, when a signal stopped it while starting
+            if stop["sig"] is None:
+                info = {"models": [s.name for s in opts.specs()], "http": server.http_url, "grpc": server.grpc_url,
+                        "metrics": server.metrics_url, "log": str(server.log_path), "instances": opts.instances}
+                if as_json:
+                    emit_json(info)
+                else:
+                    click.echo(f"serving {bundle} as {', '.join(info['models'])}: HTTP {info['http']}, "
+                               f"gRPC {info['grpc']}, metrics {info['metrics']} (Ctrl-C stops; log {info['log']})")
             code = server.wait()
         finally:
             for s, h in old.items():

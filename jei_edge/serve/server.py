@@ -147,6 +147,7 @@ class TritonServer:
         self.work = Path(tempfile.mkdtemp(prefix="jei-edge-triton-"))
         self.log_path = Path(log) if log is not None else self.work / "tritonserver.log"
         self.proc: Optional[subprocess.Popen] = None
+        self.stop_signal: Optional[int] = None  # the stop asked for with signal(), if any
 
     @property
     def http_url(self) -> str:
@@ -176,6 +177,8 @@ class TritonServer:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.dist.env(),
                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        if self.stop_signal is not None:  # asked to stop before the process existed
+            self.proc.send_signal(self.stop_signal)
         try:
             self.wait_ready(timeout_s)
         except BaseException:
@@ -184,10 +187,14 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
+        """Return when every model is ready, or when the server exited after ``signal()`` asked it to
+        stop (check ``stop_signal``); a ServerError naming the log otherwise."""
         deadline = time.monotonic() + timeout_s
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
+                if self.stop_signal is not None:  # the exit that was asked for, not a failure to start
+                    return
                 raise ServerError(f"tritonserver exited with code {self.proc.returncode} while starting: "
                                   f"{self.log_tail()}", hint=f"full log: {self.log_path}")
             try:
@@ -219,6 +226,9 @@ class TritonServer:
             return r.read().decode()
 
     def signal(self, sig: int) -> None:
+        """Ask the server to stop (``sig``, e.g. SIGTERM: in-flight requests are answered). Also while
+        it starts, or before ``start()`` (then the process gets it as soon as it exists)."""
+        self.stop_signal = sig
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
