@@ -138,9 +138,7 @@ def compare_families(args, command: str, bundle_b, spread: bool = False) -> dict
         inputs = rs.test_inputs(model, work)
         declared = bool(rs.MODELS[fam].get("declared"))  # untrained: its declared offsets give the exit mix
         offsets = rs.spread_offsets(model, force=declared) if declared or spread else None
-        large = dict(rs.LARGE) if declared else {}
-        if declared and args.large_repeats:
-            large["repeats"] = args.large_repeats
+        large = rs.large_limits(args.large_repeats) if declared else {}
         repeats, processes = large.get("repeats", args.repeats), 1 if declared else args.processes
         results.setdefault("offsets", {})[fam] = offsets
         results.setdefault("limits", {})[fam] = {"repeats": repeats, "processes": processes,

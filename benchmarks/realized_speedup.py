@@ -91,6 +91,11 @@ MODELS = {
 # per-family limits of the large models (ViT-S/16 at batch 256: ~20 s a full pass on 2 cores):
 # 24 samples at batch 1, 256 rows at batch 8/64/256, 3 repeats, 1 process, no per-stage medians
 LARGE = {"n1": 24, "rows": 256, "repeats": 3, "stage_medians": False}
+
+
+def large_limits(repeats=None) -> dict:
+    """``LARGE``, with ``repeats`` instead of its own when given (``--large-repeats``)."""
+    return dict(LARGE, **({"repeats": repeats} if repeats else {}))
 VARIANTS = {
     "default": {},  # the target's settings (jei_edge/targets/cpu.toml): spinning off, IOBinding
     "spinning_on": {"allow_spinning": True},
@@ -564,10 +569,10 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(res, indent=2) + "\n")
         out.with_suffix(".md").write_text(markdown(res))
 
+    limits = large_limits(args.large_repeats)
     for fam, (model, bundle, inputs, offsets) in prepared.items():
         log(f"measuring {fam} ({', '.join(map(str, batches))}), offsets {np.round(offsets, 3).tolist()}")
         large = bool(MODELS[fam].get("declared"))
-        limits = dict(LARGE, **({"repeats": args.large_repeats} if args.large_repeats else {}))
         r = run_child(bundle, inputs, "default", args, offsets, processes=1 if large else None,
                       limits=limits if large else None)
         if large:
