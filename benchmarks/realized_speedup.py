@@ -239,13 +239,14 @@ def hand_loop(rt, settings=None):
     man = rt.manifest
     if any(st.merged for st in man.stages):
         return None
-    so = None
-    if settings is not None:
-        from jei_edge.backends.onnxruntime.executor import session_options
+    from jei_edge.backends.onnxruntime.executor import session_kwargs
 
-        so = session_options(settings)
-    sess = [ort.InferenceSession(str(rt.bundle.file(st.file)), so, providers=["CPUExecutionProvider"])
-            for st in man.stages]
+    def session(path):  # the runtime's session settings, or onnxruntime's defaults
+        if settings is None:
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), **session_kwargs(path, settings))
+
+    sess = [session(rt.bundle.file(st.file)) for st in man.stages]
     names = [s.get_inputs()[0].name for s in sess]
     exits = [st.exit for st in man.stages]
     last, classes = len(sess) - 1, man.num_classes

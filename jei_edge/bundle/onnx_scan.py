@@ -6,7 +6,9 @@ directly, just far enough to find:
 - ``ir_version`` and the ``opset_import`` list (for clear "built with opset N" errors);
 - every external-data ``location`` referenced by a tensor anywhere in the model (graph
   initializers, sparse initializers, tensors in node attributes, nested subgraphs and
-  functions), so a bundle whose ONNX points outside itself is refused before a backend reads it.
+  functions), so a bundle whose ONNX points outside itself is refused before a backend reads it;
+- the main graph's nodes (op type, domain, input and output names), for backend decisions that
+  depend on the graph's structure (``jei_edge.backends.onnxruntime.executor.session_kwargs``).
 
 Field numbers are those of ``onnx.proto`` (ModelProto, GraphProto, NodeProto, AttributeProto,
 TensorProto, SparseTensorProto, FunctionProto).
@@ -25,11 +27,22 @@ class OnnxScanError(ValueError):
     """The bytes are not a well-formed ONNX protobuf."""
 
 
+@dataclass(frozen=True)
+class OnnxNode:
+    """A node of the main graph: what the wiring checks need (no attributes)."""
+
+    op_type: str
+    domain: str
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+
+
 @dataclass
 class OnnxInfo:
     ir_version: int = 0
     opsets: Dict[str, int] = field(default_factory=dict)  # domain ("" = ai.onnx) -> version
     external_locations: List[str] = field(default_factory=list)
+    nodes: List[OnnxNode] = field(default_factory=list)  # the main graph's, in file order
 
     @property
     def opset(self) -> int:
@@ -114,18 +127,34 @@ def _attribute(buf, span, out) -> None:
             _sparse(buf, v, out)
 
 
-def _node(buf, span, out) -> None:
+def _node(buf, span, out, top: bool = False) -> None:
+    inputs: List[str] = []
+    outputs: List[str] = []
+    op_type = domain = ""
     for num, wt, v in _fields(buf, *span):
-        if num == 5 and wt == _LEN:
+        if wt != _LEN:
+            continue
+        if num == 5:
             _attribute(buf, v, out)
+        elif top:
+            if num == 1:
+                inputs.append(_string(buf, v))
+            elif num == 2:
+                outputs.append(_string(buf, v))
+            elif num == 4:
+                op_type = _string(buf, v)
+            elif num == 7:
+                domain = _string(buf, v)
+    if top:
+        out.nodes.append(OnnxNode(op_type, domain, tuple(inputs), tuple(outputs)))
 
 
-def _graph(buf, span, out) -> None:
+def _graph(buf, span, out, top: bool = False) -> None:
     for num, wt, v in _fields(buf, *span):
         if wt != _LEN:
             continue
         if num == 1:
-            _node(buf, v, out)
+            _node(buf, v, out, top)
         elif num == 5:
             _tensor(buf, v, out)
         elif num == 15:
@@ -139,14 +168,14 @@ def _function(buf, span, out) -> None:
 
 
 def scan_onnx_bytes(data: bytes) -> OnnxInfo:
-    """IR version, opsets and external-data locations of a serialized ONNX ModelProto."""
+    """IR version, opsets, external-data locations and main-graph nodes of a serialized ONNX ModelProto."""
     buf = memoryview(data)
     info = OnnxInfo()
     for num, wt, v in _fields(buf, 0, len(buf)):
         if num == 1 and wt == _VARINT:
             info.ir_version = int(v)
         elif num == 7 and wt == _LEN:
-            _graph(buf, v, info)
+            _graph(buf, v, info, top=True)
         elif num == 8 and wt == _LEN:
             domain, version = "", 0
             for n2, w2, v2 in _fields(buf, *v):

@@ -174,6 +174,9 @@ def test_onnx_scan_matches_onnx(vit_bundle, copy, tmp_path):
     assert info.ir_version == model.ir_version
     assert info.opset == {o.domain: o.version for o in model.opset_import}[""]
     assert info.external_locations == []
+    # the main graph's nodes, in file order, with their wiring (subgraph nodes are not listed)
+    assert [(n.op_type, n.domain, list(n.inputs), list(n.outputs)) for n in info.nodes] == \
+        [(n.op_type, n.domain, list(n.input), list(n.output)) for n in model.graph.node]
     _with_external_data(copy, "w.bin")
     assert scan_onnx_file(copy / "stages" / "stage0.onnx").external_locations == ["w.bin"]
     with pytest.raises(ValueError):

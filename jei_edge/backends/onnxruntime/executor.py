@@ -49,12 +49,48 @@ def session_options(settings: OrtSettings):
     return so
 
 
+QDQ_PROPAGATION = "QDQPropagationTransformer"
+
+
+def float_pool_feeds_quantize(nodes) -> bool:
+    """True when a MaxPool reading FP32 values (not a DequantizeLinear's output) feeds a
+    QuantizeLinear: onnxruntime's QDQ propagation would move the QuantizeLinear above the pool and
+    run the pool on uint8 (``OrtSettings.qdq_propagation``). ``nodes``: ``OnnxNode``s of the graph."""
+    producer = {o: n.op_type for n in nodes for o in n.outputs}
+    quantized = {n.inputs[0] for n in nodes if n.op_type == "QuantizeLinear" and n.inputs}
+    return any(n.op_type == "MaxPool" and n.inputs and producer.get(n.inputs[0]) != "DequantizeLinear"
+               and any(o in quantized for o in n.outputs) for n in nodes)
+
+
+def disabled_optimizers(path, settings: OrtSettings) -> List[str]:
+    """onnxruntime graph transformers to turn off for the graph at ``path`` under ``settings``."""
+    mode = settings.qdq_propagation
+    if mode == "auto":
+        from jei_edge.bundle.onnx_scan import OnnxScanError, scan_onnx_file
+
+        try:
+            nodes = scan_onnx_file(path).nodes
+        except (OnnxScanError, OSError):  # onnxruntime's own load then says what is wrong with the file
+            return []
+        mode = "off" if float_pool_feeds_quantize(nodes) else "on"
+    return [QDQ_PROPAGATION] if mode == "off" else []
+
+
+def session_kwargs(path, settings: OrtSettings) -> Dict[str, Any]:
+    """Keyword arguments of ``onnxruntime.InferenceSession`` for the graph at ``path``: the session
+    options, the CPU provider and the graph transformers ``settings`` turn off for that graph."""
+    kwargs: Dict[str, Any] = {"sess_options": session_options(settings), "providers": ["CPUExecutionProvider"]}
+    off = disabled_optimizers(path, settings)
+    if off:
+        kwargs["disabled_optimizers"] = off
+    return kwargs
+
+
 def create_session(path, settings: OrtSettings, what: str, built_with: Optional[Dict[str, Any]] = None):
     """An InferenceSession on the CPU provider; load failures become a BundleError naming the file."""
     ort = import_ort()
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(settings),
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), **session_kwargs(path, settings))
     except Exception as exc:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)
         from jei_edge.bundle.onnx_scan import scan_onnx_file
 

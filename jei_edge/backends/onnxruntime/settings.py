@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 from jei_edge.backends.base import parse_settings
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
+_QDQ_PROPAGATION = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class OrtSettings:
             row's work over a pool costs a thread wake-up and a barrier per stage, more than it
             saves on small stages. Costs a second copy of each stage's weights in memory.
         small_batch_threads: intra-op threads of the small-batch sessions.
+        qdq_propagation: onnxruntime's QDQ propagation (``QDQPropagationTransformer``: it moves a
+            QuantizeLinear up past MaxPool, Reshape, Transpose, ...). ``auto`` turns it off for a
+            graph where an FP32 MaxPool feeds a QuantizeLinear (an INT8 ResNet's FP32 stem): there
+            it turns the float MaxPool into a uint8 one that onnxruntime runs ~10x slower (measured:
+            914 vs 92 us at batch 1 on ResNet-18's 112-px stem, docs/runtime.md "INT8"); ``on`` /
+            ``off`` for every graph.
     """
 
     intra_op_threads: int = 0
@@ -47,6 +54,7 @@ class OrtSettings:
     io_binding: bool = True
     small_batch_rows: int = 0
     small_batch_threads: int = 1
+    qdq_propagation: str = field(default="auto", metadata={"choices": _QDQ_PROPAGATION})
 
     @property
     def small_batch(self) -> Optional["OrtSettings"]:
