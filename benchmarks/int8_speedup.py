@@ -66,8 +66,9 @@ def main(argv=None) -> int:
              f"declared models: their declared offsets); the exit histograms are of the timed rows.", "",
              "| family | batch | INT8 / FP32 speed (exit mode) | (full mode) | (plain backbone) | accuracy FP32 -> INT8 | "
              "exit histogram FP32 / INT8 | exit agreement | INT8 efficiency | INT8 vs plain INT8 | "
+             "theoretical vs plain (MACs, INT8 exits) | INT8 measured / theoretical (goal >= 0.9) | "
              "staged INT8 gain / plain INT8 gain (goal >= 0.9) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for fam, fo in results["families"].items():
         for key, m in fo.items():
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
                 f"{m['b_speedup_over_a_plain']:.2f}x | {100 * m['a'].get('accuracy', 0):.1f}% -> "
                 f"{100 * m['b'].get('accuracy', 0):.1f}% | {m['a']['exit_histogram']} / {m['b']['exit_histogram']} | "
                 f"{100 * m['exit_agreement']:.1f}% | {m['b']['efficiency']:.3f} | {m['b']['speedup_vs_plain']:.2f}x | "
+                f"{m['b']['theoretical_speedup_vs_plain']:.2f}x | {m['b']['speedup_vs_plain_over_theory']:.2f} | "
                 f"{m['b_speedup_over_a_exit'] / m['b_speedup_over_a_plain']:.2f} "
                 f"({'met' if m['b_speedup_over_a_exit'] >= 0.9 * m['b_speedup_over_a_plain'] else 'NOT met'}) |")
         report = json.loads((Path(next(iter(fo.values()))["b_bundle"]) / "report.json").read_text())

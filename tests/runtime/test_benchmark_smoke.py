@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.runtime.helpers import model_inputs
 
@@ -94,3 +95,11 @@ def test_two_bundle_comparison_child(vit_bundle, tmp_path):
     for mode in ("exit", "full", "plain"):
         assert 0.05 < r[f"b_speedup_over_a_{mode}"] < 20
     assert r["b_speedup_over_a_exit_ratios"] == [r["b_speedup_over_a_exit"]]  # one repeat
+    # the MAC-theoretical speedup: one over the timed rows' mean exit cost (manifest exits)
+    from jei_edge.bundle import Bundle
+
+    cost = np.asarray(Bundle.open(vit_bundle).manifest.exits.cost_vs_plain)
+    hist = np.asarray(r["a"]["exit_histogram"])
+    assert r["a"]["theoretical_speedup_vs_plain"] == pytest.approx(hist.sum() / (hist * cost[:len(hist)]).sum())
+    assert r["a"]["speedup_vs_plain_over_theory"] == pytest.approx(
+        r["a"]["speedup_vs_plain"] / r["a"]["theoretical_speedup_vs_plain"])
