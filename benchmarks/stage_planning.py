@@ -47,7 +47,9 @@ def main(argv=None) -> int:
     for fam, fo in results["families"].items():
         for key, m in fo.items():
             m["plan"] = plan = dict(Bundle.read_manifest(m["b_bundle"]).plan)
-            m["predicted_speedup"] = plan["expected_ms_per_sample_every_exit"] / plan["expected_ms_per_sample"]
+            # the planner's median of per-round ratios (bundles built before it: the ratio of its medians)
+            m["predicted_speedup"] = plan.get("expected_speedup_over_every_exit") or \
+                plan["expected_ms_per_sample_every_exit"] / plan["expected_ms_per_sample"]
             m["prediction_error"] = m["predicted_speedup"] / m["b_speedup_over_a_exit"] - 1.0
             ci = m["b_speedup_over_a_exit_ci"]
             m["prediction_within_ci"] = ci["low"] <= m["predicted_speedup"] <= ci["high"]

@@ -20,8 +20,10 @@ candidates' sessions in the runtime's own conditional loop, ``NumpyWorkspace`` a
 ``boundary = (pipeline time - sum reach[a] * T(a, a)) / sum reach[a]`` (at least 0).
 
 Then the choice is checked the same way: the planned grouping, a stage per exit and one single
-stage are each run as a pipeline on the same real inputs, interleaved, and the fastest is kept;
-the report's expected times are those measurements. Candidates timed alone in a round robin over
+stage are each run as a pipeline on the same real inputs, interleaved over ``PIPELINE_ROUNDS``
+rounds, and the fastest is kept; the report's expected times are those measurements, and its
+expected gain over a stage per exit is the median of the per-round ratios, with its confidence
+interval (``jei_edge.profile.median_ci``). Candidates timed alone in a round robin over
 all spans run colder than inside the pipeline, by different amounts for small and large spans,
 so the model alone mispredicted the gain of merging (~10-13% predicted where 5-6% was measured
 at batch 1); the measured pipelines are what the runtime will do.
@@ -152,15 +154,19 @@ class Pipeline:
         return (time.perf_counter() - t) / self.rows
 
 
-def compare_pipelines(pipelines: Sequence[Pipeline], rounds: int = 10) -> List[float]:
-    """Median seconds per row of each pipeline, timed interleaved (the order alternating per round)."""
+PIPELINE_ROUNDS = 16  # rounds of the check; the gain is the median of per-round ratios (a ~95% interval from 16)
+
+
+def compare_pipelines(pipelines: Sequence[Pipeline], rounds: int = PIPELINE_ROUNDS) -> List[List[float]]:
+    """Seconds per row of each pipeline in every round, timed interleaved (the order alternating
+    per round), so that per-round ratios compare runs made next to each other."""
     from jei_edge.profile.measure import alternating
 
     out: List[List[float]] = [[] for _ in pipelines]
     for _, order in alternating(len(pipelines), rounds):
         for j in order:
             out[j].append(pipelines[j].seconds_per_row())
-    return [float(np.median(v)) for v in out]
+    return out
 
 
 def boundary_seconds(pipeline: Dict, times: Dict[Tuple[int, int], float], batch: int) -> float:
@@ -198,6 +204,7 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
                 progress: Optional[Callable[[str], None]] = None):
     """Measure and choose (see the module docstring). Returns ``(groups, report)``."""
     from jei_edge.model.jei import exit_decisions
+    from jei_edge.profile.measure import median_ci, ratios
 
     n = len(model.stage_ranges())
     reach = exit_decisions(model, x_real).reach(n)
@@ -215,9 +222,14 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
                  f"as pipelines at batch {batch}")
     names = list(options)
     pipes = [every_pipe if options[k] == every else cands.pipeline(options[k], x_real) for k in names]
-    measured = dict(zip(names, compare_pipelines(pipes)))
+    per_round = dict(zip(names, compare_pipelines(pipes)))
+    measured = {k: float(np.median(v)) for k, v in per_round.items()}
     chosen = min(names, key=lambda k: measured[k])
     groups = list(options[chosen])
+    # the expected gain over a stage per exit: the median of per-round ratios (each round runs the
+    # pipelines next to each other, so the host's drift cancels), with its confidence interval
+    every_key = next(k for k in names if options[k] == every)
+    gain = median_ci(ratios(per_round[every_key], per_round[chosen]))
 
     def ms(groups_) -> float:
         key = next(k for k in names if options[k] == groups_)
@@ -237,6 +249,9 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
         "expected_ms_per_sample": ms(groups),
         "expected_ms_per_sample_every_exit": ms(every),
         "expected_ms_per_sample_one_stage": ms([tuple(range(n))]),
+        "pipeline_rounds": len(per_round[chosen]),
+        "expected_speedup_over_every_exit": round(gain["median"], 4),
+        "expected_speedup_ci": {k: round(v, 4) for k, v in gain.items()},
     }
     return groups, report
 

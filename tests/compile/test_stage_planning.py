@@ -8,7 +8,7 @@ import pytest
 
 from jei_edge.compile import BuildOptions, build_bundle
 from jei_edge.compile.plan import parse_groups
-from jei_edge.compile.planning import best_groups, expected_seconds
+from jei_edge.compile.planning import PIPELINE_ROUNDS, best_groups, expected_seconds
 from jei_edge.errors import BuildError, InputError
 from jei_edge.runtime import Runtime
 from tests.runtime.helpers import model_inputs, reference, save_spread
@@ -139,6 +139,15 @@ def test_auto_plan(family_model):
     assert plan["expected_ms_per_sample"] <= min(plan["expected_ms_per_sample_every_exit"],
                                                   plan["expected_ms_per_sample_one_stage"]) + 1e-9
     assert not any(p.name.startswith(".planning") for p in out.rglob("*"))
+    # the expected gain: the median of per-round ratios every-exit / chosen, inside its interval
+    ci = plan["expected_speedup_ci"]
+    assert plan["pipeline_rounds"] == PIPELINE_ROUNDS and ci["coverage"] >= 0.95
+    assert ci["low"] <= plan["expected_speedup_over_every_exit"] == ci["median"] <= ci["high"]
+    if plan["groups"] == [[k] for k in range(n)]:
+        assert plan["expected_speedup_over_every_exit"] == 1.0
+    from jei_edge.runtime.inspect import describe_bundle, format_bundle
+
+    assert f"({plan['expected_speedup_over_every_exit']:.3f}x, 95% CI [" in format_bundle(describe_bundle(out))
     # the boundary cost is measured on the stage-per-exit pipeline, so that plan's prediction is the
     # measured pipeline time: positive and plausible (a stage run costs more in the pipeline than alone)
     assert plan["boundary"].startswith("measured") and 0.0 <= plan["boundary_us"] < 5000
