@@ -51,6 +51,10 @@ def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets
         out[f"b_speedup_over_a_{mode}"] = median_ratio(t["a"][mode], t["b"][mode])
     # per-repeat ratios: compare_families pools them over processes into a confidence interval
     out["b_speedup_over_a_exit_ratios"] = ratios(t["a"]["exit"], t["b"]["exit"]).tolist()
+    # per repeat: B's exit-mode gain over A relative to its plain-backbone gain (INT8: staged gain /
+    # plain gain), both timed in that repeat
+    out["exit_gain_over_plain_gain_ratios"] = (ratios(t["a"]["exit"], t["b"]["exit"])
+                                               / ratios(t["a"]["plain"], t["b"]["plain"])).tolist()
     for k in passes:
         tk = t[k]
         # the MAC-theoretical speedup vs the plain backbone of the timed rows' exits (precision-free)
@@ -156,9 +160,10 @@ def compare_families(args, command: str, bundle_b, spread: bool = False) -> dict
             n = large.get("n1", args.n1) if bsz == 1 else large.get("rows", args.n64)
             runs = [child(a, b, inputs, bsz, n, repeats, offsets) for _ in range(processes)]
             m = merge(runs)
-            pooled = [v for r in runs for v in r["b_speedup_over_a_exit_ratios"]]
-            m["b_speedup_over_a_exit_ratios"] = pooled
-            m["b_speedup_over_a_exit_ci"] = median_ci(pooled)  # every repeat of every process
+            for key in ("b_speedup_over_a_exit", "exit_gain_over_plain_gain"):  # every repeat of every process
+                pooled = [v for r in runs for v in r[f"{key}_ratios"]]
+                m[f"{key}_ratios"] = pooled
+                m[f"{key}_ci"] = median_ci(pooled)
             m["per_process"] = [{k: r[k] for k in ("b_speedup_over_a_exit", "b_speedup_over_a_full")} for r in runs]
             m["b_bundle"] = str(b)
             fam_out[f"batch_{bsz}"] = m

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     import argparse
 
     from jei_edge.compile import BuildOptions
+    from jei_edge.profile import format_interval
 
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--edges", choices=("auto", "int8", "fp32"), default="auto")
@@ -63,12 +64,15 @@ def main(argv=None) -> int:
              f"the two bundles alternate within each repeat. Load average (1/5/15 min) before / after: "
              f"{results['load_before']} / {results['load_after']}. Threshold offsets: `realized_speedup.spread_offsets` "
              f"(trained models: offsets 0 unless their exits are degenerate, then spread evenly over every exit; "
-             f"declared models: their declared offsets); the exit histograms are of the timed rows.", "",
+             f"declared models: their declared offsets); the exit histograms are of the timed rows. "
+             f"Per-repeat gain ratio: (FP32/INT8 exit-mode time) / (FP32/INT8 plain time) within each repeat, its "
+             f"median and distribution-free confidence interval over every repeat of every process "
+             f"(`jei_edge.profile.median_ci`).", "",
              "| family | batch | INT8 / FP32 speed (exit mode) | (full mode) | (plain backbone) | accuracy FP32 -> INT8 | "
              "exit histogram FP32 / INT8 | exit agreement | INT8 efficiency | INT8 vs plain INT8 | "
              "theoretical vs plain (MACs, INT8 exits) | INT8 measured / theoretical (goal >= 0.9) | "
-             "staged INT8 gain / plain INT8 gain (goal >= 0.9) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "staged INT8 gain / plain INT8 gain (goal >= 0.9) | per-repeat gain ratio [CI] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for fam, fo in results["families"].items():
         for key, m in fo.items():
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
                 f"{100 * m['exit_agreement']:.1f}% | {m['b']['efficiency']:.3f} | {m['b']['speedup_vs_plain']:.2f}x | "
                 f"{m['b']['theoretical_speedup_vs_plain']:.2f}x | {m['b']['speedup_vs_plain_over_theory']:.2f} | "
                 f"{m['b_speedup_over_a_exit'] / m['b_speedup_over_a_plain']:.2f} "
-                f"({'met' if m['b_speedup_over_a_exit'] >= 0.9 * m['b_speedup_over_a_plain'] else 'NOT met'}) |")
+                f"({'met' if m['b_speedup_over_a_exit'] >= 0.9 * m['b_speedup_over_a_plain'] else 'NOT met'}) | "
+                f"{m['exit_gain_over_plain_gain_ci']['median']:.2f} {format_interval(m['exit_gain_over_plain_gain_ci'], 2)} |")
         report = json.loads((Path(next(iter(fo.values()))["b_bundle"]) / "report.json").read_text())
         d, q = report["decisions"], report["quantization"]
         fo["build"] = {"decision_agreement_vs_fp32_model": d["agreement"], "prediction_agreement_vs_fp32_model":

@@ -95,6 +95,7 @@ def test_two_bundle_comparison_child(vit_bundle, tmp_path):
     for mode in ("exit", "full", "plain"):
         assert 0.05 < r[f"b_speedup_over_a_{mode}"] < 20
     assert r["b_speedup_over_a_exit_ratios"] == [r["b_speedup_over_a_exit"]]  # one repeat
+    assert r["exit_gain_over_plain_gain_ratios"] == [r["b_speedup_over_a_exit"] / r["b_speedup_over_a_plain"]]
     # the MAC-theoretical speedup: one over the timed rows' mean exit cost (manifest exits)
     from jei_edge.bundle import Bundle
 
