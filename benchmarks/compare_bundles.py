@@ -25,7 +25,7 @@ from jei_edge.profile import median, median_ci  # noqa: E402  (torch-free)
 
 
 def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets=None) -> dict:
-    from jei_edge.profile import Passes, interleaved, median_ratio, ratios
+    from jei_edge.profile import Passes, interleaved, median_ratio, ratios, theoretical_speedup
     from jei_edge.runtime import Runtime
 
     assert "torch" not in sys.modules
@@ -58,7 +58,7 @@ def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets
     for k in passes:
         tk = t[k]
         # the MAC-theoretical speedup vs the plain backbone of the timed rows' exits (precision-free)
-        theory = 1.0 / float(np.mean(np.asarray(rts[k].manifest.exits.cost_vs_plain)[exits[k]]))
+        theory = theoretical_speedup(rts[k].manifest.exits.cost_vs_plain, exits[k])
         out[k] = {"stages": rts[k].bundle.num_stages, "exit_ms_per_sample": 1e3 * median(tk["exit"]) / rows,
                   "full_ms_per_sample": 1e3 * median(tk["full"]) / rows,
                   "plain_ms_per_sample": 1e3 * median(tk["plain"]) / rows,

@@ -277,7 +277,7 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
     """Everything of one bundle in this (torch-free) process. ``rows``: samples per batch size > 1
     (default ``max(n64, 2 x batch)``); ``stage_medians``: also time every stage standalone at batch
     1 and 64 (the per-stage-median ideal; costly on large models)."""
-    from jei_edge.profile import Breakdown, Passes, interleaved, median_ratio, ratios, settings_record
+    from jei_edge.profile import Breakdown, Passes, interleaved, median_ratio, ratios, settings_record, theoretical_speedup
     from jei_edge.runtime import Runtime
 
     assert "torch" not in sys.modules
@@ -333,7 +333,7 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
         tk = {q: median(v) for q, v in stage_t.items()}
         ideal_from_medians = sum(tk[(k, m)] for r in reaches for k, m in enumerate(r)) if pairs else None
         ideal = median(samples["ideal"])
-        theory = 1.0 / float(np.mean(cost_vs_plain[timed_exits]))
+        theory = theoretical_speedup(cost_vs_plain, timed_exits)
         # decide + compact measured directly inside the loop (one extra, untimed pass)
         bd = Breakdown(rt)
         for b in xs:

@@ -10,8 +10,10 @@ command line. The timing protocol (``Passes``, ``interleaved``, ``median``, ``me
 
 from jei_edge.profile.html import write_html
 from jei_edge.profile.measure import (Breakdown, Passes, format_interval, interleaved, measure_energy, median, median_ci,
-                                      median_ratio, median_time, profile_bundle, ratio_verdict, ratios, settings_record)
+                                      median_ratio, median_time, profile_bundle, ratio_verdict, ratios, settings_record,
+                                      theoretical_speedup)
 from jei_edge.profile.report import format_profile, plot_profile, write_json
 
 __all__ = ["Breakdown", "Passes", "format_interval", "interleaved", "measure_energy", "median", "median_ci",
-           "median_ratio", "median_time", "ratio_verdict", "ratios", "profile_bundle", "settings_record", "format_profile", "plot_profile", "write_html", "write_json"]
+           "median_ratio", "median_time", "ratio_verdict", "ratios", "profile_bundle", "settings_record",
+           "theoretical_speedup", "format_profile", "plot_profile", "write_html", "write_json"]

@@ -57,6 +57,12 @@ def ratios(num, den) -> np.ndarray:
     return np.asarray(num, dtype=np.float64) / np.asarray(den, dtype=np.float64)
 
 
+def theoretical_speedup(cost, exit_index) -> float:
+    """What counted MACs promise for these rows: 1 / the mean cost of the exits they took
+    (``cost``: per-exit costs, ``Exits.cost`` vs the full model or ``Exits.cost_vs_plain``)."""
+    return 1.0 / float(np.asarray(cost, dtype=np.float64)[np.asarray(exit_index)].mean())
+
+
 def median_ci(values, level: float = 0.95) -> Dict[str, float]:
     """Distribution-free confidence interval of the median of ``values`` (independent repeats):
     the order statistics ``(x_(j), x_(n+1-j))`` with the largest ``j`` whose binomial coverage
@@ -444,7 +450,8 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
                   "cost_vs_plain": cost_plain.tolist(), "mean_cost": mean_cost,
                   "mean_cost_vs_plain": mean_cost_plain,
                   # what counted MACs promise: full-model MACs / mean MACs spent per sample
-                  "theoretical_speedup": 1.0 / mean_cost, "theoretical_speedup_vs_plain": 1.0 / mean_cost_plain},
+                  "theoretical_speedup": theoretical_speedup(cost, res.exit_index),
+                  "theoretical_speedup_vs_plain": theoretical_speedup(cost_plain, res.exit_index)},
         "batches": {},
     }
     if y is not None:
