@@ -37,6 +37,7 @@ Results: ``benchmarks/results/realized_speedup.json`` and ``.md``. Models and bu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -104,6 +105,9 @@ VARIANTS = {
     "no_iobinding": {"io_binding": False},
     "small_batch_1": {"small_batch_rows": 1},  # 1-thread sessions when 1 row is live
     "small_batch_8": {"small_batch_rows": 8},  # ... when <= 8 rows are live (also a batch's tail)
+    "row_workers_2": {"row_workers": 2},  # rows split over 2 one-thread workers (no intra-op pool)
+    # ... and a call on one live row on pool sessions (a second session per stage)
+    "row_workers_2_pool_1": {"row_workers": 2, "small_batch_rows": 1, "small_batch_threads": 0},
 }
 
 
@@ -299,8 +303,10 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
     # the loop on the runtime's own session settings. Not on onnxruntime's defaults: their pools
     # spin after every run and steal the cores from whatever runs next in the process (measured:
     # with an ORT-defaults loop in the same process the same-settings loop timed 1.5-4x slower);
-    # what spinning costs is the ``spinning_on`` variant
-    hand = hand_loop(rt, rt.executor.settings)  # None for a bundle with merged stages
+    # what spinning costs is the ``spinning_on`` variant. Row workers are the runtime's loop, not
+    # a session setting: the hand loop makes whole calls on sessions with intra-op threads instead
+    settings = rt.executor.settings
+    hand = hand_loop(rt, dataclasses.replace(settings, row_workers=0) if settings.row_workers > 1 else settings)
     cost_vs_plain = np.asarray(exits.cost_vs_plain)
     for bsz in batches:
         n = n1 if bsz == 1 else (rows or max(n64, 2 * bsz))
@@ -496,11 +502,19 @@ def markdown(res: dict) -> str:
     for fam, variants in (res.get("variants") or {}).items():
         if not variants:
             continue
-        lines += ["", f"Session settings ({fam}): efficiency / exit ms per sample / speedup vs plain", "",
+        lines += ["", f"Session settings ({fam}): efficiency / exit ms per sample / speedup vs plain (same settings) / "
+                      f"speedup vs the hand-written loop [CI] (whole calls, same settings but no row workers)", "",
                   "| variant | settings | batch 1 | batch 64 |", "|---|---|---|---|"]
+
+        def hand(b):
+            if b.get("speedup_vs_hand") is None:
+                return "-"
+            ci = b.get("speedup_vs_hand_ci")
+            return f"{b['speedup_vs_hand']:.2f}x" + (f" {format_interval(ci, 2)}" if ci else "")
+
         for name, r in variants.items():
             cells = [f"{r[k]['efficiency']:.3f} / {r[k]['exit_ms_per_sample']:.3f} ms / {r[k]['speedup_vs_plain']:.2f}x"
-                     if k in r else "-" for k in ("batch_1", "batch_64")]
+                     f" / {hand(r[k])}" if k in r else "-" for k in ("batch_1", "batch_64")]
             lines.append(f"| {name} | {VARIANTS[name] or 'target default'} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
@@ -602,10 +616,11 @@ def main(argv=None) -> int:
     for fam in (f for f in args.variants_family.split(",") if f in prepared):
         res["variants"][fam] = {}
         model, bundle, inputs, offsets = prepared[fam]
+        vlimits = dict(limits if MODELS[fam].get("declared") else {}, batches="1,64")
         for v in variants:
             log(f"variant {fam} {v}")
             res["variants"][fam][v] = run_child(bundle, inputs, v, args, offsets, args.variant_processes,
-                                                limits={"batches": "1,64"})
+                                                limits=vlimits)
             save()
     save()
     log(f"wrote {out} and {out.with_suffix('.md')}")

@@ -142,22 +142,21 @@ class Passes:
     def for_runtime(cls, rt, batch_size: Optional[int] = None,
                     rivals: Optional[Dict[str, Callable[[np.ndarray], Any]]] = None) -> "Passes":
         """With the bundle's plain backbone on the runtime's settings (onnxruntime runtimes only; the
-        small-batch settings when ``batch_size`` is small enough for them, as the stages do)."""
+        small-batch settings when ``batch_size`` is small enough for them, as the stages do; rows
+        split over the runtime's row workers when it has them)."""
         plain = None
         entry = rt.manifest.plain
         if entry is not None and rt.backend == "onnxruntime":
-            from jei_edge.backends.onnxruntime.executor import create_session
+            from jei_edge.backends.onnxruntime.executor import create_session, row_split
 
             settings = rt.executor.settings
             small = settings.small_batch
             use = small if small is not None and batch_size is not None and batch_size <= settings.small_batch_rows \
                 else settings
-            run = create_session(rt.bundle.file(entry.file), use, "plain backbone",
-                                 built_with=rt.manifest.toolchain).run
-            names = ["probs"]
-
-            def plain(b):
-                return run(names, {"x": b})
+            sess = create_session(rt.bundle.file(entry.file), use, "plain backbone", built_with=rt.manifest.toolchain)
+            # with row workers the plain backbone's rows are split over the same threads (a fair rival)
+            plain = row_split(lambda b: sess.run(["probs"], {"x": b}),
+                              getattr(rt.executor, "rows", None) if use is settings else None)
         return cls(rt, plain, rivals)
 
     # -- batches and reach counts ------------------------------------------------------------

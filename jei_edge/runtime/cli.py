@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probs", action="store_true", help="include the probability vector of each sample")
     p.add_argument("--summary", action="store_true", help="end with one JSON line {\"summary\": ...}")
     p.add_argument("--backend-opt", dest="backend_opts", action="append", default=[], metavar="KEY=VALUE",
-                   help="backend setting, repeatable (CPU: onnxruntime settings such as intra_op_threads=1 or "
-                        "small_batch_rows=1; default: the bundle's target)")
+                   help="backend setting, repeatable (CPU: onnxruntime settings such as intra_op_threads=1, "
+                        "small_batch_rows=1 or row_workers=2; default: the bundle's target)")
     p.add_argument("--public-key", dest="public_key", default=os.environ.get("JEI_EDGE_PUBLIC_KEY") or None,
                    metavar="NAME.pub", help="refuse the bundle unless it is signed by this key and every file "
                                             "matches (default: $JEI_EDGE_PUBLIC_KEY when set)")

@@ -88,3 +88,37 @@ def test_auto_leaves_other_graphs_alone(tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"\x0a\xff\xff\xff")
     assert disabled_optimizers(broken, OrtSettings()) == []  # onnxruntime's load names the problem
+
+
+def test_row_workers_parts_and_errors():
+    """RowWorkers: chunks cover the rows in order with sizes differing by at most one and at least
+    min_rows each; map returns results in item order and raises a chunk's error only after every
+    chunk has finished (they write into the same buffers)."""
+    import threading
+    import time
+
+    from jei_edge.backends.onnxruntime.executor import RowWorkers, row_split
+
+    w = RowWorkers(3, min_rows=2)
+    assert w.parts(1) == [(0, 1)] and w.parts(3) == [(0, 3)] and w.parts(4) == [(0, 2), (2, 2)]
+    assert w.parts(7) == [(0, 3), (3, 2), (5, 2)] and w.parts(64) == [(0, 22), (22, 21), (43, 21)]
+    assert w.map(lambda v: v * 10, [1, 2, 3]) == [10, 20, 30]
+    done = []
+
+    def slow_or_fail(i):
+        if i == 0:
+            raise RuntimeError("chunk 0 failed")
+        time.sleep(0.05)
+        done.append(threading.current_thread().name)
+
+    with pytest.raises(RuntimeError, match="chunk 0 failed"):
+        w.map(slow_or_fail, [0, 1, 2])
+    assert len(done) == 2 and all(n.startswith("jei-edge-rows") for n in done)
+    split = row_split(lambda b: [b * 2, b.sum(axis=1)], w)
+    b = np.arange(14, dtype=np.float32).reshape(7, 2)
+    got = split(b)
+    assert np.array_equal(got[0], b * 2) and np.array_equal(got[1], b.sum(axis=1))
+    assert row_split(len, None) is len
+    w.close()
+    with pytest.raises(ValueError):
+        RowWorkers(1)

@@ -18,12 +18,13 @@ from tests.runtime.helpers import model_inputs
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_measurement_child_reports_every_figure(vit_bundle, tmp_path):
+@pytest.mark.parametrize("variant", ["small_batch_1", "row_workers_2_pool_1"])
+def test_measurement_child_reports_every_figure(vit_bundle, tmp_path, variant):
     x = model_inputs(70, seed=11)
     np.savez(tmp_path / "test.npz", x=x, y=np.arange(len(x)) % 5)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "realized_speedup.py"), "--child", str(vit_bundle),
            str(tmp_path / "test.npz"), "--repeats", "2", "--n1", "6", "--n64", "64", "--batches", "1,64",
-           "--variant", "small_batch_1", "--offsets", "null"]
+           "--variant", variant, "--offsets", "null"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from jei_edge.errors import BundleError
+from jei_edge.errors import BundleError, JeiEdgeError
 from jei_edge.runtime import Bundle, Runtime
 from jei_edge.bundle import MANIFEST
 from jei_edge.bundle.onnx_scan import scan_onnx_bytes, scan_onnx_file
@@ -193,8 +193,6 @@ def test_verify_lists_every_problem(copy):
 
 
 def test_runtime_settings_from_options(vit_bundle):
-    from jei_edge.errors import JeiEdgeError
-
     x = model_inputs(20)
     ref = Runtime.load(vit_bundle).run(x)
     for opts in ({"io_binding": False}, {"allow_spinning": True}, {"intra_op_threads": 1}):
@@ -245,3 +243,70 @@ def test_small_batch_sessions_take_the_small_live_sets(vit_bundle):
     # off when it would change nothing
     assert Runtime.load(vit_bundle, intra_op_threads=1, small_batch_rows=4).executor.small_sessions is None
     assert Runtime.load(vit_bundle).executor.small_sessions is None
+
+
+def test_row_workers_split_calls_over_threads_and_keep_results(vit_bundle):
+    """With row_workers=2 a stage call on >= 2 live rows runs as two chunks, one on the calling
+    thread and one on a pool thread, through the same one-thread session; exits and probabilities
+    are those of whole calls, with and without IOBinding, and the plain backbone splits too."""
+    import threading
+
+    from jei_edge.profile.measure import Passes
+
+    x = model_inputs(24)
+    ref = Runtime.load(vit_bundle).run(x)
+    rt = Runtime.load(vit_bundle, row_workers=2)
+    ex = rt.executor
+    assert ex.rows is not None and ex.small_sessions is None
+    assert all(s.get_session_options().intra_op_num_threads == 1 for s in ex.sessions)
+    threads = []
+    for s in ex.sessions:
+        run = s.run_with_iobinding
+
+        def spy(b, _run=run):
+            threads.append(threading.current_thread().name)
+            return _run(b)
+
+        s.run_with_iobinding = spy  # InferenceSession instances accept attribute assignment
+    seen_n = []
+    orig = ex.execute
+
+    def execute(k, n, ws):
+        seen_n.append(n)
+        return orig(k, n, ws)
+
+    ex.execute = execute
+    res = rt.run(x)
+    assert np.array_equal(res.exit_index, ref.exit_index) and np.abs(res.probs - ref.probs).max() < 1e-5
+    assert len(threads) == sum(min(2, n) for n in seen_n)
+    assert threads.count("MainThread") == len(seen_n)
+    assert any(t.startswith("jei-edge-rows") for t in threads)
+    one = rt.run(x[:1])  # batch 1: one call on the calling thread
+    assert one.exit_index[0] == ref.exit_index[0] and np.abs(one.probs[0] - ref.probs[0]).max() < 1e-5
+    nob = Runtime.load(vit_bundle, row_workers=2, io_binding=False).run(x)
+    assert np.array_equal(nob.exit_index, ref.exit_index) and np.abs(nob.probs - ref.probs).max() < 1e-5
+    whole = Passes.for_runtime(Runtime.load(vit_bundle)).plain(x)[0]
+    split = Passes.for_runtime(rt).plain(x)[0]
+    assert split.shape == whole.shape and np.abs(split - whole).max() < 1e-5
+    rt.close()
+    with pytest.raises(JeiEdgeError, match="row_workers=2 .* cannot be combined with intra_op_threads=2"):
+        Runtime.load(vit_bundle, row_workers=2, intra_op_threads=2)
+    with pytest.raises(JeiEdgeError, match="global_thread_pool=True"):
+        Runtime.load(vit_bundle, row_workers=2, global_thread_pool=True)
+    # with small-batch sessions the other way round: calls on one live row go to pool sessions
+    both = Runtime.load(vit_bundle, row_workers=2, small_batch_rows=1, small_batch_threads=0)
+    assert both.executor.small_sessions is not None
+    assert all(s.get_session_options().intra_op_num_threads == 0 for s in both.executor.small_sessions)
+    used = []
+    for s in both.executor.small_sessions:
+        run = s.run_with_iobinding
+
+        def spy_small(b, _run=run):
+            used.append(threading.current_thread().name)
+            return _run(b)
+
+        s.run_with_iobinding = spy_small
+    one = both.run(x[:1])
+    assert used and set(used) == {"MainThread"} and np.abs(one.probs[0] - ref.probs[0]).max() < 1e-5
+    many = both.run(x)
+    assert np.array_equal(many.exit_index, ref.exit_index) and np.abs(many.probs - ref.probs).max() < 1e-5

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from jei_edge._deps import require
 from jei_edge._io import shorten
@@ -41,7 +42,7 @@ def session_options(settings: OrtSettings):
     if settings.global_thread_pool:
         so.use_per_session_threads = False
     else:
-        so.intra_op_num_threads = settings.intra_op_threads
+        so.intra_op_num_threads = settings.session_threads
         so.inter_op_num_threads = settings.inter_op_threads
     spin = "1" if settings.allow_spinning else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
@@ -108,6 +109,76 @@ def create_session(path, settings: OrtSettings, what: str, built_with: Optional[
                  "toolchain installed here (`jei-edge build ... --force`)") from exc
 
 
+class RowWorkers:
+    """Runs a stage call's rows as chunks on several threads at once (``OrtSettings.row_workers``).
+
+    onnxruntime releases the GIL inside a run and a session may be run from several threads at
+    once, so each chunk runs through the same session, on the thread that submits it: the caller's
+    thread takes the first chunk, ``workers - 1`` pool threads the others.
+    """
+
+    def __init__(self, workers: int, min_rows: int = 1):
+        if workers < 2:
+            raise ValueError("RowWorkers needs at least 2 workers")
+        self.workers, self.min_rows = int(workers), max(1, int(min_rows))
+        self._pool = ThreadPoolExecutor(max_workers=self.workers - 1, thread_name_prefix="jei-edge-rows")
+        self._parts: Dict[int, List[Tuple[int, int]]] = {}
+
+    def parts(self, n: int) -> List[Tuple[int, int]]:
+        """``[(start, rows)]``: ``n`` rows in at most ``workers`` chunks of at least ``min_rows``
+        rows, sizes differing by at most one (one chunk when ``n < 2 * min_rows``)."""
+        got = self._parts.get(n)
+        if got is None:
+            c = max(1, min(self.workers, n // self.min_rows))
+            q, r = divmod(n, c)
+            sizes = [q + (i < r) for i in range(c)]
+            starts = [sum(sizes[:i]) for i in range(c)]
+            got = list(zip(starts, sizes))
+            if len(self._parts) < MAX_BINDINGS:
+                self._parts[n] = got
+        return got
+
+    def map(self, fn: Callable[[Any], Any], items: List[Any]) -> List[Any]:
+        """``[fn(item)]`` with the items run at the same time (the first on the calling thread).
+        Every item has finished when it returns or raises (the first error is raised)."""
+        futures = [self._pool.submit(fn, it) for it in items[1:]]
+        first, error = None, None
+        try:
+            first = fn(items[0])
+        except BaseException as exc:  # still wait for the chunks writing into the same buffers
+            error = exc
+        rest = []
+        for f in futures:
+            try:
+                rest.append(f.result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return [first] + rest
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def row_split(run: Callable[[Any], Any], workers: Optional[RowWorkers]) -> Callable[[Any], Any]:
+    """``run(batch) -> [outputs]`` (one session call) as a call that splits the batch's rows over
+    ``workers`` and concatenates each output (``run`` itself when ``workers`` is None); what the
+    plain backbone gets when it is timed on the runtime's settings."""
+    if workers is None:
+        return run
+    import numpy as np
+
+    def split(b):
+        parts = workers.parts(len(b))
+        if len(parts) == 1:
+            return run(b)
+        outs = workers.map(lambda p: run(b[p[0]:p[0] + p[1]]), parts)
+        return [np.concatenate(cols) for cols in zip(*outs)]
+
+    return split
+
+
 MAX_BINDINGS = 8192  # cached (stage, row count) bindings per session set (max_batch x stages is the most used)
 
 
@@ -115,7 +186,9 @@ class OrtStageExecutor(StageExecutor):
     """Runs stage ``k`` on the first ``n`` rows of a ``NumpyWorkspace``'s buffers.
 
     ``small_sessions`` (optional, one per stage, same graphs): used instead of ``sessions`` when
-    ``n <= settings.small_batch_rows`` (see ``OrtSettings.small_batch_rows``).
+    ``n <= settings.small_batch_rows`` (see ``OrtSettings.small_batch_rows``). With
+    ``settings.row_workers > 1`` a call's rows run as chunks on ``RowWorkers`` (``rows``), each
+    chunk with its own IOBinding on its slice of the workspace buffers.
     """
 
     capabilities = frozenset({Capability.MERGED_STAGES})
@@ -128,6 +201,7 @@ class OrtStageExecutor(StageExecutor):
             raise ValueError("small_sessions must have one session per stage")
         self.small_sessions = list(small_sessions) if small_sessions else None
         self._small_rows = settings.small_batch_rows if self.small_sessions else 0
+        self.rows = RowWorkers(settings.row_workers, settings.row_min_rows) if settings.row_workers > 1 else None
         self._in_names = [s.get_inputs()[0].name for s in self.sessions]
         # one run path per session set: [0] main sessions, [1] small-batch sessions
         self._paths = [self._path(self.sessions)] + ([self._path(self.small_sessions)] if self.small_sessions else [])
@@ -142,30 +216,49 @@ class OrtStageExecutor(StageExecutor):
     def execute(self, k: int, n: int, ws) -> None:
         x = ws.stage_input(k)
         outs = ws.stage_outputs(k)  # name -> array, in manifest order
-        path = self._paths[1 if n <= self._small_rows else 0]
+        small = n <= self._small_rows
+        path = self._paths[1 if small else 0]
+        sess = path["sessions"][k]
+        parts = self.rows.parts(n) if self.rows is not None and not small else ((0, n),)
         bindings = path["bindings"]
-        if bindings is not None:
-            entry = bindings.get((k, n))
-            if entry is None:
-                if len(bindings) >= MAX_BINDINGS:
-                    bindings.clear()
-                entry = bindings[(k, n)] = [path["sessions"][k].io_binding(), None, None]
-            b = entry[0]
-            # Holding the bound objects (not their addresses) makes the identity tests safe against
-            # address reuse. Stage 0 reads the caller's array, a new one almost every call: it is
-            # bound on every call and not held (a binding per batch size would keep old batches alive).
-            if k == 0 or entry[1] is not x:
-                b.bind_input(self._in_names[k], "cpu", 0, x.dtype, (n,) + x.shape[1:], x.ctypes.data)
-                entry[1] = x if k else None
-            if entry[2] is not outs:
+        if bindings is None:
+            name = self._in_names[k]
+
+            def run(part):
+                s, c = part
+                for buf, r in zip(outs.values(), sess.run(list(outs), {name: x[s:s + c]})):
+                    buf[s:s + c] = r
+
+            if len(parts) == 1:
+                run(parts[0])
+            else:
+                self.rows.map(run, parts)
+            return
+        entry = bindings.get((k, n))
+        if entry is None:
+            if len(bindings) >= MAX_BINDINGS:
+                bindings.clear()
+            entry = bindings[(k, n)] = [[sess.io_binding() for _ in parts], None, None]
+        bs = entry[0]
+        # Holding the bound objects (not their addresses) makes the identity tests safe against
+        # address reuse. Stage 0 reads the caller's array, a new one almost every call: it is
+        # bound on every call and not held (a binding per batch size would keep old batches alive).
+        # A chunk's tensors start at its first row: the buffers are C-contiguous, row-major.
+        if k == 0 or entry[1] is not x:
+            for b, (s, c) in zip(bs, parts):
+                b.bind_input(self._in_names[k], "cpu", 0, x.dtype, (c,) + x.shape[1:], x.ctypes.data + s * x.strides[0])
+            entry[1] = x if k else None
+        if entry[2] is not outs:
+            for b, (s, c) in zip(bs, parts):
                 for name, buf in outs.items():
-                    b.bind_output(name, "cpu", 0, buf.dtype, (n,) + buf.shape[1:], buf.ctypes.data)
-                entry[2] = outs
-            path["sessions"][k].run_with_iobinding(b)
+                    b.bind_output(name, "cpu", 0, buf.dtype, (c,) + buf.shape[1:], buf.ctypes.data + s * buf.strides[0])
+            entry[2] = outs
+        if len(bs) == 1:
+            sess.run_with_iobinding(bs[0])
         else:
-            res = path["sessions"][k].run(list(outs), {self._in_names[k]: x[:n]})
-            for buf, r in zip(outs.values(), res):
-                buf[:n] = r
+            self.rows.map(sess.run_with_iobinding, bs)
 
     def close(self) -> None:
-        self.sessions, self.small_sessions, self._paths = [], None, []
+        if self.rows is not None:
+            self.rows.close()
+        self.sessions, self.small_sessions, self._paths, self.rows = [], None, [], None

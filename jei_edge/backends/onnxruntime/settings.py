@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from jei_edge.backends.base import parse_settings
+from jei_edge.errors import InputError
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 _QDQ_PROPAGATION = ("auto", "on", "off")
@@ -37,13 +38,22 @@ class OrtSettings:
             live (batch-1 streaming, the tail of a batch after most rows exited). Splitting one
             row's work over a pool costs a thread wake-up and a barrier per stage, more than it
             saves on small stages. Costs a second copy of each stage's weights in memory.
-        small_batch_threads: intra-op threads of the small-batch sessions.
+            With ``row_workers`` it is the other way round: the small-batch sessions may have a
+            pool (``small_batch_threads=0``: one thread per core) for calls too small to split.
+        small_batch_threads: intra-op threads of the small-batch sessions (0: onnxruntime's default).
         qdq_propagation: onnxruntime's QDQ propagation (``QDQPropagationTransformer``: it moves a
             QuantizeLinear up past MaxPool, Reshape, Transpose, ...). ``auto`` turns it off for a
             graph where an FP32 MaxPool feeds a QuantizeLinear (an INT8 ResNet's FP32 stem): there
             it turns the float MaxPool into a uint8 one that onnxruntime runs ~10x slower (measured:
             914 vs 92 us at batch 1 on ResNet-18's 112-px stem, docs/runtime.md "INT8"); ``on`` /
             ``off`` for every graph.
+        row_workers: when > 1, a stage call on at least ``2 * row_min_rows`` live rows is split into
+            up to this many chunks of consecutive rows that run at the same time, each on one
+            thread, through the same session (no second copy of the weights); every session then
+            has one intra-op thread, so a batch-1 call wakes no pool either. Data parallelism needs
+            no barrier per operator, which onnxruntime's intra-op pool pays (measured in
+            docs/runtime.md "Row workers"). 0 or 1: off (whole calls, ``intra_op_threads``).
+        row_min_rows: the fewest rows a chunk of a split call gets.
     """
 
     intra_op_threads: int = 0
@@ -55,14 +65,33 @@ class OrtSettings:
     small_batch_rows: int = 0
     small_batch_threads: int = 1
     qdq_propagation: str = field(default="auto", metadata={"choices": _QDQ_PROPAGATION})
+    row_workers: int = 0
+    row_min_rows: int = 1
+
+    def __post_init__(self):
+        if self.row_workers > 1:
+            clash = [f"{k}={v}" for k, v in (("intra_op_threads", self.intra_op_threads),
+                                             ("global_thread_pool", self.global_thread_pool))
+                     if (k == "intra_op_threads" and v > 1) or (k != "intra_op_threads" and v)]
+            if clash:
+                raise InputError(f"onnxruntime option row_workers={self.row_workers} runs every chunk on one "
+                                 f"thread of its own and cannot be combined with {', '.join(clash)}",
+                                 hint="drop those options (or set row_workers=0 for intra-op threads)")
+            if self.row_min_rows < 1:
+                raise InputError("onnxruntime option row_min_rows must be >= 1", hint="e.g. row_min_rows=1")
+
+    @property
+    def session_threads(self) -> int:
+        """Intra-op threads of every session (1 with row workers; 0 = onnxruntime's default)."""
+        return 1 if self.row_workers > 1 else self.intra_op_threads
 
     @property
     def small_batch(self) -> Optional["OrtSettings"]:
         """Settings of the small-batch sessions (None when they are off or would equal the main ones)."""
-        if self.small_batch_rows <= 0 or self.small_batch_threads == self.intra_op_threads \
+        if self.small_batch_rows <= 0 or self.small_batch_threads == self.session_threads \
                 or self.global_thread_pool:
             return None
-        return dataclasses.replace(self, intra_op_threads=self.small_batch_threads, small_batch_rows=0)
+        return dataclasses.replace(self, intra_op_threads=self.small_batch_threads, small_batch_rows=0, row_workers=0)
 
     @classmethod
     def from_options(cls, options: Optional[Dict[str, Any]] = None, base: Optional["OrtSettings"] = None) -> "OrtSettings":
