@@ -36,6 +36,10 @@ def _batch_sizes(text: str):
 @click.option("--preprocessed", is_flag=True, help="INPUTS are model inputs already (skip the bundle's normalisation).")
 @click.option("--backend-opt", "backend_opts", multiple=True, metavar="KEY=VALUE",
               help="Backend setting, repeatable (as for `jei-edge run`).")
+@click.option("--compare-settings", "compare_settings", multiple=True, metavar="KEY=VALUE[,KEY=VALUE...]",
+              help="Also time the early-exit pass with these backend settings (on top of the target's), next "
+                   "to the profiled one in every repeat, and say which is fastest per batch size; repeatable, "
+                   "e.g. --compare-settings row_workers=4 --compare-settings intra_op_threads=1.")
 @device_option
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Folder for profile.json and profile.png (default: NAME.profile beside the bundle).")
@@ -47,8 +51,8 @@ def _batch_sizes(text: str):
 @click.option("--power-seconds", type=float, default=2.0, show_default=True,
               help="With --power: seconds each pass is repeated for (after 1 s of idle power).")
 @json_option
-def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, preprocessed, backend_opts, device,
-            output, no_plot, power, power_seconds, as_json):
+def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, preprocessed, backend_opts, compare_settings,
+            device, output, no_plot, power, power_seconds, as_json):
     """Profile BUNDLE on INPUTS (files or folders, as for `jei-edge run`) or on --data.
 
     \b
@@ -66,6 +70,8 @@ def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, prepro
     Example:
       jei-edge profile runs/demo/model.jei runs/demo/test.npz
       jei-edge profile model.jei --data digits --batch-sizes 1,16,64 --json
+      jei-edge profile model.jei test.npz --compare-settings row_workers=4 \\
+          --compare-settings row_workers=4,small_batch_rows=1,small_batch_threads=0
     """
     from jei_edge.errors import DependencyError, InputError, JeiEdgeError
     from jei_edge.profile import format_profile, plot_profile, profile_bundle, write_json
@@ -81,6 +87,16 @@ def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, prepro
         raise InputError("give either INPUTS or --data (one of them)",
                          hint="e.g. `jei-edge profile model.jei test.npz` or `--data digits`")
     rt = Runtime.load(bundle, device=device, max_batch=max(sizes), **parse_backend_options(backend_opts))
+    compare = {}
+    for item in compare_settings:
+        label = item.strip()
+        if label in compare:
+            raise InputError(f"--compare-settings {label!r} is given twice")
+        opts = parse_backend_options([kv for kv in label.split(",") if kv.strip()])
+        if not opts:
+            raise InputError("--compare-settings needs KEY=VALUE settings, got an empty value",
+                             hint="e.g. --compare-settings row_workers=2")
+        compare[label] = Runtime.load(bundle, device=device, max_batch=max(sizes), **opts)
     offs = expand_offsets(parse_offsets(offsets), rt.num_gates)
     if data:
         from jei_edge.data import load_data
@@ -102,7 +118,8 @@ def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, prepro
         raise JeiEdgeError(f"output '{out_dir}' exists and is not a folder", hint="pass -o FOLDER")
     if power_seconds <= 0:
         raise InputError(f"--power-seconds must be > 0, got {power_seconds}")
-    info = profile_bundle(rt, x, y, batch_sizes=sizes, repeats=repeats, samples=n, offsets=offs, progress=log)
+    info = profile_bundle(rt, x, y, batch_sizes=sizes, repeats=repeats, samples=n, offsets=offs, progress=log,
+                          compare=compare or None)
     if power:
         info["energy"] = _energy(rt, x, sizes, n, offs, power_seconds, log)
     info["files"] = {"json": str(out_dir / "profile.json")}

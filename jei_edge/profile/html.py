@@ -538,6 +538,32 @@ def _speedup_section(info: Dict[str, Any], plots: _Plots) -> str:
                     "the plain backbone). Efficiency near 1 means the runtime's own work is nearly free.", body)
 
 
+def _settings_section(info: Dict[str, Any]) -> str:
+    """Other backend settings timed side by side with the profiled ones (``--compare-settings``)."""
+    batches = info.get("batches") or {}
+    labels = list(info.get("compare_settings") or {})
+    head = [_th("settings"), *(_th(f"batch {s}", "ms / sample · speedup [95% CI]") for s in batches)]
+    rows = [[_cell("current (profiled above)")] + [_cell(fmt(b.get("exit_ms_per_sample")), b.get("exit_ms_per_sample"))
+                                                  for b in batches.values()]]
+    for label in labels:
+        row = [_cell(label)]
+        for b in batches.values():
+            c = (b.get("compare") or {}).get(label) or {}
+            ci = c.get("speedup_ci")
+            text = f"{fmt(c.get('ms_per_sample'))} · {fmt_x(c.get('speedup'))}" + \
+                (f" [{ci['low']:.2f}-{ci['high']:.2f}]" if ci else "") + ("" if c.get("same_exits", True) else " (exits differ)")
+            cls = "" if not ci else ("good" if ci["low"] > 1.0 else "bad" if ci["high"] < 1.0 else "")
+            row.append(_cell(text, c.get("speedup"), cls))
+        rows.append(row)
+    best = info.get("best_settings") or {}
+    picks = "; ".join(f"batch {s}: {esc(v['label'])}" + (f" ({v['speedup']:.2f}x)" if v["label"] != "current" else "")
+                      for s, v in best.items())
+    return _section("settings", "Backend settings compared",
+                    "Each setting's early-exit pass timed next to the profiled one in every repeat, on the same "
+                    "batches (speedup > 1: faster than the current settings). Fastest, where its whole interval "
+                    f"is above 1: {picks or '-'}.", _table(head, rows, tid="settings-table"))
+
+
 def _energy_section(energy: Dict[str, Any], plots: _Plots) -> str:
     dicts = [(k, v) for k, v in energy.items() if isinstance(v, dict)]
     # a dict with a number in it is a measured row (exit, full, plain, ...); one without (e.g. the
@@ -676,6 +702,8 @@ def render_html(info: Dict[str, Any], energy: Optional[Dict[str, Any]] = None,
                      f'the tables only.<br><small>{esc(p.reason)}</small></div>')
     parts += [_key_numbers(info), _stage_section(info, p), _exits_section(info, p), _timing_section(info, p),
               _speedup_section(info, p)]
+    if info.get("compare_settings"):
+        parts.append(_settings_section(info))
     if energy is not None:
         parts.append(_energy_section(energy, p))
     if curve is not None:

@@ -413,7 +413,8 @@ def _percentiles(seconds: Sequence[float]) -> Dict[str, float]:
 
 def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_sizes: Sequence[int] = (1, 64),
                    repeats: int = 7, samples: Optional[int] = None, offsets=None,
-                   progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+                   progress: Optional[Callable[[str], None]] = None,
+                   compare: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Profile a loaded runtime on model inputs ``x`` (``[N, C, H, W]``, preprocessed).
 
     For each batch size: exit / full / plain / ideal time per sample (medians over ``repeats``
@@ -422,6 +423,11 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
     percentiles of the exit pass, the standalone latency of every stage on a full batch, reach
     counts and the per-boundary overhead. Independent of the batch size: the exit histogram and
     the theoretical speedup from the bundle's MAC costs.
+
+    ``compare``: other runtimes of the same bundle by label (e.g. other backend settings); each
+    one's exit pass is timed next to ``rt``'s in every repeat, on the same batches, and reported
+    as ``batches[B]["compare"][label]`` (ms per sample, speedup over ``rt`` with its interval,
+    whether its exits are the same), with the fastest per batch size in ``best_settings``.
     """
     say = progress or (lambda msg: None)
     if repeats < 1:
@@ -460,8 +466,10 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
     for bsz in batch_sizes:
         if bsz < 1:
             raise InputError(f"batch sizes must be >= 1, got {bsz}")
-        say(f"batch {bsz}: timing exit, full, plain and ideal passes ({repeats} repeats)")
-        p = Passes.for_runtime(rt, bsz)
+        say(f"batch {bsz}: timing exit, full, plain and ideal passes ({repeats} repeats)"
+            + (f", and {len(compare)} other setting(s) side by side" if compare else ""))
+        rivals = {label: (lambda b, _r=other: _r.run(b, offsets=offsets)) for label, other in (compare or {}).items()}
+        p = Passes.for_runtime(rt, bsz, rivals=rivals)
         xs = p.batches(x, bsz, n_all)
         reaches = p.reaches(xs, offsets)
         boundaries = p.boundaries(reaches)
@@ -493,8 +501,31 @@ def profile_bundle(rt, x: np.ndarray, y: Optional[np.ndarray] = None, batch_size
             entry.update({"plain_ms_per_sample": 1e3 * tp / rows, "throughput_plain": rows / tp,
                           "speedup_vs_plain": median_ratio(t["plain"], t["exit"]),
                           "speedup_vs_plain_ci": median_ci(ratios(t["plain"], t["exit"]))})
+        if compare:
+            ref = np.concatenate([rt.run(b, offsets=offsets).exit_index for b in xs])
+            entry["compare"] = {
+                label: {"ms_per_sample": 1e3 * median(t[label]) / rows,
+                        "speedup": median_ratio(t["exit"], t[label]),  # > 1: faster than rt's settings
+                        "speedup_ci": median_ci(ratios(t["exit"], t[label])),
+                        "same_exits": bool(np.array_equal(
+                            ref, np.concatenate([other.run(b, offsets=offsets).exit_index for b in xs])))}
+                for label, other in compare.items()}
         out["batches"][str(bsz)] = entry
+    if compare:
+        out["compare_settings"] = {label: settings_record(other) for label, other in compare.items()}
+        out["best_settings"] = {bsz: best_settings(b) for bsz, b in out["batches"].items()}
     return out
+
+
+def best_settings(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """The fastest settings of one batch size's entry: a compared label whose whole interval of
+    speedup lies above 1 (the largest median among those), else the runtime's own (``"current"``)."""
+    best, speed = "current", 1.0
+    for label, c in (entry.get("compare") or {}).items():
+        ci = c.get("speedup_ci")
+        if ci and ci["low"] > 1.0 and c["speedup"] > speed:
+            best, speed = label, c["speedup"]
+    return {"label": best, "speedup": speed}
 
 
 def settings_record(rt) -> Dict[str, Any]:

@@ -54,6 +54,21 @@ def format_profile(info: Dict[str, Any]) -> str:
             b = info["batches"][s]
             row += f"  {b['stage_ms'][k]:9.3f}  {b['reach_total'][k]:9d}"
         lines.append(row)
+    if info.get("compare_settings"):
+        lines += ["", "  other settings, timed side by side (early-exit ms/sample, speedup over the current settings "
+                      "[95% CI])"]
+        for label in info["compare_settings"]:
+            cells = []
+            for bsz, b in info["batches"].items():
+                c = b["compare"][label]
+                cells.append(f"b{bsz} {c['ms_per_sample']:.3f} ms {c['speedup']:.2f}x {format_interval(c['speedup_ci'])}"
+                             + ("" if c["same_exits"] else " (exits differ)"))
+            lines.append(f"  {label}: " + "; ".join(cells))
+        best = info.get("best_settings") or {}
+        lines.append("  fastest: " + "; ".join(
+            f"batch {s} {v['label']}" + (f" ({v['speedup']:.2f}x)" if v["label"] != "current" else " (no other is "
+                                                                                               "measurably faster)")
+            for s, v in best.items()))
     lines.append("")
     lines.append("  realized = full-depth time / early-exit time; vs plain = one-graph backbone time / early-exit "
                  "time; efficiency = stage runs alone / early-exit time (1.0: the runtime's own work is free)")

@@ -84,8 +84,45 @@ def test_profile_on_a_data_source(bundle, tmp_path, capsys):
     assert json.loads(stdout)["samples"] == 16
 
 
+def test_profile_compares_settings_side_by_side(bundle, tmp_path, capsys):
+    """--compare-settings: each setting's exit pass is timed in every repeat next to the profiled
+    one; the JSON has its time, speedup and interval per batch size, the settings it ran with, and
+    the fastest pick; the text and HTML say so. Exits do not depend on thread settings."""
+    np.savez(tmp_path / "t.npz", x=np.random.default_rng(1).random((32, 1, 8, 8), dtype=np.float32))
+    out = tmp_path / "prof"
+    rc = cli_main(["profile", str(bundle), str(tmp_path / "t.npz"), "-o", str(out), "--repeats", "3",
+                   "--batch-sizes", "1,8", "--no-plot", "--json", "--compare-settings", "row_workers=2",
+                   "--compare-settings", "intra_op_threads=1,io_binding=false"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    info = json.loads(stdout)
+    labels = ["row_workers=2", "intra_op_threads=1,io_binding=false"]
+    assert list(info["compare_settings"]) == labels
+    assert info["compare_settings"]["row_workers=2"]["row_workers"] == 2
+    assert info["compare_settings"][labels[1]]["io_binding"] is False
+    for bsz in ("1", "8"):
+        b = info["batches"][bsz]
+        for label in labels:
+            c = b["compare"][label]
+            assert c["same_exits"] is True and c["ms_per_sample"] > 0
+            assert c["speedup_ci"]["low"] <= c["speedup"] <= c["speedup_ci"]["high"]
+        best = info["best_settings"][bsz]
+        assert best["label"] in ["current"] + labels
+        if best["label"] != "current":
+            assert b["compare"][best["label"]]["speedup_ci"]["low"] > 1
+    html = (out / "profile.html").read_text()
+    assert 'id="settings-table"' in html and "row_workers=2" in html
+    rc = cli_main(["profile", str(bundle), str(tmp_path / "t.npz"), "-o", str(out), "--repeats", "1",
+                   "--batch-sizes", "4", "--no-plot", "--compare-settings", "row_workers=2"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0 and "other settings, timed side by side" in stdout and "fastest: batch 4" in stdout, err
+
+
 @pytest.mark.parametrize("args,match", [
     ([], "either INPUTS or --data"),
+    (["X", "--compare-settings", "threads=2"], "unknown onnxruntime option"),
+    (["X", "--compare-settings", "row_workers=2,intra_op_threads=2"], "cannot be combined"),
+    (["X", "--compare-settings", ","], "needs KEY=VALUE"),
     (["X", "--data", "digits"], "either INPUTS or --data"),
     (["X", "--batch-sizes", "0"], "batch-sizes must be integers >= 1"),
     (["X", "--batch-sizes", "a,b"], "comma-separated integers"),
