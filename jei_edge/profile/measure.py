@@ -523,7 +523,7 @@ def best_settings(entry: Dict[str, Any]) -> Dict[str, Any]:
     best, speed = "current", 1.0
     for label, c in (entry.get("compare") or {}).items():
         ci = c.get("speedup_ci")
-        if ci and ci["low"] > 1.0 and c["speedup"] > speed:
+        if ci and ratio_verdict(ci) == "faster" and c["speedup"] > speed:
             best, speed = label, c["speedup"]
     return {"label": best, "speedup": speed}
 

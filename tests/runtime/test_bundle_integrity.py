@@ -206,6 +206,29 @@ def test_runtime_settings_from_options(vit_bundle):
         Runtime.load(vit_bundle, device="tpu")
 
 
+def _spy_runs(sessions, record) -> None:
+    """Route each session's ``run_with_iobinding`` through ``record(stage index)`` first
+    (InferenceSession instances accept attribute assignment)."""
+    for k, s in enumerate(sessions):
+        def spy(b, _run=s.run_with_iobinding, _k=k):
+            record(_k)
+            return _run(b)
+
+        s.run_with_iobinding = spy
+
+
+def _live_rows(ex) -> list:
+    """The live-row count of every later ``execute`` call of executor ``ex``, in order."""
+    seen, orig = [], ex.execute
+
+    def execute(k, n, ws):
+        seen.append(n)
+        return orig(k, n, ws)
+
+    ex.execute = execute
+    return seen
+
+
 def test_small_batch_sessions_take_the_small_live_sets(vit_bundle):
     """With small_batch_rows, stage runs on <= that many live rows go to the 1-thread sessions,
     larger ones to the main sessions, and results are the same as without them."""
@@ -216,23 +239,8 @@ def test_small_batch_sessions_take_the_small_live_sets(vit_bundle):
     assert ex.small_sessions is not None and len(ex.small_sessions) == ex.num_stages
     calls = {"main": [], "small": []}
     for name, sessions in (("main", ex.sessions), ("small", ex.small_sessions)):
-        for k, s in enumerate(sessions):
-            ex_run = s.run_with_iobinding
-
-            def spy(b, _run=ex_run, _name=name, _k=k):
-                calls[_name].append(_k)
-                return _run(b)
-
-            # InferenceSession instances accept attribute assignment; route through the spy
-            s.run_with_iobinding = spy
-    seen_n = []
-    orig = ex.execute
-
-    def execute(k, n, ws):
-        seen_n.append(n)
-        return orig(k, n, ws)
-
-    ex.execute = execute
+        _spy_runs(sessions, calls[name].append)
+    seen_n = _live_rows(ex)
     res = rt.run(x)
     one = [rt.run(x[i:i + 1]) for i in range(3)]
     assert np.array_equal(res.exit_index, ref.exit_index) and np.abs(res.probs - ref.probs).max() < 1e-6
@@ -260,22 +268,8 @@ def test_row_workers_split_calls_over_threads_and_keep_results(vit_bundle):
     assert ex.rows is not None and ex.small_sessions is None
     assert all(s.get_session_options().intra_op_num_threads == 1 for s in ex.sessions)
     threads = []
-    for s in ex.sessions:
-        run = s.run_with_iobinding
-
-        def spy(b, _run=run):
-            threads.append(threading.current_thread().name)
-            return _run(b)
-
-        s.run_with_iobinding = spy  # InferenceSession instances accept attribute assignment
-    seen_n = []
-    orig = ex.execute
-
-    def execute(k, n, ws):
-        seen_n.append(n)
-        return orig(k, n, ws)
-
-    ex.execute = execute
+    _spy_runs(ex.sessions, lambda k: threads.append(threading.current_thread().name))
+    seen_n = _live_rows(ex)
     res = rt.run(x)
     assert np.array_equal(res.exit_index, ref.exit_index) and np.abs(res.probs - ref.probs).max() < 1e-5
     assert len(threads) == sum(min(2, n) for n in seen_n)
@@ -298,14 +292,7 @@ def test_row_workers_split_calls_over_threads_and_keep_results(vit_bundle):
     assert both.executor.small_sessions is not None
     assert all(s.get_session_options().intra_op_num_threads == 0 for s in both.executor.small_sessions)
     used = []
-    for s in both.executor.small_sessions:
-        run = s.run_with_iobinding
-
-        def spy_small(b, _run=run):
-            used.append(threading.current_thread().name)
-            return _run(b)
-
-        s.run_with_iobinding = spy_small
+    _spy_runs(both.executor.small_sessions, lambda k: used.append(threading.current_thread().name))
     one = both.run(x[:1])
     assert used and set(used) == {"MainThread"} and np.abs(one.probs[0] - ref.probs[0]).max() < 1e-5
     many = both.run(x)
