@@ -61,14 +61,18 @@ def format_profile(info: Dict[str, Any]) -> str:
             cells = []
             for bsz, b in info["batches"].items():
                 c = b["compare"][label]
-                cells.append(f"b{bsz} {c['ms_per_sample']:.3f} ms {c['speedup']:.2f}x {format_interval(c['speedup_ci'])}"
+                cells.append(f"b{bsz} {c['ms_per_sample']:.3f} ms {c['speedup']:.2f}x {format_interval(c['speedup_ci'], 2)}"
                              + ("" if c["same_exits"] else " (exits differ)"))
             lines.append(f"  {label}: " + "; ".join(cells))
         best = info.get("best_settings") or {}
+        picked = sorted({v["label"] for v in best.values() if v["label"] != "current"})
         lines.append("  fastest: " + "; ".join(
             f"batch {s} {v['label']}" + (f" ({v['speedup']:.2f}x)" if v["label"] != "current" else " (no other is "
                                                                                                "measurably faster)")
             for s, v in best.items()))
+        for label in picked:
+            lines.append(f"  run with {label}: " + " ".join(f"--backend-opt {kv.strip()}" for kv in label.split(",")
+                                                          if kv.strip()))
     lines.append("")
     lines.append("  realized = full-depth time / early-exit time; vs plain = one-graph backbone time / early-exit "
                  "time; efficiency = stage runs alone / early-exit time (1.0: the runtime's own work is free)")

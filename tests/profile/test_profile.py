@@ -118,6 +118,23 @@ def test_profile_compares_settings_side_by_side(bundle, tmp_path, capsys):
     assert rc == 0 and "other settings, timed side by side" in stdout and "fastest: batch 4" in stdout, err
 
 
+def test_profile_text_names_the_fastest_settings_and_their_flags(bundle):
+    """The text report turns the fastest compared settings into the flags that select them, and says
+    when none is measurably faster."""
+    rt = Runtime.load(bundle, max_batch=4)
+    info = profile_bundle(rt, model_inputs(8, seed=3), batch_sizes=(1, 4), repeats=1,
+                          compare={"row_workers=2,small_batch_rows=1": Runtime.load(bundle, max_batch=4,
+                                                                                    row_workers=2, small_batch_rows=1)})
+    ci = {"median": 1.3, "low": 1.2, "high": 1.4, "coverage": 0.96}
+    info["batches"]["4"]["compare"]["row_workers=2,small_batch_rows=1"].update(speedup=1.3, speedup_ci=ci)
+    info["best_settings"] = {"1": {"label": "current", "speedup": 1.0},
+                             "4": {"label": "row_workers=2,small_batch_rows=1", "speedup": 1.3}}
+    text = format_profile(info)
+    assert "batch 1 current (no other is measurably faster)" in text
+    assert "batch 4 row_workers=2,small_batch_rows=1 (1.30x)" in text
+    assert "run with row_workers=2,small_batch_rows=1: --backend-opt row_workers=2 --backend-opt small_batch_rows=1" in text
+
+
 @pytest.mark.parametrize("args,match", [
     ([], "either INPUTS or --data"),
     (["X", "--compare-settings", "threads=2"], "unknown onnxruntime option"),
