@@ -32,6 +32,38 @@ from jei_edge.runtime import Runtime  # noqa: E402
 CANDIDATES = ("row_workers=2", "row_workers=2,small_batch_rows=1,small_batch_threads=0")
 
 
+def rss_mib() -> float:
+    """This process's resident memory (Linux ``/proc/self/status``), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def memory_child(bundle: str, inputs: str, label: str) -> dict:
+    """In a fresh process: resident memory added by loading the runtime with ``label``'s settings
+    ("" = defaults) and running a batch of 1 and of 64 rows (sessions, weights, arenas)."""
+    x = np.load(inputs)["x"].astype(np.float32)
+    x = np.concatenate([x] * (64 // len(x) + 1))[:64]
+    import onnxruntime  # noqa: F401  (its own import is not the runtime's cost)
+
+    before = rss_mib()
+    rt = Runtime.load(bundle, max_batch=64, **(options(label) if label else {}))
+    rt.run(x[:1])
+    rt.run(x)
+    return {"rss_added_mib": rss_mib() - before}
+
+
+def memory(bundle: Path, inputs: Path, label: str) -> float:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__, "--memory-child", str(bundle), str(inputs), label],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory of {bundle} ({label or 'defaults'}) failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["rss_added_mib"]
+
+
 def options(label: str) -> dict:
     from jei_edge.runtime.output import parse_backend_options
 
@@ -48,7 +80,11 @@ def main(argv=None) -> int:
     p.add_argument("--large-samples", type=int, default=128, help="samples of the 112-px models")
     p.add_argument("--candidates", default=";".join(CANDIDATES), help="';'-separated KEY=VALUE[,KEY=VALUE] settings")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "row_workers.json"))
+    p.add_argument("--memory-child", nargs=3, metavar=("BUNDLE", "INPUTS", "LABEL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(*args.memory_child)))
+        return 0
     work, sizes = Path(args.work), [int(b) for b in args.batches.split(",")]
     cands = [c for c in args.candidates.split(";") if c]
     res = {"command": "python benchmarks/row_workers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -71,9 +107,13 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {fam}: {n} samples, batches {sizes}", flush=True)
         info = profile_bundle(rt, x, batch_sizes=sizes, repeats=args.repeats, samples=n,
                               offsets=offsets, compare=compare)
+        for other in [rt, *compare.values()]:
+            other.close()
         res["families"][fam] = {"exits": info["exits"]["histogram"], "batches": {
             b: {"default_ms_per_sample": e["exit_ms_per_sample"], "compare": e["compare"]}
-            for b, e in info["batches"].items()}, "best": info["best_settings"]}
+            for b, e in info["batches"].items()}, "best": info["best_settings"],
+            # resident memory each setting adds (fresh process each: sessions, weights, arenas)
+            "rss_added_mib": {label: memory(bundle, work / f"{fam}_test.npz", label) for label in [""] + cands}}
         out.write_text(json.dumps(res, indent=1) + "\n")
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     out.write_text(json.dumps(res, indent=1) + "\n")
@@ -93,6 +133,9 @@ def markdown(res: dict) -> str:
              f"repeats), and the verdict.", "",
              "| model | batch | default ms/sample | " + " | ".join(res["candidates"]) + " |",
              "|---|---|---|" + "---|" * len(res["candidates"])]
+    mem = ["", "Resident memory each setting adds (MiB; a fresh process per setting: load, then a batch of 1 "
+               "and one of 64 rows):", "", "| model | defaults | " + " | ".join(res["candidates"]) + " |",
+           "|---|---|" + "---|" * len(res["candidates"])]
     for fam, r in res["families"].items():
         for b, e in r["batches"].items():
             cells = []
@@ -101,7 +144,9 @@ def markdown(res: dict) -> str:
                 cells.append(f"{v['speedup']:.2f}x {format_interval(v['speedup_ci'], 2)} {ratio_verdict(v['speedup_ci'])}"
                              + ("" if v["same_exits"] else " (exits differ!)"))
             lines.append(f"| {fam} | {b} | {e['default_ms_per_sample']:.3f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        if r.get("rss_added_mib"):
+            mem.append(f"| {fam} | " + " | ".join(f"{r['rss_added_mib'][c]:.1f}" for c in [""] + res["candidates"]) + " |")
+    return "\n".join(lines + (mem if len(mem) > 5 else [])) + "\n"
 
 
 if __name__ == "__main__":
