@@ -65,9 +65,9 @@ def memory(bundle: Path, inputs: Path, label: str) -> float:
 
 
 def options(label: str) -> dict:
-    from jei_edge.runtime.output import parse_backend_options
+    from jei_edge.runtime.output import parse_backend_options, split_settings
 
-    return parse_backend_options(label.split(","))
+    return parse_backend_options(split_settings(label))
 
 
 def main(argv=None) -> int:

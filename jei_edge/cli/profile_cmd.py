@@ -75,7 +75,7 @@ def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, prepro
     """
     from jei_edge.errors import DependencyError, InputError, JeiEdgeError
     from jei_edge.profile import format_profile, plot_profile, profile_bundle, write_json
-    from jei_edge.runtime.output import expand_offsets, parse_backend_options, parse_offsets
+    from jei_edge.runtime.output import expand_offsets, parse_backend_options, parse_offsets, split_settings
     from jei_edge.runtime.runtime import Runtime
 
     sizes = _batch_sizes(batch_sizes)
@@ -92,7 +92,7 @@ def profile(bundle, inputs, data, samples, batch_sizes, repeats, offsets, prepro
         label = item.strip()
         if label in compare:
             raise InputError(f"--compare-settings {label!r} is given twice")
-        opts = parse_backend_options([kv for kv in label.split(",") if kv.strip()])
+        opts = parse_backend_options(split_settings(label))
         if not opts:
             raise InputError("--compare-settings needs KEY=VALUE settings, got an empty value",
                              hint="e.g. --compare-settings row_workers=2")

@@ -10,6 +10,7 @@ from typing import Any, Dict
 from jei_edge._deps import require
 from jei_edge._io import atomic_write_bytes
 from jei_edge.profile.measure import format_interval
+from jei_edge.runtime.output import split_settings
 
 
 def format_profile(info: Dict[str, Any]) -> str:
@@ -71,8 +72,7 @@ def format_profile(info: Dict[str, Any]) -> str:
                                                                                                "measurably faster)")
             for s, v in best.items()))
         for label in picked:
-            lines.append(f"  run with {label}: " + " ".join(f"--backend-opt {kv.strip()}" for kv in label.split(",")
-                                                          if kv.strip()))
+            lines.append(f"  run with {label}: " + " ".join(f"--backend-opt {kv}" for kv in split_settings(label)))
     lines.append("")
     lines.append("  realized = full-depth time / early-exit time; vs plain = one-graph backbone time / early-exit "
                  "time; efficiency = stage runs alone / early-exit time (1.0: the runtime's own work is free)")

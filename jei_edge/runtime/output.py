@@ -110,6 +110,12 @@ def expand_offsets(offsets: Optional[List[float]], num_gates: int) -> Optional[t
     return tuple(offsets)
 
 
+def split_settings(label: str) -> List[str]:
+    """``"row_workers=2, small_batch_rows=1"`` -> ``["row_workers=2", "small_batch_rows=1"]`` (the
+    form of ``jei-edge profile --compare-settings``; each item as for ``--backend-opt``)."""
+    return [kv.strip() for kv in label.split(",") if kv.strip()]
+
+
 def parse_backend_options(items: Optional[Sequence[str]]) -> Dict[str, object]:
     """``["small_batch_rows=1", "allow_spinning=false"]`` -> ``{"small_batch_rows": 1, ...}``.
 
