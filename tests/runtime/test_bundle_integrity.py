@@ -282,6 +282,10 @@ def test_row_workers_split_calls_over_threads_and_keep_results(vit_bundle):
     whole = Passes.for_runtime(Runtime.load(vit_bundle)).plain(x)[0]
     split = Passes.for_runtime(rt).plain(x)[0]
     assert split.shape == whole.shape and np.abs(split - whole).max() < 1e-5
+    bad = x.copy()
+    bad[-1].flat[0] = np.nan  # in the second chunk: the input check still names it
+    with pytest.raises(JeiEdgeError, match=f"rows {len(x) - 1}"):
+        rt.run(bad)
     rt.close()
     with pytest.raises(JeiEdgeError, match="row_workers=2 .* cannot be combined with intra_op_threads=2"):
         Runtime.load(vit_bundle, row_workers=2, intra_op_threads=2)
