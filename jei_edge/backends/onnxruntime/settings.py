@@ -70,9 +70,8 @@ class OrtSettings:
 
     def __post_init__(self):
         if self.row_workers > 1:
-            clash = [f"{k}={v}" for k, v in (("intra_op_threads", self.intra_op_threads),
-                                             ("global_thread_pool", self.global_thread_pool))
-                     if (k == "intra_op_threads" and v > 1) or (k != "intra_op_threads" and v)]
+            clash = ([f"intra_op_threads={self.intra_op_threads}"] if self.intra_op_threads > 1 else []) \
+                + (["global_thread_pool=True"] if self.global_thread_pool else [])
             if clash:
                 raise InputError(f"onnxruntime option row_workers={self.row_workers} runs every chunk on one "
                                  f"thread of its own and cannot be combined with {', '.join(clash)}",
