@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from jei_edge import _deps
 from jei_edge._io import atomic_write_bytes
-from jei_edge.profile.measure import ratio_verdict
+from jei_edge.profile.measure import format_interval, ratio_verdict
 
 # one colour per pass, the same in every plot and in the tables' legends
 COLORS = {"exit": "#2563eb", "full": "#6b7280", "plain": "#ea580c", "ideal": "#16a34a",
@@ -552,7 +552,7 @@ def _settings_section(info: Dict[str, Any]) -> str:
             c = (b.get("compare") or {}).get(label) or {}
             ci = c.get("speedup_ci")
             text = f"{fmt(c.get('ms_per_sample'))} · {fmt_x(c.get('speedup'))}" + \
-                (f" [{ci['low']:.2f}-{ci['high']:.2f}]" if ci else "") + ("" if c.get("same_exits", True) else " (exits differ)")
+                (f" {format_interval(ci, 2)}" if ci else "") + ("" if c.get("same_exits", True) else " (exits differ)")
             cls = {"faster": "good", "slower": "bad"}.get(ratio_verdict(ci), "") if ci else ""
             row.append(_cell(text, c.get("speedup"), cls))
         rows.append(row)

@@ -90,8 +90,10 @@ def format_bundle(info: Dict[str, Any]) -> str:
                      f"{_io(info['plain']['outputs'])})")
     plan = info.get("plan") or {}
     if plan.get("mode") == "auto":
+        from jei_edge.profile.measure import format_interval
+
         ci = plan.get("expected_speedup_ci")
-        gain = (f" ({plan['expected_speedup_over_every_exit']:.3f}x, 95% CI [{ci['low']:.3f}-{ci['high']:.3f}])"
+        gain = (f" ({plan['expected_speedup_over_every_exit']:.3f}x, 95% CI {format_interval(ci)})"
                 if ci and "expected_speedup_over_every_exit" in plan else "")
         lines.append(f"  plan:      auto at batch {plan.get('batch')}: expected {plan.get('expected_ms_per_sample')} "
                      f"ms/sample vs {plan.get('expected_ms_per_sample_every_exit')} with a stage per exit{gain}")

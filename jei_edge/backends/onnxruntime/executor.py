@@ -229,10 +229,7 @@ class OrtStageExecutor(StageExecutor):
                 for buf, r in zip(outs.values(), sess.run(list(outs), {name: x[s:s + c]})):
                     buf[s:s + c] = r
 
-            if len(parts) == 1:
-                run(parts[0])
-            else:
-                self.rows.map(run, parts)
+            self._run_each(run, parts)
             return
         entry = bindings.get((k, n))
         if entry is None:
@@ -253,10 +250,14 @@ class OrtStageExecutor(StageExecutor):
                 for name, buf in outs.items():
                     b.bind_output(name, "cpu", 0, buf.dtype, (c,) + buf.shape[1:], buf.ctypes.data + s * buf.strides[0])
             entry[2] = outs
-        if len(bs) == 1:
-            sess.run_with_iobinding(bs[0])
+        self._run_each(sess.run_with_iobinding, bs)
+
+    def _run_each(self, fn, items) -> None:
+        """``fn`` on every chunk: on the calling thread when there is one, else on the row workers."""
+        if len(items) == 1:
+            fn(items[0])
         else:
-            self.rows.map(sess.run_with_iobinding, bs)
+            self.rows.map(fn, items)
 
     def close(self) -> None:
         if self.rows is not None:
