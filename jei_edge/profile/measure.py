@@ -340,6 +340,10 @@ class TimedWorkspace(Workspace):
     def capacity(self) -> int:
         return self.inner.capacity
 
+    @property
+    def input_owned(self) -> bool:
+        return self.inner.input_owned
+
     def stage_input(self, k: int):
         return self.inner.stage_input(k)
 

@@ -85,7 +85,7 @@ class StageExecutor(abc.ABC):
 
     What an executor may call on the workspace (declared in ``Workspace``'s executor side):
     ``stage_input(k)``, ``stage_outputs(k)``, ``bind_outputs(k, ...)`` (with ``BINDS_OUTPUTS``),
-    ``stream``, ``capacity``, ``synchronize()``.
+    ``stream``, ``capacity``, ``input_owned``, ``synchronize()``.
     """
 
     num_stages: int
@@ -110,12 +110,17 @@ class Workspace(abc.ABC):
 
     Two sides: the **loop side** (``begin``, ``exit_and_compact``, ``finish``, ``collect``) is what
     ``run_conditional`` calls; the **executor side** (``stage_input``, ``stage_outputs``,
-    ``bind_outputs``, ``stream``, ``capacity``, ``synchronize``) is all an executor may use.
+    ``bind_outputs``, ``stream``, ``capacity``, ``input_owned``, ``synchronize``) is all an executor
+    may use.
     """
 
     capabilities: FrozenSet[str] = frozenset()
     input_guard: bool = False  # stage 0's verified in-graph NaN/inf guard is checked at the first boundary
     stream: Optional[int] = None  # the CUDA stream stages must run on (None on the CPU)
+    # the current batch's stage-0 input is the workspace's own buffer (the same object batch after
+    # batch, so an executor may keep a binding to it); False: it is the caller's array, which an
+    # executor must neither hold nor assume at the same address next batch
+    input_owned: bool = True
 
     # -- executor side -----------------------------------------------------------------------
     @property

@@ -11,7 +11,13 @@ instead of every survivor as an order-preserving gather would.
 
 A batch of one row (streaming) keeps ``S`` in a Python float and decides on Python floats through
 the same ``exit_mask``; the row never moves, so its result is copied straight from the probs
-buffer of the stage it left at. ``full`` mode does no boundary work at all.
+buffer of the stage it left at. A boundary on a few live rows (``SMALL_ROWS``) also decides on
+Python floats and compacts the same way with fewer numpy calls. ``full`` mode does no boundary
+work at all.
+
+Stage 0 reads a large batch where the caller keeps it (no copy); a small one (``COPY_INPUT_BYTES``)
+is copied into the workspace's own buffer, so that the executor's binding to it stays valid
+(``input_owned``).
 
 With ``input_guard`` (stage 0's graph carries the input guard, see ``jei_edge.runtime.validate``)
 the first boundary also checks stage 0's gate values for NaN, in both modes, and raises
@@ -28,6 +34,18 @@ from jei_edge.bundle.manifest import Stage
 from jei_edge.exit_rule import exit_mask
 from jei_edge.runtime.loop import Capability, Results, Workspace
 from jei_edge.runtime.validate import GuardTripped
+
+
+# Live-row counts up to this decide in Python (``_boundary_rows``, ``NumpyWorkspace.small_rows``).
+# Measured in real runs (boundaries right after stage runs, 2-core host): the boundary time per
+# batch at batch 8-16 was 0.57-0.65x of the numpy path's on the quickstart, vit and resnet
+# benchmark models, at batch 64 0.71-0.90x; at batch 256 (the first boundaries on > 64 rows in
+# numpy either way) 0.98-1.00x, while deciding 128-256 rows in Python was 1.00-1.14x.
+SMALL_ROWS = 64
+# Batches of at most this many bytes are copied into the workspace's own stage-0 buffer, whose
+# onnxruntime binding is then kept: binding a new input address costs a run ~5-10% at 1-8 rows of
+# the quickstart model, more than copying them; at 150 KB and up the two are even (measured).
+COPY_INPUT_BYTES = 256 * 1024
 
 
 class NumpyWorkspace(Workspace):
@@ -61,6 +79,7 @@ class NumpyWorkspace(Workspace):
         self._arange = np.arange(mb, dtype=np.int64)
         self._probs = np.zeros((mb, self.num_classes), dtype=np.float32)
         self._exit = np.zeros(mb, dtype=np.int64)
+        self.small_rows = SMALL_ROWS
         self._B = 0
         self._identity = True  # row i of the live set is still original row i
         # batch 1: S as a Python float, and (exit-index array, probs buffer) of the exit taken
@@ -93,11 +112,13 @@ class NumpyWorkspace(Workspace):
         b = int(x.shape[0])
         if b > self.max_batch:
             raise ValueError(f"batch {b} > workspace max_batch {self.max_batch}")
-        if x.dtype == self._x.dtype and x.flags.c_contiguous:
+        if x.nbytes > COPY_INPUT_BYTES and x.dtype == self._x.dtype and x.flags.c_contiguous:
             self._in[0] = x  # zero-copy: the caller keeps x alive for the call
-        else:
+            self.input_owned = False
+        else:  # small batches are copied: the executor keeps its stage-0 binding to this buffer
             self._x[:b] = x
             self._in[0] = self._x
+            self.input_owned = True
         self._B = b
         self._identity = True
         if b == 1:  # batch-1 streaming: S lives in a Python float, rows never move
@@ -131,6 +152,8 @@ class NumpyWorkspace(Workspace):
             self._s1 += gv
             return 1
         g = out["gate"][:n]
+        if n <= self.small_rows:
+            return self._boundary_rows(k, n, g, delta)
         if k == 0 and self.input_guard:
             self._check_guard(g)
         hidden = out["hidden_out"]
@@ -142,6 +165,45 @@ class NumpyWorkspace(Workspace):
         ex = np.flatnonzero(mask)
         self._retire(ex, out["probs"][ex], self.stages[k].exit)
         return self._compact(hidden, S, n, mask, ex)
+
+    def _boundary_rows(self, k: int, n: int, g: np.ndarray, delta) -> int:
+        """``exit_and_compact`` of a single-exit stage for a few live rows (``SMALL_ROWS``): the
+        same decisions (``exit_mask`` on Python floats, float64 as on arrays), the same in-place
+        compaction, with a handful of numpy calls instead of ~25; each costs more than the Python
+        work it replaces right after a stage run has evicted numpy's code (measured)."""
+        gl = g.tolist()
+        if k == 0 and self.input_guard:
+            total = sum(gl)  # NaN exactly when some row's gate is NaN (gates are in [0, 1])
+            if total != total:
+                raise GuardTripped([i for i, v in enumerate(gl) if v != v])
+        S = self._S
+        sl = S[:n].tolist()
+        ex = [i for i in range(n) if exit_mask(gl[i], sl[i], delta)]
+        if not ex:
+            S[:n] = [s + v for s, v in zip(sl, gl)]
+            return n
+        out = self._out[k]
+        ids = None if self._identity else self._idx[:n].tolist()
+        rows = ex if ids is None else [ids[i] for i in ex]
+        self._probs[rows] = out["probs"][ex]
+        self._exit[rows] = self.stages[k].exit
+        m = n - len(ex)
+        if m:
+            # the survivors after row m fill the holes exited rows left before it (as ``_compact``)
+            keep = list(range(m))
+            gone = set(ex)
+            fill = [i for i in range(m, n) if i not in gone]
+            if fill:
+                hidden = out["hidden_out"]
+                for dst, src in zip([i for i in ex if i < m], fill):
+                    hidden[dst] = hidden[src]
+                    keep[dst] = src
+                if ids is None:
+                    ids = self._idx[:n].tolist()
+                self._idx[:m] = [ids[i] for i in keep]
+                self._identity = False
+            S[:m] = [sl[i] + gl[i] for i in keep]
+        return m
 
     def _compact(self, hidden: np.ndarray, S: np.ndarray, n: int, mask: np.ndarray, ex: np.ndarray) -> int:
         """Survivors (``~mask``) of the first ``n`` rows into the first ``m`` rows; returns ``m``."""

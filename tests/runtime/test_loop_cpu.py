@@ -163,3 +163,47 @@ def test_batch_one_path_matches_exit_levels_exactly(offsets):
     # a larger batch after batch-1 calls (and back) still agrees
     res = run_conditional(ScriptedExecutor(G, P), ws, x, "exit", offsets)
     assert np.array_equal(res.exit_index, levels)
+
+
+@pytest.mark.parametrize("offsets", [None, [0.1, -0.2, 0.0, 0.3], [-1, -1, -1, -1]])
+def test_small_row_boundaries_match_the_array_path(offsets, monkeypatch):
+    """Boundaries on at most ``SMALL_ROWS`` live rows decide and compact with Python floats: for
+    every batch size (one side of the limit, the other, batches that cross it as rows leave) the
+    results, the reach and the rows each stage ran on equal the numpy path's and ``exit_levels``."""
+    from jei_edge.runtime import workspace
+
+    G, P, _ = _scripted(n=300)
+    levels = exit_levels(G, offsets)
+    x = np.arange(len(G), dtype=np.float32)[:, None]
+    for b in (2, 3, 7, 31, 32, 33, 64, 300):
+        got = {}
+        for small in (0, 10 ** 6):  # every boundary in numpy / every boundary in Python
+            monkeypatch.setattr(workspace, "SMALL_ROWS", small)
+            _, _, ws = _scripted(n=300)
+            for s in range(0, len(G), b):
+                ex = ScriptedExecutor(G, P)
+                res = run_conditional(ex, ws, x[s:s + b], "exit", offsets)
+                lv = levels[s:s + b]
+                assert np.array_equal(res.exit_index, lv)
+                assert np.array_equal(res.probs, P[np.arange(s, s + len(lv)), lv])
+                assert [n for _, n in ex.calls] == res.reach == [int((lv >= k).sum()) for k in range(len(res.reach))]
+                got.setdefault(small, []).append((res.probs, res.exit_index))
+        for (p0, e0), (p1, e1) in zip(got[0], got[10 ** 6]):
+            assert np.array_equal(p0, p1) and np.array_equal(e0, e1)
+
+
+def test_small_row_boundary_names_nan_gate_rows(monkeypatch):
+    """Stage 0's guarded gate NaN on a few rows: the Python-float boundary names exactly those rows."""
+    from jei_edge.runtime import workspace
+    from jei_edge.runtime.validate import GuardTripped
+
+    G, P, _ = _scripted(n=40)
+    G[[3, 17], 0] = np.nan
+    for small in (0, 10 ** 6):
+        monkeypatch.setattr(workspace, "SMALL_ROWS", small)
+        _, _, ws = _scripted(n=40)
+        ws.input_guard = True
+        x = np.arange(20, dtype=np.float32)[:, None]
+        with pytest.raises(GuardTripped) as e:
+            run_conditional(ScriptedExecutor(G, P), ws, x, "exit")
+        assert e.value.rows == [3, 17]

@@ -238,13 +238,15 @@ class OrtStageExecutor(StageExecutor):
             entry = bindings[(k, n)] = [[sess.io_binding() for _ in parts], None, None]
         bs = entry[0]
         # Holding the bound objects (not their addresses) makes the identity tests safe against
-        # address reuse. Stage 0 reads the caller's array, a new one almost every call: it is
-        # bound on every call and not held (a binding per batch size would keep old batches alive).
+        # address reuse. Where stage 0 reads the caller's array (a large batch, not copied; a new
+        # array almost every call) it is bound on every call and not held: a binding per batch
+        # size would keep old batches alive. Rebinding an input costs the next run more than the
+        # call itself (measured), hence the workspace copies small batches into its own buffer.
         # A chunk's tensors start at its first row: the buffers are C-contiguous, row-major.
-        if k == 0 or entry[1] is not x:
+        if entry[1] is not x:
             for b, (s, c) in zip(bs, parts):
                 b.bind_input(self._in_names[k], "cpu", 0, x.dtype, (c,) + x.shape[1:], x.ctypes.data + s * x.strides[0])
-            entry[1] = x if k else None
+            entry[1] = x if k or ws.input_owned else None
         if entry[2] is not outs:
             for b, (s, c) in zip(bs, parts):
                 for name, buf in outs.items():
