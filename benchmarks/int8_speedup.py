@@ -21,7 +21,9 @@ are for these two), the declared models' declared offsets.
 ``--edges auto|int8|fp32`` (``jei-edge build --int8-edges / --fp32-edges``; default ``auto``: the
 build's default, quantized edges where the next stage quantizes its input) picks how hidden states
 cross the INT8 bundle's stage edges (bundle ``FAMILY_int8.jei``, or ``FAMILY_int8_EDGESedges.jei``);
-``--min-agreement F`` is the build's INT8 agreement floor (default 0.95).
+``--min-agreement F`` is the build's INT8 agreement floor (default 0.95); ``--calibration NAME|FILE``
+the build's recipe (default ``default``; another one builds ``FAMILY_int8_NAME.jei``), e.g.
+``benchmarks/calibration_stem.toml`` to quantize the stem too.
 
 Results: ``benchmarks/results/int8_speedup.json`` and ``.md``.
 """
@@ -45,15 +47,17 @@ def main(argv=None) -> int:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--edges", choices=("auto", "int8", "fp32"), default="auto")
     own.add_argument("--min-agreement", type=float, default=0.95)
+    own.add_argument("--calibration", default="default")
     opts, argv = own.parse_known_args(argv)
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(opts).items() if v != own.get_default(k))
-    suffix = "" if opts.edges == "auto" else f"_{opts.edges}edges"
+    suffix = ("" if opts.edges == "auto" else f"_{opts.edges}edges") \
+        + ("" if opts.calibration == "default" else f"_{Path(opts.calibration).stem}")
     edges = {"auto": None, "int8": True, "fp32": False}[opts.edges]
 
     def int8(fam, bsz, data):
         return (f"{fam}_int8{suffix}.jei", BuildOptions(precision="int8", data=data, force=True, quantized_edges=edges,
-                                                        min_agreement=opts.min_agreement),
-                f"--precision int8 (edges {opts.edges})")
+                                                        min_agreement=opts.min_agreement, calibration=opts.calibration),
+                f"--precision int8 (edges {opts.edges}, calibration {opts.calibration})")
 
     args, results = run_comparison(__doc__, __file__, int8, argv, spread=True)
     results["command"] = results["command"].replace(".py", ".py" + flags, 1)
