@@ -408,21 +408,28 @@ def _run_child_once(bundle: Path, inputs: Path, variant: str, args, offsets, lim
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# CPU features that change which onnxruntime kernels run (INT8 above all: VNNI / AMX dot products)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "asimddp", "i8mm", "sve")
+
+
 def machine() -> dict:
-    cpu = platform.processor()
+    """The host as every result file records it. ``isa``: the ``ISA_FLAGS`` the CPU reports (a
+    cloud VM's "AMD EPYC" may be one of several generations; INT8 timings differ between them)."""
+    info = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first processor's entries
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = info.get("model name") or platform.processor()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
     import onnxruntime
 
     code = provenance()
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "host": platform.node(),
-            "commit": code["commit"] + ("+changes" if code["dirty_paths"] else "")}
+    return {"cpu": cpu, "isa": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "host": platform.node(), "commit": code["commit"] + ("+changes" if code["dirty_paths"] else "")}
 
 
 def provenance(paths=("jei_edge", "benchmarks")) -> dict:
