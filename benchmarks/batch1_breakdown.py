@@ -4,7 +4,9 @@ Runs ``Runtime.run`` for one row at a time through ``jei_edge.profile.Breakdown`
 path, with the executor and workspace wrapped by timing views): ``begin``, each stage run, each
 boundary (``exit_and_compact``), ``finish`` and ``collect``; the numpy input check alone; then
 times small operations right after a stage run ("cold": the stage evicted the interpreter's and
-numpy's code) and again immediately after ("warm"). Medians over every call.
+numpy's code) and again immediately after ("warm"); and each stage run alone, back to back (hot
+caches, what the profiler's ideal is built from), next to its time inside the loop. Medians over
+every call.
 
     python benchmarks/batch1_breakdown.py                       # runs/bench/vit.jei (realized_speedup.py builds it)
     python benchmarks/batch1_breakdown.py --bundle B.jei --inputs T.npz --out results/x.json
@@ -82,12 +84,31 @@ def main(argv=None) -> int:
                 cold.setdefault(name, {"cold": [], "warm": []})
                 cold[name]["cold"].append((t1 - t) / 1e3)
                 cold[name]["warm"].append((t2 - t1) / 1e3)
+    # each stage alone, back to back on one row (hot caches: what the profiler's "ideal" is built
+    # from), against the same stage inside the loop above (after the other stages evicted its
+    # weights and code)
+    alone: dict = {}
+    ws.begin(xs[0])
+    for k in range(ex.num_stages):
+        for _ in range(args.repeats):
+            for _b in xs[:50]:
+                t = pc()
+                ex.execute(k, 1, ws)
+                alone.setdefault(f"stage_{k}", []).append((pc() - t) / 1e3)
+    import shlex
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from realized_speedup import machine
+
     out = {
+        "command": shlex.join(["python", "benchmarks/batch1_breakdown.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine(),
         "bundle": args.bundle, "calls": len(xs) * args.repeats,
         "median_us": {k: round(median(v), 2) for k, v in seg.items()},
         "count": {k: len(v) for k, v in seg.items()},
         "after_stage_run_us": {k: {c: round(median(v), 2) for c, v in d.items()} for k, d in cold.items()},
         "input_guard": bool(ws.input_guard),
+        "stage_alone_us": {k: round(median(v), 2) for k, v in alone.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
@@ -95,6 +116,8 @@ def main(argv=None) -> int:
         print(f"{k:20s} {v:9.2f} us  (n={out['count'][k]})")
     for k, d in out["after_stage_run_us"].items():
         print(f"{k:20s} cold {d['cold']:6.2f} us, warm {d['warm']:6.2f} us")
+    for k, v in out["stage_alone_us"].items():
+        print(f"{k:20s} alone {v:8.2f} us, in the loop {out['median_us'].get(k, float('nan')):8.2f} us")
     return 0
 
 

@@ -193,6 +193,9 @@ class Passes:
     def prime(self, batch: np.ndarray) -> None:
         """Fill every stage's buffers with valid rows (a full pass over ``batch``) for standalone stage runs."""
         self.rt.run(batch, mode="full")
+        x0 = self.ws.stage_input(0)
+        if isinstance(x0, np.ndarray) and x0 is not batch:  # a host workspace may have read a large batch
+            x0[:len(batch)] = batch                           # in place: its own stage-0 buffer gets the rows
 
     def exit_pass(self, xs, offsets=None, per_call: Optional[list] = None) -> float:
         run = self.rt.run

@@ -118,9 +118,9 @@ class Workspace(abc.ABC):
     input_guard: bool = False  # stage 0's verified in-graph NaN/inf guard is checked at the first boundary
     stream: Optional[int] = None  # the CUDA stream stages must run on (None on the CPU)
     # the current batch's stage-0 input is the workspace's own buffer (the same object batch after
-    # batch, so an executor may keep a binding to it); False: it is the caller's array, which an
-    # executor must neither hold nor assume at the same address next batch
-    input_owned: bool = True
+    # batch, so an executor may keep a binding to it); False (the safe default): it may be the
+    # caller's array, which an executor must neither hold nor assume at the same address next batch
+    input_owned: bool = False
 
     # -- executor side -----------------------------------------------------------------------
     @property

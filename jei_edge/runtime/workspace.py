@@ -11,13 +11,13 @@ instead of every survivor as an order-preserving gather would.
 
 A batch of one row (streaming) keeps ``S`` in a Python float and decides on Python floats through
 the same ``exit_mask``; the row never moves, so its result is copied straight from the probs
-buffer of the stage it left at. A boundary on a few live rows (``SMALL_ROWS``) also decides on
-Python floats and compacts the same way with fewer numpy calls. ``full`` mode does no boundary
-work at all.
+buffer of the stage it left at. A boundary of a single-exit stage on a few live rows
+(``SMALL_ROWS``) also decides on Python floats and compacts the same way with fewer numpy calls
+(merged stages always decide on arrays). ``full`` mode does no boundary work at all.
 
-Stage 0 reads a large batch where the caller keeps it (no copy); a small one (``COPY_INPUT_BYTES``)
-is copied into the workspace's own buffer, so that the executor's binding to it stays valid
-(``input_owned``).
+Stage 0 reads a large float32 C-contiguous batch where the caller keeps it (no copy); a small one
+(``COPY_INPUT_BYTES``), or one of another dtype or layout, is copied into the workspace's own
+buffer, so that the executor's binding to it stays valid (``input_owned``).
 
 With ``input_guard`` (stage 0's graph carries the input guard, see ``jei_edge.runtime.validate``)
 the first boundary also checks stage 0's gate values for NaN, in both modes, and raises
@@ -80,6 +80,7 @@ class NumpyWorkspace(Workspace):
         self._probs = np.zeros((mb, self.num_classes), dtype=np.float32)
         self._exit = np.zeros(mb, dtype=np.int64)
         self.small_rows = SMALL_ROWS
+        self.input_owned = True  # stage 0 reads self._x until a batch says otherwise (begin)
         self._B = 0
         self._identity = True  # row i of the live set is still original row i
         # batch 1: S as a Python float, and (exit-index array, probs buffer) of the exit taken
@@ -144,7 +145,7 @@ class NumpyWorkspace(Workspace):
             return n
         if self._B == 1:  # batch-1 streaming: a scalar decision on Python floats (float64, as below)
             gv = out["gate"].item(0)  # a Python float
-            if exit_mask(gv, self._s1, delta):
+            if exit_mask(gv, self._s1, float(delta)):  # float(): a numpy float32 offset would make it float32
                 self._last = (self._exit_one[k], out["probs"])  # collect() copies the row before the next run
                 return 0
             if gv != gv and k == 0 and self.input_guard:  # NaN never exits: only this path can see it
@@ -169,9 +170,10 @@ class NumpyWorkspace(Workspace):
     def _boundary_rows(self, k: int, n: int, g: np.ndarray, delta) -> int:
         """``exit_and_compact`` of a single-exit stage for a few live rows (``SMALL_ROWS``): the
         same decisions (``exit_mask`` on Python floats, float64 as on arrays), the same in-place
-        compaction, with a handful of numpy calls instead of ~25; each costs more than the Python
-        work it replaces right after a stage run has evicted numpy's code (measured)."""
+        compaction, with about six numpy calls instead of about twenty; each costs more than the
+        Python work it replaces right after a stage run has evicted numpy's code (measured)."""
         gl = g.tolist()
+        delta = float(delta)  # float64 as on arrays (a numpy float32 offset would make the rule float32)
         if k == 0 and self.input_guard:
             total = sum(gl)  # NaN exactly when some row's gate is NaN (gates are in [0, 1])
             if total != total:
@@ -234,8 +236,8 @@ class NumpyWorkspace(Workspace):
         P, G = out["probs"], out["gate"]
         ids = self._exit_ids[k]
         ng = G.shape[1]
-        if not isinstance(deltas, tuple):
-            deltas = (float(deltas),) * ng
+        # Python floats (float64 decisions on the scalar path too, whatever type the caller passed)
+        deltas = tuple(float(d) for d in deltas) if isinstance(deltas, tuple) else (float(deltas),) * ng
         if self._B == 1:
             if k == 0 and self.input_guard:
                 g0 = G.item(0, 0)
@@ -307,6 +309,7 @@ class NumpyWorkspace(Workspace):
     def collect(self, reach: List[int]) -> Results:
         b = self._B
         self._in[0] = self._x  # drop the workspace's reference to the caller's array
+        self.input_owned = True
         if b == 1:
             exit_arr, probs = self._last
             return Results(probs[:1].copy(), exit_arr.copy(), reach)

@@ -96,34 +96,33 @@ def test_device_cuda_without_a_driver_is_one_line(vit_bundle, tmp_path, entry):
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) <= 2  # the error and its hint
 
 
-@pytest.mark.parametrize("copy_bytes", [0, 1 << 30], ids=["caller-array", "own-buffer"])
-def test_iobinding_cache_per_row_count(vit_bundle, monkeypatch, copy_bytes):
+def test_iobinding_cache_per_row_count(vit_bundle, monkeypatch):
     """One IOBinding per (stage, live-row count), reused when a row count comes back; results equal
-    the plain `session.run` path. Stage 0: a batch over ``COPY_INPUT_BYTES`` is read where the
-    caller keeps it, bound on every call and not held (the batch is freed once the caller drops
-    it); a smaller one is copied into the workspace's own buffer, whose binding is kept."""
+    the plain `session.run` path on new data every call. Stage 0: a batch over ``COPY_INPUT_BYTES``
+    is read where the caller keeps it, bound on every call and not held (the batch is freed once
+    the caller drops it); a smaller one is copied into the workspace's own buffer, whose binding is
+    kept. The same row count switches between the two and back without a stale binding."""
     import gc
     import weakref
 
     from jei_edge.runtime import workspace
 
-    monkeypatch.setattr(workspace, "COPY_INPUT_BYTES", copy_bytes)
-    x = model_inputs(64, seed=3)
+    caller, own_buffer = 0, 1 << 30  # COPY_INPUT_BYTES values: every batch read in place / copied
+    plan = [(64, caller), (7, own_buffer), (64, own_buffer), (1, caller), (7, caller), (33, own_buffer),
+            (7, own_buffer), (64, caller), (7, caller)]
     with Runtime.load(vit_bundle, max_batch=64) as rt, Runtime.load(vit_bundle, max_batch=64, io_binding=False) as ref:
         own = rt.workspace.stage_input(0)
-        for b in (64, 7, 64, 1, 7, 33):  # row counts repeat: cached bindings are reused
-            got, want = rt.run(x[:b]), ref.run(x[:b])
+        cache = rt.executor._paths[0]["bindings"]
+        for i, (b, copy_bytes) in enumerate(plan):  # row counts repeat: cached bindings are reused
+            monkeypatch.setattr(workspace, "COPY_INPUT_BYTES", copy_bytes)
+            batch = model_inputs(b, seed=10 + i)  # new data (and a new array) every call
+            gone = weakref.ref(batch)
+            got, want = rt.run(batch), ref.run(batch)
             np.testing.assert_array_equal(got.exit_index, want.exit_index)
             np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
-        batch = x[:7].copy()
-        gone = weakref.ref(batch)
-        np.testing.assert_array_equal(rt.run(batch).probs, ref.run(batch).probs)
-        del batch
-        gc.collect()
-        assert gone() is None  # nothing the runtime keeps holds the caller's batch
-        cache = rt.executor._paths[0]["bindings"]
+            assert cache[(0, b)][1] is (own if copy_bytes else None)
+            del batch, got
+            gc.collect()
+            assert gone() is None  # nothing the runtime keeps holds the caller's batch
         assert len(cache) > rt.bundle.num_stages  # several row counts per stage
-        held = [entry[1] for (k, _), entry in cache.items() if k == 0]
-        assert all(h is None for h in held) if copy_bytes == 0 else all(h is own for h in held)
-        assert rt.workspace.input_owned is (copy_bytes > 0)
         assert all(entry[1] is rt.workspace.stage_input(k) for (k, _), entry in cache.items() if k > 0)

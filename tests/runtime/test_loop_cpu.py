@@ -167,9 +167,10 @@ def test_batch_one_path_matches_exit_levels_exactly(offsets):
 
 @pytest.mark.parametrize("offsets", [None, [0.1, -0.2, 0.0, 0.3], [-1, -1, -1, -1]])
 def test_small_row_boundaries_match_the_array_path(offsets, monkeypatch):
-    """Boundaries on at most ``SMALL_ROWS`` live rows decide and compact with Python floats: for
-    every batch size (one side of the limit, the other, batches that cross it as rows leave) the
-    results, the reach and the rows each stage ran on equal the numpy path's and ``exit_levels``."""
+    """Boundaries on at most ``SMALL_ROWS`` live rows decide and compact with Python floats: with
+    every boundary in numpy, every boundary in Python, and a limit of 32 (batches of 33-300 rows
+    cross it as rows leave), the results, the reach and the rows each stage ran on equal one
+    another and ``exit_levels``, for batch sizes on both sides of the limits."""
     from jei_edge.runtime import workspace
 
     G, P, _ = _scripted(n=300)
@@ -177,7 +178,7 @@ def test_small_row_boundaries_match_the_array_path(offsets, monkeypatch):
     x = np.arange(len(G), dtype=np.float32)[:, None]
     for b in (2, 3, 7, 31, 32, 33, 64, 300):
         got = {}
-        for small in (0, 10 ** 6):  # every boundary in numpy / every boundary in Python
+        for small in (0, 32, 10 ** 6):  # every boundary in numpy / mixed / every boundary in Python
             monkeypatch.setattr(workspace, "SMALL_ROWS", small)
             _, _, ws = _scripted(n=300)
             for s in range(0, len(G), b):
@@ -188,8 +189,9 @@ def test_small_row_boundaries_match_the_array_path(offsets, monkeypatch):
                 assert np.array_equal(res.probs, P[np.arange(s, s + len(lv)), lv])
                 assert [n for _, n in ex.calls] == res.reach == [int((lv >= k).sum()) for k in range(len(res.reach))]
                 got.setdefault(small, []).append((res.probs, res.exit_index))
-        for (p0, e0), (p1, e1) in zip(got[0], got[10 ** 6]):
-            assert np.array_equal(p0, p1) and np.array_equal(e0, e1)
+        for other in (32, 10 ** 6):
+            for (p0, e0), (p1, e1) in zip(got[0], got[other]):
+                assert np.array_equal(p0, p1) and np.array_equal(e0, e1)
 
 
 def test_small_row_boundary_names_nan_gate_rows(monkeypatch):
@@ -207,3 +209,23 @@ def test_small_row_boundary_names_nan_gate_rows(monkeypatch):
         with pytest.raises(GuardTripped) as e:
             run_conditional(ScriptedExecutor(G, P), ws, x, "exit")
         assert e.value.rows == [3, 17]
+
+
+def test_small_row_boundary_keeps_float64_with_a_float32_offset():
+    """A numpy float32 offset handed to the loop directly (``Runtime.run`` passes Python floats)
+    still decides in float64 on the Python-float paths, as on arrays: gates set to the float32
+    rounding of their float64 threshold (a tie in float32 arithmetic, not in float64) exit exactly
+    as ``exit_levels`` says, for batch 1, a few rows and many rows."""
+    G, P, ws = _scripted(n=64, seed=3)
+    rng = np.random.default_rng(3)
+    G[:, 0] = rng.uniform(0.0, 0.3, len(G)).astype(np.float32)  # nobody exits at gate 0 (offset +1)
+    offs = [np.float32(1.0), np.float32(0.01), np.float32(0.0), np.float32(0.0)]
+    thr = (1.0 - G[:, 0].astype(np.float64)) * 0.5 + float(offs[1])  # gate 1's threshold in float64
+    G[:, 1] = thr.astype(np.float32)
+    want = exit_levels(G, [float(o) for o in offs])
+    assert 0 < int((want == 1).sum()) < len(G)  # the float32 rounding went both ways
+    x = np.arange(len(G), dtype=np.float32)[:, None]
+    for b in (1, 5, 64):
+        for s in range(0, len(G), b):
+            res = run_conditional(ScriptedExecutor(G, P), ws, x[s:s + b], "exit", offs)
+            assert np.array_equal(res.exit_index, want[s:s + b])

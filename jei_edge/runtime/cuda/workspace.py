@@ -52,6 +52,7 @@ class CudaWorkspace(Workspace):
     """
 
     capabilities = frozenset({Capability.BINDS_OUTPUTS, Capability.DEVICE_INPUT, Capability.MERGED_STAGES})
+    input_owned = True  # begin() always copies the batch (host or device) into the stage-0 buffer
 
     def __init__(self, driver, kernel: ExitKernel, stages: Sequence[Stage], num_classes: int,
                  max_batch: int, *, own_outputs: bool = True, mapped_io: bool = False, max_grid: int = 1024):
