@@ -23,7 +23,7 @@ build's default, quantized edges where the next stage quantizes its input) picks
 cross the INT8 bundle's stage edges (bundle ``FAMILY_int8.jei``, or ``FAMILY_int8_EDGESedges.jei``);
 ``--min-agreement F`` is the build's INT8 agreement floor (default 0.95); ``--calibration NAME|FILE``
 the build's recipe (default ``default``; another one builds ``FAMILY_int8_NAME.jei``), e.g.
-``benchmarks/calibration_stem.toml`` to quantize the stem too.
+``stem`` (calibration/stem.toml) to quantize the stem too.
 
 Results: ``benchmarks/results/int8_speedup.json`` and ``.md``.
 """

@@ -30,7 +30,7 @@ from jei_edge.cli.options import emit_json, json_option, output_option, seed_opt
 @click.option("--plan-batch", type=int, default=1, show_default=True,
               help="Batch size --plan auto times the stages at (1 = streaming).")
 @click.option("--calibration", default="default", show_default=True,
-              help="INT8 calibration recipe: a name from calibration/ (default, percentile) or a .toml file. "
+              help="INT8 calibration recipe: a name from calibration/ (default, percentile, stem) or a .toml file. "
                    "Stage k is calibrated on the samples that reach it under the FP32 model.")
 @click.option("--min-agreement", type=float, default=0.95, show_default=True,
               help="INT8: fail the build when fewer exit decisions than this agree with the FP32 model.")

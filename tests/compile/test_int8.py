@@ -119,6 +119,9 @@ def test_int8_errors(tmp_path):
         quantize_graph(tmp_path / "x.onnx", tmp_path / "y.onnx", "x", np.zeros((0, 1, 8, 8), np.float32), Recipe())
     assert not (tmp_path / "a.jei").exists()
     assert load_recipe("default").activations == "u8" and load_recipe("percentile").method == "percentile"
+    # every shipped recipe quantizes ReLU with its convolution; only `stem` quantizes the stem
+    assert all("Relu" in load_recipe(n).ops for n in ("default", "percentile", "stem"))
+    assert "stem" not in load_recipe("stem").exclude and "stem" in load_recipe("default").exclude
 
 
 def test_int8_parity_floor_fails_cleanly(tmp_path):
