@@ -80,7 +80,6 @@ class NumpyWorkspace(Workspace):
         self._probs = np.zeros((mb, self.num_classes), dtype=np.float32)
         self._exit = np.zeros(mb, dtype=np.int64)
         self.small_rows = SMALL_ROWS
-        self.input_owned = True  # stage 0 reads self._x until a batch says otherwise (begin)
         self._B = 0
         self._identity = True  # row i of the live set is still original row i
         # batch 1: S as a Python float, and (exit-index array, probs buffer) of the exit taken
@@ -100,6 +99,11 @@ class NumpyWorkspace(Workspace):
     def capacity(self) -> int:
         return self.max_batch
 
+    @property
+    def input_owned(self) -> bool:
+        """Stage 0 reads the workspace's own buffer (not the caller's array) in the current batch."""
+        return self._in[0] is self._x
+
     def stage_input(self, k: int) -> np.ndarray:
         """The array holding stage ``k``'s input rows (use its first ``n`` rows)."""
         return self._in[k]
@@ -115,11 +119,9 @@ class NumpyWorkspace(Workspace):
             raise ValueError(f"batch {b} > workspace max_batch {self.max_batch}")
         if x.nbytes > COPY_INPUT_BYTES and x.dtype == self._x.dtype and x.flags.c_contiguous:
             self._in[0] = x  # zero-copy: the caller keeps x alive for the call
-            self.input_owned = False
-        else:  # small batches are copied: the executor keeps its stage-0 binding to this buffer
+        else:  # small (or not float32 C-contiguous): copied; the executor keeps its binding to _x
             self._x[:b] = x
             self._in[0] = self._x
-            self.input_owned = True
         self._B = b
         self._identity = True
         if b == 1:  # batch-1 streaming: S lives in a Python float, rows never move
@@ -309,7 +311,6 @@ class NumpyWorkspace(Workspace):
     def collect(self, reach: List[int]) -> Results:
         b = self._B
         self._in[0] = self._x  # drop the workspace's reference to the caller's array
-        self.input_owned = True
         if b == 1:
             exit_arr, probs = self._last
             return Results(probs[:1].copy(), exit_arr.copy(), reach)
