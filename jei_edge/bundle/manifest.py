@@ -60,7 +60,10 @@ class TensorSpec:
     """One stage input or output: name, per-row shape (batch axis removed) and element type.
 
     A quantized hidden state (``uint8``/``int8``, an INT8 bundle's stage edge) also carries its
-    ``scale`` and ``zero_point``: real value = ``(q - zero_point) * scale``.
+    ``scale`` and ``zero_point``: real value = ``(q - zero_point) * scale``. ``channels_last``: a
+    quantized feature-map edge stored ``[H, W, C]`` per row (the layout onnxruntime's quantized
+    convolutions compute in) instead of the model's ``[C, H, W]``; the runtime moves rows, never
+    looks inside them, so only the build (parity) and tools reading the values care.
     """
 
     name: str
@@ -68,6 +71,7 @@ class TensorSpec:
     dtype: str = "float32"
     scale: Optional[float] = None
     zero_point: Optional[int] = None
+    channels_last: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -92,6 +96,8 @@ class TensorSpec:
         d = {"name": self.name, "shape": ["batch", *self.shape], "dtype": self.dtype}
         if self.scale is not None:
             d.update(scale=self.scale, zero_point=self.zero_point)
+        if self.channels_last:
+            d["channels_last"] = True
         return d
 
 
@@ -532,7 +538,10 @@ def _tensor(f: _Field) -> TensorSpec:
                 f"is only allowed on a quantized tensor ({' or '.join(QUANTIZED)}), not {dtype}")
         scale = scale_f.number(1e-30, 1e30)
         zero_point = zp_f.integer(*QUANTIZED[dtype])
-    spec = TensorSpec(name, shape, dtype, scale, zero_point)
+    channels_last = f.key("channels_last", False).boolean()
+    if channels_last and (scale is None or len(shape) != 3):
+        raise f.key("channels_last").fail("is only allowed on a quantized hidden state of per-row shape [H, W, C]")
+    spec = TensorSpec(name, shape, dtype, scale, zero_point, channels_last)
     if spec.row_elements > MAX_ROW_ELEMENTS:
         raise f.key("shape").fail(f"holds more than {MAX_ROW_ELEMENTS} elements per row")
     return spec
@@ -738,6 +747,9 @@ def parse_manifest(raw: Any, where: str = "bundle") -> Manifest:
         if (a.hidden.scale, a.hidden.zero_point) != (b.input.scale, b.input.zero_point):
             raise bf.key("inputs").items()[0].key("scale", None).fail(
                 f"and zero_point must equal stage {a.index}'s hidden_out ({a.hidden.scale}, {a.hidden.zero_point})")
+        if a.hidden.channels_last != b.input.channels_last:
+            raise bf.key("inputs").items()[0].key("channels_last", False).fail(
+                f"must equal stage {a.index}'s hidden_out ({str(a.hidden.channels_last).lower()})")
         if a.blocks[1] != b.blocks[0] and a.blocks[1] - 1 != b.blocks[0]:
             raise bf.key("blocks").fail(f"must continue stage {a.index}'s blocks {list(a.blocks)}")
 

@@ -10,13 +10,18 @@ from jei_edge.errors import JeiEdgeError
 from jei_edge.bundle import Bundle
 
 
+def _layout(e) -> str:  # a channels-last quantized edge ([H, W, C] per row)
+    return " channels-last" if e.get("channels_last") else ""
+
+
 def _io(entries) -> str:
-    return ", ".join(f"{e['name']} {e.get('dtype', 'float32')}[{', '.join(str(d) for d in e['shape'])}]" for e in entries)
+    return ", ".join(f"{e['name']} {e.get('dtype', 'float32')}[{', '.join(str(d) for d in e['shape'])}]{_layout(e)}"
+                     for e in entries)
 
 
 def _io_short(entries) -> str:  # element type shown when not float32 (FP16 hidden states)
     return ", ".join(f"{e['name']}{'' if e.get('dtype', 'float32') == 'float32' else ' ' + e['dtype']}"
-                     f"[{','.join(str(d) for d in e['shape'][1:])}]" for e in entries)
+                     f"[{','.join(str(d) for d in e['shape'][1:])}]{_layout(e)}" for e in entries)
 
 
 def describe_bundle(path) -> Dict[str, Any]:

@@ -170,6 +170,21 @@ def test_int8_edges_carry_the_quantized_hidden_state(int8_bundle):
         assert (a.hidden.scale, a.hidden.zero_point) == (b.input.scale, b.input.zero_point) == (e["scale"], e["zero_point"])
         ga, gb = _graph(out / a.file), _graph(out / b.file)
         (q,) = [n for n in ga.node if "hidden_out" in n.output]
+        # the ResNet's edges cross channels-last (its convolutions read them), the ViT's in the model's layout
+        assert a.hidden.channels_last == b.input.channels_last == (fam == "resnet")
+        assert e["layout"] == ("channels_last" if fam == "resnet" else "model")
+        if fam == "resnet":
+            assert q.op_type == "Transpose" and list(q.attribute[0].ints) == [0, 2, 3, 1]
+            (q,) = [n for n in ga.node if q.input[0] in n.output]
+            (t,) = [n for n in gb.node if "hidden_in" in n.input]
+            assert t.op_type == "Transpose" and list(t.attribute[0].ints) == [0, 3, 1, 2]
+            dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                    for v in ([o for o in ga.output if o.name == "hidden_out"] + [gb.input[0]])]
+            assert dims == [["batch", *a.hidden.shape]] * 2
+            # the IM pools the edge's integers: no FP32 copy of the feature map
+            assert e["im_pool"] == "integer" and "MatMulInteger" in {n.op_type for n in ga.node}
+            assert not any(n.op_type == "DequantizeLinear" and n.input[0] == q.output[0] for n in ga.node)
+            gb = _renamed_input(gb, t)
         assert q.op_type == "QuantizeLinear"
         init = _init(ga)
         assert init[q.input[1]] == np.float32(a.hidden.scale) and init[q.input[2]] == a.hidden.zero_point
@@ -191,6 +206,90 @@ def test_int8_edges_carry_the_quantized_hidden_state(int8_bundle):
             assert e["scale"] == float(init["hidden_in_scale"]) and e["zero_point"] == 0  # ReLU output: zp 0
             assert any(n.op_type == "DequantizeLinear" and n.input[0] == "hidden_in"
                        and any(c.op_type == "Conv" and n.output[0] in c.input for c in gb.node) for n in gb.node)
+
+
+def _renamed_input(graph, transpose):
+    """The graph with the channels-last input's Transpose removed (its readers read ``hidden_in``):
+    what is left must be the model-layout edge's graph."""
+    import onnx
+
+    g = onnx.GraphProto()
+    g.CopyFrom(graph)
+    g.node.remove([n for n in g.node if n.name == transpose.name][0])
+    for n in g.node:
+        for j, x in enumerate(n.input):
+            if x == transpose.output[0]:
+                n.input[j] = "hidden_in"
+    return g
+
+
+def _edge_pair(channels_last: bool, keepdims: int, tmp_path, dtype: str = "uint8"):
+    """A two-stage toy (stage 0: Conv -> Relu -> hidden_out, IM = ReduceMean over H, W -> Gemm;
+    stage 1: Conv on hidden_in -> probs) with its edge quantized by the build's own rewrite."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jei_edge.compile import quantize as qz
+    from jei_edge.compile.export import check_onnx
+
+    rng = np.random.default_rng(1)
+    C, H, W, K = 6, 5, 7, 4
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    g0 = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["hidden_out"]),
+         helper.make_node("ReduceMean", ["hidden_out"], ["pool"], axes=[-2, -1], keepdims=keepdims),
+         helper.make_node("Flatten", ["pool"], ["flat"]), helper.make_node("Gemm", ["flat", "fc", "fb"], ["probs"], transB=1)],
+        "s0", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, H, W])],
+        [helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT, ["batch", C, H, W]),
+         helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", K])],
+        [numpy_helper.from_array(f32(C, 3, 3, 3), "w0"), numpy_helper.from_array(f32(K, C), "fc"),
+         numpy_helper.from_array(f32(K), "fb")])
+    g1 = helper.make_graph(
+        [helper.make_node("Conv", ["hidden_in", "w1"], ["c1"]), helper.make_node("ReduceMean", ["c1"], ["probs"], axes=[2, 3], keepdims=0)],
+        "s1", [helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT, ["batch", C, H, W])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", K])], [numpy_helper.from_array(f32(K, C, 1, 1), "w1")])
+    paths = []
+    for i, g in enumerate((g0, g1)):
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        paths.append(tmp_path / f"s{i}_{channels_last}_{keepdims}.onnx")
+        onnx.save(m, str(paths[-1]))
+    scale, zp = (0.02, 3) if dtype == "uint8" else (0.02, 0)
+    pooled = qz._quantize_graph_output(paths[0], "hidden_out", scale, zp, dtype, channels_last=channels_last)
+    qz._quantize_graph_input(paths[1], "hidden_in", scale, zp, dtype, channels_last=channels_last)
+    for p, inp, outs in zip(paths, ("x", "hidden_in"), (["hidden_out", "probs"], ["probs"])):
+        check_onnx(p, p.name, inp, outs)
+    return paths, pooled, rng.random((9, 3, H, W), dtype=np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_channels_last_edges_compute_the_same_values(keepdims, dtype, tmp_path):
+    """The channels-last rewrite (stage k writes ``[N, H, W, C]``, stage k+1 transposes it back, the
+    IM pools the integers with MatMulInteger) gives stage k+1 the same input and the IM the same
+    pool as the model-layout edge: hidden integers identical after the transpose, probabilities
+    within float rounding; both stages of both forms run in onnxruntime on one batch."""
+    import onnxruntime as ort
+
+    from jei_edge.bundle.manifest import TensorSpec
+    from jei_edge.compile.quantize import dequantize_rows, quantize_rows
+
+    (a0, a1), pooled_a, x = _edge_pair(False, keepdims, tmp_path, dtype)
+    (b0, b1), pooled_b, _ = _edge_pair(True, keepdims, tmp_path, dtype)
+    assert (pooled_a, pooled_b) == (False, True)
+    run = lambda p, feed: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)  # noqa: E731
+    ha, pa = run(a0, {"x": x})
+    hb, pb = run(b0, {"x": x})
+    assert ha.shape == (9, 6, 5, 7) and hb.shape == (9, 5, 7, 6) and hb.dtype == np.dtype(dtype)
+    assert np.array_equal(hb, ha.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(pb, pa, rtol=1e-5, atol=1e-5)
+    assert np.abs(pa).max() > 0.1  # the pool is not trivially zero
+    np.testing.assert_allclose(run(b1, {"hidden_in": hb})[0], run(a1, {"hidden_in": ha})[0], rtol=1e-5, atol=1e-5)
+    # the build's numpy Q/DQ (parity) follows the layout
+    lo = TensorSpec("hidden_out", (6, 5, 7), dtype, 0.02, 3 if dtype == "uint8" else 0)
+    cl = TensorSpec("hidden_out", (5, 7, 6), dtype, 0.02, lo.zero_point, channels_last=True)
+    real = dequantize_rows(ha, lo)
+    assert np.array_equal(quantize_rows(real, cl), hb) and np.array_equal(dequantize_rows(hb, cl), real)
 
 
 def test_int8_edges_compact_uint8_rows(int8_bundle):
@@ -255,6 +354,7 @@ def test_quantized_edge_manifest_errors_are_one_line(int8_bundle, tmp_path, caps
     for t in [m["stages"][0]["outputs"][0], m["stages"][1]["inputs"][0]]:
         t["dtype"] = "float32"
         del t["scale"], t["zero_point"]
+        t.pop("channels_last", None)
     cases.append((m, r"stage 0 graph 'stages/stage0.onnx' tensor 'hidden_out' is uint8.*the manifest says float32"))
     m = json.loads(json.dumps(raw))
     m["stages"][1]["inputs"][0]["scale"] *= 2
@@ -262,6 +362,13 @@ def test_quantized_edge_manifest_errors_are_one_line(int8_bundle, tmp_path, caps
     m = json.loads(json.dumps(raw))
     del m["stages"][0]["outputs"][0]["scale"]
     cases.append((m, r"stages\[0\].outputs\[0\].scale' must be a finite number"))
+    if "channels_last" in raw["stages"][1]["inputs"][0]:  # the two ends of an edge disagree on its layout
+        m = json.loads(json.dumps(raw))
+        del m["stages"][1]["inputs"][0]["channels_last"]
+        cases.append((m, r"stages\[1\].inputs\[0\].channels_last' must equal stage 0's hidden_out \(true\)"))
+        m = json.loads(json.dumps(raw))
+        m["stages"][0]["outputs"][1]["channels_last"] = True  # probs [classes]
+        cases.append((m, r"stages\[0\].outputs\[1\].channels_last' is only allowed on a quantized hidden state"))
     for i, (m, match) in enumerate(cases):
         b = tmp_path / f"b{i}.jei"
         shutil.copytree(out, b)
