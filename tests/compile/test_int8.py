@@ -410,3 +410,25 @@ def test_the_stem_stays_fp32_unless_the_recipe_quantizes_it(fam, vit_bundle, res
         assert load_recipe("percentile").exclude == load_recipe("default").exclude
         keep_all, _ = quantizable_nodes(fp32 / graph, ("gate", "im"))
         assert set(keep_all) - set(keep) and all(n.startswith("/stem") for n in set(keep_all) - set(keep))
+
+
+def test_int8_merged_stages_keep_channels_last_edges(tmp_path):
+    """A merged stage (exits 0-1 in one graph) ends with the same channels-last edge and integer
+    pool as a single-exit stage; the runtime's batch of rows leaving at different exits gives the
+    results of the same rows run one at a time."""
+    ckpt = save_spread(tmp_path / "m.pt", "resnet")
+    out = tmp_path / "p.jei"
+    report = build_bundle(ckpt, out, BuildOptions(precision="int8", data=DATA, parity_samples=600, stage_samples=64,
+                                                  min_agreement=0.0, plan="0-1,2"))
+    m = Bundle.open(out).manifest
+    assert [s.exits for s in m.stages] == [(0, 1), (2,)]
+    (edge,) = report["quantization"]["edges"]
+    assert (edge["layout"], edge["im_pool"]) == ("channels_last", "integer")
+    assert m.stages[0].hidden.channels_last and m.stages[1].input.channels_last
+    with Runtime.load(out, max_batch=64) as rt:
+        x = model_inputs(64, seed=3)
+        res = rt.run(x)
+        one = [rt.run(x[i:i + 1]) for i in range(64)]
+    assert len(set(res.exit_index.tolist())) >= 2
+    assert np.array_equal(res.exit_index, np.concatenate([r.exit_index for r in one]))
+    np.testing.assert_allclose(res.probs, np.concatenate([r.probs for r in one]), atol=1e-5)
