@@ -518,9 +518,10 @@ def _quantize_graph_output(path: Path, name: str, scale: float, zp: int, dtype: 
         _permute_dims(out, (0, 2, 3, 1))
         h, w, c = (d.dim_value for d in out.type.tensor_type.shape.dim[1:])
         readers = [n for n in graph.node if dq in n.input]
-        if readers and all(_spatial_mean(n) is not None for n in readers):
-            for n in readers:
-                _integer_mean_pool(graph, n, name, (h, w, c), scale, z_name, _spatial_mean(n))
+        keep = [_spatial_mean(n, graph) for n in readers]
+        if readers and all(k is not None for k in keep):
+            for n, k in zip(readers, keep):
+                _integer_mean_pool(graph, n, name, (h, w, c), scale, z_name, k)
             pooled = True
     for o in graph.output:
         if o.name == name:
@@ -548,13 +549,20 @@ def _drop_value_info(graph, name: str) -> None:
         graph.value_info.remove(v)
 
 
-def _spatial_mean(node) -> Optional[bool]:
+def _spatial_mean(node, graph) -> Optional[bool]:
     """``keepdims`` of a ``ReduceMean`` over exactly the H and W axes of an ``[N, C, H, W]`` value
-    (axes as an attribute, opset < 18); None for any other node."""
-    if node.op_type != "ReduceMean" or len(node.input) != 1:
+    (axes as an attribute before opset 18, as a constant input from 18 on); None for any other node."""
+    from onnx import numpy_helper
+
+    if node.op_type != "ReduceMean" or not 1 <= len(node.input) <= 2:
         return None
     attrs = {a.name: a for a in node.attribute}
-    if "axes" not in attrs or sorted(int(a) % 4 for a in attrs["axes"].ints) != [2, 3]:
+    if len(node.input) == 2:
+        init = [t for t in graph.initializer if t.name == node.input[1]]
+        axes = numpy_helper.to_array(init[0]).ravel().tolist() if init else None
+    else:
+        axes = list(attrs["axes"].ints) if "axes" in attrs else None
+    if axes is None or sorted(int(a) % 4 for a in axes) != [2, 3]:
         return None
     return bool(attrs["keepdims"].i) if "keepdims" in attrs else True
 

@@ -223,9 +223,10 @@ def _renamed_input(graph, transpose):
     return g
 
 
-def _edge_pair(channels_last: bool, keepdims: int, tmp_path, dtype: str = "uint8"):
-    """A two-stage toy (stage 0: Conv -> Relu -> hidden_out, IM = ReduceMean over H, W -> Gemm;
-    stage 1: Conv on hidden_in -> probs) with its edge quantized by the build's own rewrite."""
+def _edge_pair(channels_last: bool, keepdims: int, tmp_path, dtype: str = "uint8", im: str = "pool17"):
+    """A two-stage toy (stage 0: Conv -> Relu -> hidden_out, IM = ReduceMean over H, W -> Gemm
+    (``pool17``: axes attribute, opset 17; ``pool18``: axes input, opset 18) or Flatten -> Gemm
+    (``flatten``); stage 1: Conv on hidden_in -> probs) with its edge quantized by the build's own rewrite."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -234,25 +235,31 @@ def _edge_pair(channels_last: bool, keepdims: int, tmp_path, dtype: str = "uint8
 
     rng = np.random.default_rng(1)
     C, H, W, K = 6, 5, 7, 4
+    opset = 18 if im == "pool18" else 17
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    head = {"pool17": [helper.make_node("ReduceMean", ["hidden_out"], ["pool"], axes=[-2, -1], keepdims=keepdims)],
+            "pool18": [helper.make_node("ReduceMean", ["hidden_out", "axes"], ["pool"], keepdims=keepdims)],
+            "flatten": [helper.make_node("Identity", ["hidden_out"], ["pool"])]}[im]
     g0 = helper.make_graph(
         [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["hidden_out"]),
-         helper.make_node("ReduceMean", ["hidden_out"], ["pool"], axes=[-2, -1], keepdims=keepdims),
-         helper.make_node("Flatten", ["pool"], ["flat"]), helper.make_node("Gemm", ["flat", "fc", "fb"], ["probs"], transB=1)],
+         *head, helper.make_node("Flatten", ["pool"], ["flat"]), helper.make_node("Gemm", ["flat", "fc", "fb"], ["probs"], transB=1)],
         "s0", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, H, W])],
         [helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT, ["batch", C, H, W]),
          helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", K])],
-        [numpy_helper.from_array(f32(C, 3, 3, 3), "w0"), numpy_helper.from_array(f32(K, C), "fc"),
-         numpy_helper.from_array(f32(K), "fb")])
+        [numpy_helper.from_array(f32(C, 3, 3, 3), "w0"), numpy_helper.from_array(f32(K, C * (H * W if im == "flatten" else 1)), "fc"),
+         numpy_helper.from_array(f32(K), "fb"), numpy_helper.from_array(np.array([2, 3], np.int64), "axes")])
     g1 = helper.make_graph(
-        [helper.make_node("Conv", ["hidden_in", "w1"], ["c1"]), helper.make_node("ReduceMean", ["c1"], ["probs"], axes=[2, 3], keepdims=0)],
+        [helper.make_node("Conv", ["hidden_in", "w1"], ["c1"]),
+         helper.make_node("ReduceMean", ["c1", "axes"], ["probs"], keepdims=0) if opset >= 18 else
+         helper.make_node("ReduceMean", ["c1"], ["probs"], axes=[2, 3], keepdims=0)],
         "s1", [helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT, ["batch", C, H, W])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", K])], [numpy_helper.from_array(f32(K, C, 1, 1), "w1")])
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", K])],
+        [numpy_helper.from_array(f32(K, C, 1, 1), "w1"), numpy_helper.from_array(np.array([2, 3], np.int64), "axes")])
     paths = []
     for i, g in enumerate((g0, g1)):
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
         m.ir_version = 8
-        paths.append(tmp_path / f"s{i}_{channels_last}_{keepdims}.onnx")
+        paths.append(tmp_path / f"s{i}_{channels_last}_{keepdims}_{im}.onnx")
         onnx.save(m, str(paths[-1]))
     scale, zp = (0.02, 3) if dtype == "uint8" else (0.02, 0)
     pooled = qz._quantize_graph_output(paths[0], "hidden_out", scale, zp, dtype, channels_last=channels_last)
@@ -262,21 +269,22 @@ def _edge_pair(channels_last: bool, keepdims: int, tmp_path, dtype: str = "uint8
     return paths, pooled, rng.random((9, 3, H, W), dtype=np.float32)
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "int8"])
-@pytest.mark.parametrize("keepdims", [0, 1])
-def test_channels_last_edges_compute_the_same_values(keepdims, dtype, tmp_path):
+@pytest.mark.parametrize("dtype,keepdims,im", [("uint8", 0, "pool17"), ("uint8", 1, "pool17"), ("int8", 0, "pool17"),
+                                              ("int8", 1, "pool18"), ("uint8", 0, "flatten")])
+def test_channels_last_edges_compute_the_same_values(keepdims, dtype, im, tmp_path):
     """The channels-last rewrite (stage k writes ``[N, H, W, C]``, stage k+1 transposes it back, the
-    IM pools the integers with MatMulInteger) gives stage k+1 the same input and the IM the same
-    pool as the model-layout edge: hidden integers identical after the transpose, probabilities
-    within float rounding; both stages of both forms run in onnxruntime on one batch."""
+    IM pools the integers with MatMulInteger, or, for any other IM, reads the dequantized edge in
+    the model's layout) gives stage k+1 the same input and the IM the same values as the
+    model-layout edge: hidden integers identical after the transpose, probabilities within float
+    rounding; both stages of both forms run in onnxruntime on one batch."""
     import onnxruntime as ort
 
     from jei_edge.bundle.manifest import TensorSpec
     from jei_edge.compile.quantize import dequantize_rows, quantize_rows
 
-    (a0, a1), pooled_a, x = _edge_pair(False, keepdims, tmp_path, dtype)
-    (b0, b1), pooled_b, _ = _edge_pair(True, keepdims, tmp_path, dtype)
-    assert (pooled_a, pooled_b) == (False, True)
+    (a0, a1), pooled_a, x = _edge_pair(False, keepdims, tmp_path, dtype, im)
+    (b0, b1), pooled_b, _ = _edge_pair(True, keepdims, tmp_path, dtype, im)
+    assert (pooled_a, pooled_b) == (False, im != "flatten")
     run = lambda p, feed: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)  # noqa: E731
     ha, pa = run(a0, {"x": x})
     hb, pb = run(b0, {"x": x})
