@@ -452,10 +452,10 @@ def quantize_edges(tmp: Path, stages: Sequence[Stage], inputs: Sequence[np.ndarr
             continue
         # a feature map read by quantized convolutions crosses channels-last (module docstring)
         last = own and len(a.hidden.shape) == 3
-        pooled = _quantize_graph_output(tmp / a.file, a.hidden.name, scale, zp, dtype, channels_last=last)
+        hwc = tuple(a.hidden.shape[i] for i in (1, 2, 0)) if last else None
+        pooled = _quantize_graph_output(tmp / a.file, a.hidden.name, scale, zp, dtype, channels_last=hwc)
         removed = _quantize_graph_input(tmp / b.file, b.input.name, scale, zp, dtype, channels_last=last)
-        shape = tuple(a.hidden.shape[i] for i in (1, 2, 0)) if last else a.hidden.shape
-        spec = dict(dtype=dtype, scale=scale, zero_point=zp, shape=shape, channels_last=last)
+        spec = dict(dtype=dtype, scale=scale, zero_point=zp, shape=hwc or a.hidden.shape, channels_last=last)
         out[k] = a = dataclasses.replace(a, outputs=tuple(dataclasses.replace(o, **spec) if o.name == a.hidden.name else o
                                                           for o in a.outputs))
         out[k + 1] = b = dataclasses.replace(b, inputs=(dataclasses.replace(b.input, **spec),))
@@ -480,20 +480,21 @@ def _qparams(graph, prefix: str, scale: float, zp: int, dtype: str) -> Tuple[str
 
 
 def _quantize_graph_output(path: Path, name: str, scale: float, zp: int, dtype: str,
-                           channels_last: bool = False) -> bool:
+                           channels_last: Optional[Tuple[int, int, int]] = None) -> bool:
     """Graph output ``name`` becomes ``QuantizeLinear(name)``; the graph's own readers of the FP32
     value (the IM) read ``DequantizeLinear`` of it, the value the next stage sees, which also
     leaves the FP32 value one reader so onnxruntime can fuse it into the quantized op before it.
 
-    ``channels_last``: the output is the quantized value transposed to ``[N, H, W, C]``, and an
-    IM that starts with a global average pool (``ReduceMean`` over H and W) pools the edge's
-    integers (``_integer_mean_pool``). Returns whether it did."""
+    ``channels_last`` (the edge's per-row ``(H, W, C)``): the output is the quantized value
+    transposed to ``[N, H, W, C]``, and an IM that starts with a global average pool
+    (``ReduceMean`` over H and W) pools the edge's integers (``_integer_mean_pool``). Returns
+    whether it did."""
     import onnx
 
     model = onnx.load(str(path))
     graph = model.graph
     fp32, dq = f"{name}_fp32", f"{name}_dequantized"
-    q = f"{name}_nchw" if channels_last else name
+    q = f"{name}_nchw" if channels_last is not None else name
     at = None
     for i, node in enumerate(graph.node):
         for j, o in enumerate(node.output):
@@ -510,18 +511,19 @@ def _quantize_graph_output(path: Path, name: str, scale: float, zp: int, dtype: 
     graph.node.insert(at + 2, onnx.helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq],
                                                     name=f"{name}_edge_DequantizeLinear"))
     pooled = False
-    if channels_last:
+    if channels_last is not None:
         graph.node.insert(at + 2, onnx.helper.make_node("Transpose", [q], [name], perm=[0, 2, 3, 1],
                                                         name=f"{name}_edge_channels_last"))
         _drop_value_info(graph, name)
         (out,) = [o for o in graph.output if o.name == name]
         _permute_dims(out, (0, 2, 3, 1))
-        h, w, c = (d.dim_value for d in out.type.tensor_type.shape.dim[1:])
+        h, w, _ = channels_last
         readers = [n for n in graph.node if dq in n.input]
         keep = [_spatial_mean(n, graph) for n in readers]
-        if readers and all(k is not None for k in keep):
+        # int32 sums of |q - zero_point| <= 255 over H*W positions must not overflow
+        if readers and all(k is not None for k in keep) and h * w * 255 < 2 ** 31:
             for n, k in zip(readers, keep):
-                _integer_mean_pool(graph, n, name, (h, w, c), scale, z_name, k)
+                _integer_mean_pool(graph, n, name, channels_last, scale, z_name, k)
             pooled = True
     for o in graph.output:
         if o.name == name:

@@ -262,7 +262,8 @@ def _edge_pair(channels_last: bool, keepdims: int, tmp_path, dtype: str = "uint8
         paths.append(tmp_path / f"s{i}_{channels_last}_{keepdims}_{im}.onnx")
         onnx.save(m, str(paths[-1]))
     scale, zp = (0.02, 3) if dtype == "uint8" else (0.02, 0)
-    pooled = qz._quantize_graph_output(paths[0], "hidden_out", scale, zp, dtype, channels_last=channels_last)
+    pooled = qz._quantize_graph_output(paths[0], "hidden_out", scale, zp, dtype,
+                                       channels_last=(H, W, C) if channels_last else None)
     qz._quantize_graph_input(paths[1], "hidden_in", scale, zp, dtype, channels_last=channels_last)
     for p, inp, outs in zip(paths, ("x", "hidden_in"), (["hidden_out", "probs"], ["probs"])):
         check_onnx(p, p.name, inp, outs)
