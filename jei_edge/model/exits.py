@@ -17,26 +17,31 @@ from torch import nn
 # logit is -inf has ``p = 0`` and ``log p = -inf``, and ``0 * -inf`` would be NaN (the numpy
 # reference masks them instead; both give 0 for that term and the same value for every other one)
 _LOG_FLOOR = float(torch.finfo(torch.float32).min)
+# the multipliers of the logits for softmax(z) (probs, p_max, margin, entropy) and softmax(2z)
+# (the fourth gate feature)
+_TEMPERATURES = torch.tensor([[1.0], [2.0]])
 
 
 def _softmax_and_features(logits: torch.Tensor):
     """``(p [..., C], u [..., 4])`` in float32, with ``u = (p_top1, p_top2, -entropy, -entropy_sq)``.
 
-    One ``log_softmax`` gives both the exit's probabilities and the features, and the four gate
-    features are a fixed linear map of ``u``, so a gate needs no per-feature subtraction or
-    negation, and no ``where``, in the stage graph: a stage's exported exit head (IM, gate, probs)
-    went from 47 to 28 ONNX nodes (ViT) and 46 to 25 (ResNet); its cost in onnxruntime is
-    measured by ``benchmarks/exit_head_cost.py`` (docs/runtime.md).
+    One ``log_softmax`` (of ``z`` and ``2z`` stacked) gives both the exit's probabilities and the
+    features, and the four gate features are a fixed linear map of ``u``, so a gate needs no
+    per-feature subtraction or negation, and no ``where``, in the stage graph: a stage's exported
+    exit head (IM, gate, probs) went from 47 to 28 and then 25 ONNX nodes (ViT) and 46 to 25 and
+    then 22 (ResNet); its cost in onnxruntime is measured by ``benchmarks/exit_head_cost.py``
+    (docs/runtime.md).
     """
     z = logits.float()
-    lp = torch.log_softmax(z, dim=-1)
-    p = torch.exp(lp)
-    lq = torch.log_softmax(2.0 * z, dim=-1)
-    q = torch.exp(lq)
-    top2 = torch.topk(p, 2, dim=-1).values
-    neg_ent = (p * lp.clamp(min=_LOG_FLOOR)).sum(-1, keepdim=True)
-    neg_ent_q = (q * lq.clamp(min=_LOG_FLOOR)).sum(-1, keepdim=True)
-    return p, torch.cat([top2, neg_ent, neg_ent_q], dim=-1)
+    # z and 2z side by side ([..., 2, C]): one log_softmax, exp, clip, product and sum serve both
+    # softmaxes (25 instead of 28 exported exit-head nodes; each node costs onnxruntime a few
+    # microseconds at batch 1, docs/runtime.md)
+    zz = z.unsqueeze(-2) * _TEMPERATURES.to(z.device)
+    lp = torch.log_softmax(zz, dim=-1)
+    pp = torch.exp(lp)
+    neg_ents = (pp * lp.clamp(min=_LOG_FLOOR)).sum(-1)
+    p = pp[..., 0, :]
+    return p, torch.cat([torch.topk(p, 2, dim=-1).values, neg_ents], dim=-1)
 
 
 def gate_features(logits: torch.Tensor) -> torch.Tensor:
