@@ -29,13 +29,13 @@ def _softmax_and_features(logits: torch.Tensor):
     features, and the four gate features are a fixed linear map of ``u``, so a gate needs no
     per-feature subtraction or negation, and no ``where``, in the stage graph: a stage's exported
     exit head (IM, gate, probs) went from 47 to 28 and then 25 ONNX nodes (ViT) and 46 to 25 and
-    then 22 (ResNet); its cost in onnxruntime is measured by ``benchmarks/exit_head_cost.py``
+    then 23 (ResNet); its cost in onnxruntime is measured by ``benchmarks/exit_head_cost.py``
     (docs/runtime.md).
     """
     z = logits.float()
     # z and 2z side by side ([..., 2, C]): one log_softmax, exp, clip, product and sum serve both
-    # softmaxes (25 instead of 28 exported exit-head nodes; each node costs onnxruntime a few
-    # microseconds at batch 1, docs/runtime.md)
+    # softmaxes (25 instead of 28 exported exit-head nodes for the ViT, 23 instead of 25 for the
+    # ResNet; docs/runtime.md has what that measured)
     zz = z.unsqueeze(-2) * _TEMPERATURES.to(z.device)
     lp = torch.log_softmax(zz, dim=-1)
     pp = torch.exp(lp)
