@@ -104,12 +104,16 @@ class Bundle:
         """Read the manifest; with ``verify`` raise a BundleError on the first integrity problem."""
         bundle = cls(path, cls.read_manifest(path))
         if verify:
-            problems = bundle.verify()
-            if problems:
-                more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-                raise BundleError(f"bundle '{bundle.path}' failed its integrity check: {problems[0]}{more}",
-                                  hint="rebuild it with `jei-edge build`, or copy it again")
+            bundle.check_integrity()
         return bundle
+
+    def check_integrity(self) -> None:
+        """Raise a BundleError naming the first integrity problem (``verify``), if any."""
+        problems = self.verify()
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise BundleError(f"bundle '{self.path}' failed its integrity check: {problems[0]}{more}",
+                              hint="rebuild it with `jei-edge build`, or copy it again")
 
     # -- integrity ---------------------------------------------------------------------------
     def verify(self, check_hashes: bool = True) -> List[str]:

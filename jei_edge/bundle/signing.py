@@ -110,8 +110,9 @@ def sign(bundle_path, private_key) -> Dict[str, str]:
 
 
 def verify_signature(bundle, public_key) -> str:
-    """Raise a BundleError unless ``bundle`` (opened with its integrity checked) carries a valid
-    signature by ``public_key`` (a path); returns the key's fingerprint."""
+    """Raise a BundleError unless ``bundle`` carries a valid signature by ``public_key`` (a path);
+    returns the key's fingerprint. The signature covers the manifest bytes only: check the files
+    against the manifest (``Bundle.check_integrity``) after it."""
     from jei_edge.bundle import MANIFEST
 
     _, _, InvalidSignature = _crypto()

@@ -77,11 +77,14 @@ class Runtime:
         """
         from jei_edge import backends
 
-        b = Bundle.open(bundle.path if isinstance(bundle, Bundle) else bundle, verify=verify or bool(public_key))
+        b = Bundle.open(bundle.path if isinstance(bundle, Bundle) else bundle, verify=verify and not public_key)
         if public_key:
             from jei_edge.bundle.signing import verify_signature
 
+            # the signature first (it covers the manifest, whose sha256 entries cover every file):
+            # an edited, re-hashed bundle is refused as unsigned work before any of its graphs is parsed
             verify_signature(b, public_key)
+            b.check_integrity()
         name = backends.choose(b.manifest, device, backend)
         be = backends.get_backend(name)
         if max_batch is None:

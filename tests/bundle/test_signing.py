@@ -131,3 +131,17 @@ def test_jei_edge_run_requires_the_signature_too(signed, vit_bundle, keys):
     r = subprocess.run(run + [str(signed), "-", "--public-key", keys[0]["public"]], input=b"", capture_output=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_garbled_graph_in_a_rehashed_bundle_is_refused_for_its_signature(signed, tmp_path, keys):
+    """With a key the signature is checked before any graph is parsed: a stage file replaced by bytes
+    that are not ONNX, the manifest re-hashed to match, is refused as not signed by the key (not as
+    an unreadable graph); without a key the same bundle fails its integrity check."""
+    copy = tmp_path / "garbled.jei"
+    shutil.copytree(signed, copy)
+    (copy / "stages" / "stage0.onnx").write_bytes(b"\x0b" * 4096)
+    rehash(copy)
+    with pytest.raises(BundleError, match="signature does not match"):
+        Runtime.load(copy, public_key=keys[0]["public"])
+    with pytest.raises(BundleError, match="failed its integrity check: 'stages/stage0.onnx' is not a readable ONNX file"):
+        Runtime.load(copy)
