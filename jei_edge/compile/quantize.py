@@ -451,10 +451,10 @@ def quantize_edges(tmp: Path, stages: Sequence[Stage], inputs: Sequence[np.ndarr
                           "why": f"stage {k + 1} reads its input in FP32 only: nothing to save"})
             continue
         # a feature map read by quantized convolutions crosses channels-last (module docstring)
-        last = own and len(a.hidden.shape) == 3
-        hwc = tuple(a.hidden.shape[i] for i in (1, 2, 0)) if last else None
+        hwc = tuple(a.hidden.shape[i] for i in (1, 2, 0)) if own and len(a.hidden.shape) == 3 else None
         pooled = _quantize_graph_output(tmp / a.file, a.hidden.name, scale, zp, dtype, channels_last=hwc)
-        removed = _quantize_graph_input(tmp / b.file, b.input.name, scale, zp, dtype, channels_last=last)
+        removed = _quantize_graph_input(tmp / b.file, b.input.name, scale, zp, dtype, channels_last=hwc)
+        last = hwc is not None
         spec = dict(dtype=dtype, scale=scale, zero_point=zp, shape=hwc or a.hidden.shape, channels_last=last)
         out[k] = a = dataclasses.replace(a, outputs=tuple(dataclasses.replace(o, **spec) if o.name == a.hidden.name else o
                                                           for o in a.outputs))
@@ -598,24 +598,26 @@ def _integer_mean_pool(graph, node, src: str, hwc: Tuple[int, int, int], scale: 
 
 
 def _quantize_graph_input(path: Path, name: str, scale: float, zp: int, dtype: str,
-                          channels_last: bool = False) -> int:
+                          channels_last: Optional[Tuple[int, int, int]] = None) -> int:
     """Graph input ``name`` becomes the quantized edge: its readers read ``DequantizeLinear(name)``,
     and every QuantizeLinear of that value with the edge's own parameters is dropped (its readers
-    read ``name`` itself); ``channels_last``: the input is ``[N, H, W, C]`` and the graph reads
-    its ``Transpose`` to ``[N, C, H, W]`` (onnxruntime cancels it against its own layout change).
-    Returns how many QuantizeLinear nodes were dropped."""
+    read ``name`` itself); ``channels_last`` (the edge's per-row ``(H, W, C)``): the input is
+    ``[N, H, W, C]`` and all of that reads its ``Transpose`` to ``[N, C, H, W]`` instead
+    (onnxruntime cancels it against its own layout change). Returns how many QuantizeLinear nodes
+    were dropped."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
     graph = model.graph
     dq = f"{name}_dequantized"
+    src = f"{name}_nchw" if channels_last is not None else name  # the edge's integers in the model's layout
     for node in graph.node:
         for j, x in enumerate(node.input):
             if x == name:
                 node.input[j] = dq
     s_name, z_name = _qparams(graph, name, scale, zp, dtype)
-    graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", [name, s_name, z_name], [dq],
+    graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", [src, s_name, z_name], [dq],
                                                name=f"{name}_edge_DequantizeLinear"))
     init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     same = set()
@@ -629,20 +631,15 @@ def _quantize_graph_input(path: Path, name: str, scale: float, zp: int, dtype: s
         for node in graph.node:
             for j, x in enumerate(node.input):
                 if x in same:
-                    node.input[j] = name
+                    node.input[j] = src
     for i in graph.input:
         if i.name == name:
             i.type.tensor_type.elem_type = _ONNX_TYPES[dtype]
-            if channels_last:
+            if channels_last is not None:
                 _permute_dims(i, (0, 2, 3, 1))
-    if channels_last:
-        nchw = f"{name}_nchw"
-        for node in graph.node:
-            for j, x in enumerate(node.input):
-                if x == name:
-                    node.input[j] = nchw
+    if channels_last is not None:
         _drop_value_info(graph, name)
-        graph.node.insert(0, onnx.helper.make_node("Transpose", [name], [nchw], perm=[0, 3, 1, 2],
+        graph.node.insert(0, onnx.helper.make_node("Transpose", [name], [src], perm=[0, 3, 1, 2],
                                                    name=f"{name}_edge_channels_first"))
     _prune(graph)
     onnx.save(model, str(path))

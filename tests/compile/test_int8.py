@@ -264,7 +264,7 @@ def _edge_pair(channels_last: bool, keepdims: int, tmp_path, dtype: str = "uint8
     scale, zp = (0.02, 3) if dtype == "uint8" else (0.02, 0)
     pooled = qz._quantize_graph_output(paths[0], "hidden_out", scale, zp, dtype,
                                        channels_last=(H, W, C) if channels_last else None)
-    qz._quantize_graph_input(paths[1], "hidden_in", scale, zp, dtype, channels_last=channels_last)
+    qz._quantize_graph_input(paths[1], "hidden_in", scale, zp, dtype, channels_last=(H, W, C) if channels_last else None)
     for p, inp, outs in zip(paths, ("x", "hidden_in"), (["hidden_out", "probs"], ["probs"])):
         check_onnx(p, p.name, inp, outs)
     return paths, pooled, rng.random((9, 3, H, W), dtype=np.float32)
