@@ -40,7 +40,8 @@ The INT8 design (docs/runtime.md, "INT8"):
   add); a channels-last edge cancels both against the graph's own ``Transpose``. The IM's global
   average pool then reads the edge's integers directly, as one ``MatMulInteger`` by a row of ones
   (exact int32 sums, one scale) instead of dequantizing the whole feature map to FP32 first.
-  Measured on ResNet-18's stage 1 (2-core host): 1.12x faster at batch 1, 1.23x at batch 64.
+  Measured (``benchmarks/stage_ab.py``, 2-core host): ResNet-18's stage 1 1.23x faster at batch
+  1, 1.26x at 64; stages 1-4 of the benchmark CNNs 1.13-1.32x at batch 64.
 
 Methods: ``minmax``, ``entropy``, ``percentile`` (recipes in ``calibration/*.toml``).
 """
