@@ -21,7 +21,9 @@ are for these two), the declared models' declared offsets.
 ``--edges auto|int8|fp32`` (``jei-edge build --int8-edges / --fp32-edges``; default ``auto``: the
 build's default, quantized edges where the next stage quantizes its input) picks how hidden states
 cross the INT8 bundle's stage edges (bundle ``FAMILY_int8.jei``, or ``FAMILY_int8_EDGESedges.jei``);
-``--min-agreement F`` is the build's INT8 agreement floor (default 0.95); ``--calibration NAME|FILE``
+``--min-agreement F`` is the build's INT8 agreement floor (default 0.95, which the build holds by
+keeping the fewest stages FP32 that hold it, ``--int8-fallback auto``; another floor builds
+``FAMILY_int8_floorF.jei``); ``--calibration NAME|FILE``
 the build's recipe (default ``default``; another one builds ``FAMILY_int8_NAME.jei``), e.g.
 ``stem`` (calibration/stem.toml) to quantize the stem too.
 
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
     opts, argv = own.parse_known_args(argv)
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(opts).items() if v != own.get_default(k))
     suffix = ("" if opts.edges == "auto" else f"_{opts.edges}edges") \
-        + ("" if opts.calibration == "default" else f"_{Path(opts.calibration).stem}")
+        + ("" if opts.calibration == "default" else f"_{Path(opts.calibration).stem}") \
+        + ("" if opts.min_agreement == 0.95 else f"_floor{opts.min_agreement:g}")
     edges = {"auto": None, "int8": True, "fp32": False}[opts.edges]
 
     def int8(fam, bsz, data):
@@ -101,6 +104,11 @@ def main(argv=None) -> int:
             f" (on {d['floor_on']}: {100 * floor:.2f}%, the default floor of 95% "
             f"{'held' if floor >= 0.95 else 'NOT held: built with --min-agreement ' + str(d.get('min_agreement'))}; "
             f"synthetic inputs apart: {100 * (d.get('synthetic_agreement') or 0):.2f}%)")
+        fb = q.get("fallback") or {}
+        fo["build"]["fallback"] = fb
+        if fb.get("fp32_stages"):
+            held += (f"; stage(s) {', '.join(map(str, fb['fp32_stages']))} kept in FP32 by the build's fallback "
+                     f"(fully quantized: {100 * fb['agreement_all_int8']:.2f}% of {fb['inputs']} calibration inputs)")
         edges = q.get("edges", "fp32")
         fo["build"]["edges"] = edges
         edge_types = "fp32" if isinstance(edges, str) else "/".join(e["dtype"] for e in edges)

@@ -38,6 +38,12 @@ from jei_edge.cli.options import emit_json, json_option, output_option, seed_opt
               help="INT8: hidden states cross every stage edge as the quantized integers (uint8: no Q/DQ pair "
                    "per edge, 4x fewer bytes moved) or every edge as FP32. Default on onnxruntime targets: the "
                    "edges whose next stage quantizes its input anyway (a CNN block's convolutions).")
+@click.option("--int8-fallback", "int8_fallback", type=click.Choice(["auto", "off"]), default="auto",
+              show_default=True,
+              help="INT8 on onnxruntime targets: when the fully quantized stages keep fewer exit decisions of the "
+                   "calibration inputs than --min-agreement (+1 point), put the stages that matter most back in "
+                   "FP32, the fewest that hold it (the report lists them and every agreement measured); 'off' "
+                   "quantizes every stage.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0, min_open=True), default=1e-5, show_default=True,
               help="FP32 parity: max abs error of a stage's probs and gate (onnxruntime vs PyTorch) and the "
                    "tie band of exit decisions. Large models with steep gates round further: a ResNet-18-size "
@@ -45,7 +51,7 @@ from jei_edge.cli.options import emit_json, json_option, output_option, seed_opt
 @seed_option
 @json_option
 def build(model, output, target, precision, data, force, no_model, parity_samples, plan, plan_batch, calibration,
-          min_agreement, quantized_edges, tolerance, seed, as_json):
+          min_agreement, quantized_edges, int8_fallback, tolerance, seed, as_json):
     """Compile MODEL (a model.pt from `jei-edge train`) into a bundle: one ONNX graph per stage
     (split at the exits, gate in-graph, dynamic batch), the plain backbone, reference inputs with
     the PyTorch model's outputs and exit decisions (`jei-edge verify` re-checks them), a manifest
@@ -67,7 +73,7 @@ def build(model, output, target, precision, data, force, no_model, parity_sample
     opts = BuildOptions(target=target, precision=precision, data=data, include_model=not no_model, force=force,
                         parity_samples=parse_samples(parity_samples), seed=seed, plan=plan, plan_batch=plan_batch,
                         calibration=calibration, min_agreement=min_agreement, tolerance=tolerance,
-                        quantized_edges=quantized_edges)
+                        quantized_edges=quantized_edges, int8_fallback=int8_fallback)
     say = (lambda msg: click.echo(msg, err=True)) if not as_json else None
     report = build_bundle(model, output, opts, progress=say)
     if as_json:

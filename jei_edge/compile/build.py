@@ -69,6 +69,9 @@ class BuildOptions:
     # INT8: hidden states cross stage edges quantized (compile/quantize.py): True every edge, False none,
     # None the edges whose next stage quantizes its input anyway, on onnxruntime targets
     quantized_edges: Optional[bool] = None
+    # INT8: "auto" keeps the fewest stages in FP32 that hold min_agreement on the calibration inputs
+    # (compile/fallback.py; onnxruntime targets), "off" quantizes every stage
+    int8_fallback: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,10 @@ def prepare(model_path, output, options: BuildOptions) -> Job:
                          f"u8: {target.backend}'s parser refuses non-zero zero points")
         if not 0.0 <= options.min_agreement <= 1.0:
             raise BuildError(f"min_agreement must be in [0, 1], got {options.min_agreement}")
+        from jei_edge.compile.fallback import MODES
+
+        if options.int8_fallback not in MODES:
+            raise BuildError(f"int8_fallback must be one of {list(MODES)}, got {options.int8_fallback!r}")
         if options.quantized_edges and target.backend != "onnxruntime":
             raise BuildError(f"quantized (int8) stage edges are for onnxruntime targets; target '{target.name}' runs "
                              f"{target.backend}, whose executors keep float hidden states",
@@ -257,10 +264,21 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
         # None: the edges that save work, on onnxruntime targets (the CUDA executors keep float hidden states)
         edges = {True: "all", False: "none"}.get(opts.quantized_edges,
                                                  "auto" if job.target.backend == "onnxruntime" else "none")
+        fallback = None
+        if opts.int8_fallback == "auto" and job.target.backend == "onnxruntime":
+            from jei_edge.compile.fallback import MARGIN
+
+            fallback = min(1.0, opts.min_agreement + MARGIN)
         stages, quant = quantize_bundle_graphs(model, plans, stages, plain, root, x_calib, job.recipe,
-                                               progress=progress, edges=edges)
+                                               progress=progress, edges=edges, fallback_target=fallback,
+                                               ort_options=job.ort_options)
+        if opts.int8_fallback == "auto" and fallback is None:
+            quant["fallback"]["why"] = (f"{job.target.backend} engines of an INT8 bundle compute INT8 in every stage "
+                                        "(strongly typed): no per-stage FP32 fallback")
         quant["min_agreement"] = float(opts.min_agreement)  # verify's floor (int8 bundles)
-    seconds["export"] = time.perf_counter() - t
+        # the fallback search is timed apart: the auto-sized parity check scales with the export alone
+        seconds["int8_fallback"] = float(quant["fallback"].get("seconds", 0.0))
+    seconds["export"] = time.perf_counter() - t - seconds.get("int8_fallback", 0.0)
 
     t = time.perf_counter()
     stage_report, sizing, counts, refs = _check_and_reference(job, root, stages, plain, strict=job.precision == "fp32",

@@ -321,7 +321,8 @@ def _raw_inputs_for_fp32_nodes(path: Path, fp32_nodes: set) -> int:
 
 def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, tmp: Path, x_calib: np.ndarray,
                            recipe: Recipe, progress: Optional[Callable[[str], None]] = None,
-                           edges: str = "none") -> Tuple[List[Stage], Dict]:
+                           edges: str = "none", fallback_target: Optional[float] = None,
+                           ort_options: Optional[Dict] = None) -> Tuple[List[Stage], Dict]:
     """Replace the FP32 stage graphs (and the plain backbone) in ``tmp`` by calibrated INT8 ones.
 
     Args:
@@ -335,6 +336,10 @@ def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, 
         progress: called with a short message per graph.
         edges: which stage edges carry quantized hidden states: ``none``, ``auto``, ``all``
             (module docstring).
+        fallback_target: keep the fewest stages in FP32 that make this fraction of the
+            calibration inputs' exit decisions agree with the FP32 model
+            (``jei_edge.compile.fallback``); None: every stage INT8.
+        ort_options: onnxruntime settings of the fallback search's sessions.
 
     Returns:
         ``(stages, record)``: the stages (with quantized ``hidden_out`` / ``hidden_in`` specs on
@@ -351,12 +356,36 @@ def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, 
               "calibration_samples": int(len(x_calib)),
               "calibration_exit_histogram": np.bincount(levels, minlength=len(model.stage_ranges())).tolist(),
               "stages": []}
+    quantized = []
     for plan, stage, calib, n_reach in zip(plans, stages, inputs, reach):
         say(f"int8: calibrating stage {plan.index} on {len(calib)} rows ({n_reach} of {len(x_calib)} reach it)")
-        info = _quantize_in_place(tmp / stage.file, stage.input.name, calib, recipe)
-        info.update({"stage": plan.index, "rows_reaching": n_reach,
+        path = tmp / stage.file
+        quantized.append(path.with_name(path.stem + ".int8.onnx"))
+        info = quantize_graph(path, quantized[-1], stage.input.name, calib, recipe)
+        info.update({"stage": plan.index, "rows_reaching": n_reach, "precision": "int8",
                      "calibrated_on": "reaching rows" if n_reach >= MIN_ROWS else f"all rows (fewer than {MIN_ROWS} reach it)"})
         report["stages"].append(info)
+    keep_fp32: set = set()
+    report["fallback"] = {"mode": "off"}
+    if fallback_target is not None:
+        from jei_edge.backends.onnxruntime import OrtSettings
+        from jei_edge.compile.fallback import MixedStages, choose_fp32_stages
+
+        mixed = MixedStages([tmp / s.file for s in stages], quantized, [s.input.name for s in stages],
+                            OrtSettings.from_options(ort_options or {}))
+        report["fallback"] = choose_fp32_stages(mixed, [s.macs for s in stages], x_calib, levels, fallback_target,
+                                                progress)
+        del mixed
+        keep_fp32 = set(report["fallback"]["fp32_stages"])
+    for k, (stage, q) in enumerate(zip(stages, quantized)):
+        if k in keep_fp32:
+            q.unlink()
+            report["stages"][k]["precision"] = "fp32 (fallback)"
+        else:
+            q.replace(tmp / stage.file)
+    if keep_fp32:
+        report["fp32"].append("stage" + ("s " if len(keep_fp32) > 1 else " ") + ", ".join(map(str, sorted(keep_fp32)))
+                              + " (fallback)")
     say(f"int8: calibrating the plain backbone on {len(x_calib)} rows")
     report["plain"] = _quantize_in_place(tmp / plain.file, plain.inputs[0].name, x_calib, recipe)
     stages = list(stages)

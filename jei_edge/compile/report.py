@@ -51,6 +51,13 @@ def summary_text(report: Dict) -> str:
         lines.append(f"  int8       recipe '{q['recipe']}' ({q['method']}, activations {q['activations']}, weights "
                      f"{q['weights']}; FP32: {', '.join(q['fp32'])}); calibration {q['calibration_samples']} samples, "
                      "rows per stage " + str([st['calibration_rows'] for st in q['stages']]))
+        f = q.get("fallback") or {}
+        if f.get("mode") == "auto":
+            kept = (f"stage(s) {', '.join(map(str, f['fp32_stages']))} kept in FP32"
+                    if f["fp32_stages"] else "every stage INT8")
+            lines.append(f"             fallback: {kept}; exit decisions of {f['inputs']} calibration inputs agree "
+                         f"with FP32 on {100 * f['agreement']:.2f}% (all INT8: {100 * f['agreement_all_int8']:.2f}%, "
+                         f"target {100 * f['target']:.2f}%)")
     lines.append(f"  parity     per stage on {s['samples']} inputs (tolerance {s['tolerance']:g}):")
     for row in s["stages"]:
         errs = ", ".join(f"{k} {v:.2e}" for k, v in row["max_abs_error"].items())

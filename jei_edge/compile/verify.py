@@ -134,6 +134,13 @@ def _quantized_edges(rt) -> bool:
     return any(s.input.quantized for s in stages[1:])
 
 
+def _fallback_off(rt) -> bool:
+    """The INT8 build quantized every stage by request (``--int8-fallback off``)."""
+    quant = getattr(getattr(rt, "manifest", None), "quantization", None) or {}
+    fallback = quant.get("fallback") if isinstance(quant, dict) else None
+    return isinstance(fallback, dict) and fallback.get("mode") == "off" and "why" not in fallback
+
+
 def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> Dict:
     """Run ``rt`` on the references in ``exit`` and ``full`` mode and compare (see the module docstring).
 
@@ -190,6 +197,8 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
                               f"{100 * rule.min_agreement:.1f}%; tensor 'gate'",
                               hint="calibrate on more or more representative data, try --calibration percentile"
                                    + (", build with --fp32-edges" if _quantized_edges(rt) else "")
+                                   + (", build with --int8-fallback auto (keeps the stages that matter in FP32)"
+                                      if _fallback_off(rt) else "")
                                    + ", or lower --min-agreement")
         return report
     if beyond:

@@ -66,7 +66,14 @@ def describe_bundle(path) -> Dict[str, Any]:
         "input_guard": bool(stages and stages[0]["input_guard"]),
         "plan": m.plan or {"mode": "every", "groups": [s["exits"] for s in stages]},
         "lowering": md["lowering"],
+        "int8_fallback": _fallback(m.quantization),
     }
+
+
+def _fallback(quant) -> Any:
+    """The INT8 fallback record of the manifest's (informative) quantization record, if any."""
+    f = quant.get("fallback") if isinstance(quant, dict) else None
+    return f if isinstance(f, dict) else None
 
 
 def format_bundle(info: Dict[str, Any]) -> str:
@@ -113,6 +120,11 @@ def format_bundle(info: Dict[str, Any]) -> str:
                 f"{' or '.join(low['toolchain'])})")
         lines.append(f"  engines:   {what}; {low['precision']}" + (f" ({low['int8']})" if low.get("int8") else "")
                      + f", batch profile {low['profile']}")
+    fb = info.get("int8_fallback") or {}
+    if fb.get("mode") == "auto" and isinstance(fb.get("fp32_stages"), list):
+        kept = ", ".join(str(k) for k in fb["fp32_stages"])
+        lines.append(f"  int8:      {'stage(s) ' + kept + ' kept in FP32' if kept else 'every stage INT8'} "
+                     f"(--int8-fallback auto)")
     if info.get("parity") is not None:
         lines.append(f"  build parity: exit-decision agreement {100 * info['parity']:.3f}% (see report.txt)")
     lines.append("  inputs:    NaN/inf rows caught by stage 0's in-graph guard" if info.get("input_guard")

@@ -88,6 +88,9 @@ def test_every_stage_has_an_engine(builds, family, target, precision):
             assert row["layers"].get(_LAYER_TYPE[precision], 0) > 0
     assert "engines" in (path / "report.txt").read_text()
     assert any("not run here" in n for n in report["notes"])  # verified on the graphs, and says so
+    if precision == "int8":  # strongly typed INT8 engines: every stage stays quantized, and the report says why
+        fb = report["quantization"]["fallback"]
+        assert fb["mode"] == "off" and "strongly typed" in fb["why"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

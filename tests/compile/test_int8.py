@@ -126,9 +126,11 @@ def test_int8_errors(tmp_path):
 
 def test_int8_parity_floor_fails_cleanly(tmp_path):
     ckpt = save_spread(tmp_path / "m.pt", "vit")
-    with pytest.raises(BuildError, match="INT8 parity failed: exit decisions agree"):
+    # every stage quantized by request (the fallback would refuse this floor before writing anything)
+    with pytest.raises(BuildError, match="INT8 parity failed: exit decisions agree") as e:
         build_bundle(ckpt, tmp_path / "f.jei", BuildOptions(precision="int8", data=DATA, parity_samples=600,
-                                                            stage_samples=64, min_agreement=1.0))
+                                                            stage_samples=64, min_agreement=1.0, int8_fallback="off"))
+    assert "--int8-fallback auto" in e.value.hint
     assert not (tmp_path / "f.jei").exists()
 
 
