@@ -167,3 +167,15 @@ def test_build_that_needs_every_stage_in_fp32_fails_in_one_line(spread_vit, caps
     with pytest.raises(BuildError, match="int8_fallback must be one of"):
         build_bundle(ckpt, tmp / "x.jei", BuildOptions(**OPTS, int8_fallback="sometimes"))
 
+
+
+def test_fallback_on_merged_stages_reads_every_gate_of_a_stage(spread_vit):
+    """A merged stage outputs its gates as one [rows, G] tensor: the search's exit levels must use
+    every column (a missing gate would shift every level and the agreements with it)."""
+    tmp, ckpt = spread_vit
+    out = tmp / "merged.jei"
+    report = build_bundle(ckpt, out, BuildOptions(**OPTS, plan="0-1,2-3", min_agreement=0.0))
+    fb = report["quantization"]["fallback"]
+    # INT8 moves only a few decisions: with a gate column missing the levels would disagree wholesale
+    assert fb["mode"] == "auto" and fb["fp32_stages"] == [] and fb["agreement_all_int8"] > 0.9
+    assert [len(s["exits"]) for s in json.loads((out / "manifest.json").read_text())["stages"]] == [2, 2]
