@@ -380,7 +380,9 @@ def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, 
     for k, (stage, q) in enumerate(zip(stages, quantized)):
         if k in keep_fp32:
             q.unlink()
-            report["stages"][k]["precision"] = "fp32 (fallback)"
+            info = report["stages"][k]
+            info.update(precision="fp32 (fallback)", fp32_nodes=info["quantized_nodes"] + info["fp32_nodes"],
+                        quantized_nodes=0)
         else:
             q.replace(tmp / stage.file)
     if keep_fp32:

@@ -124,7 +124,8 @@ def test_build_keeps_the_stages_that_matter_in_fp32(spread_vit, capsys):
     for k, st in enumerate(manifest["stages"]):
         kept = k in fb["fp32_stages"]
         assert _quantized(out / st["file"]) != kept, st["file"]
-        assert report["quantization"]["stages"][k]["precision"] == ("fp32 (fallback)" if kept else "int8")
+        info = report["quantization"]["stages"][k]
+        assert info["precision"] == ("fp32 (fallback)" if kept else "int8") and (info["quantized_nodes"] == 0) == kept
     assert _quantized(out / manifest["plain"]["file"])  # the plain baseline stays fully INT8
     assert not list(out.glob("**/*.int8.onnx"))
     assert "kept in FP32" in (out / "report.txt").read_text()
