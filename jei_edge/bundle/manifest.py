@@ -600,9 +600,12 @@ def _lowering(f: _Field, precision: str, target: "TargetInfo", stages: Sequence[
         raise f.fail(f"a lowered bundle has engines for every stage; stages {none} have none")
     for s in stages:
         for e in s.engines:
-            if e.precision != low.precision or e.profile != low.profile:
+            # an INT8 plan's stage kept FP32 by the build's fallback has an FP32 engine
+            fallback = low.precision == "int8" and e.precision == "fp32"
+            if (e.precision != low.precision and not fallback) or e.profile != low.profile:
                 raise f.fail(f"stage {s.index}'s engine '{e.file}' is {e.precision} {list(e.profile)}, not the plan's "
-                             f"{low.precision} {list(low.profile)}")
+                             f"{low.precision} {list(low.profile)}"
+                             + (" (or fp32 for a stage kept FP32)" if low.precision == "int8" else ""))
     return low
 
 

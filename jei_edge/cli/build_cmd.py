@@ -40,10 +40,10 @@ from jei_edge.cli.options import emit_json, json_option, output_option, seed_opt
                    "edges whose next stage quantizes its input anyway (a CNN block's convolutions).")
 @click.option("--int8-fallback", "int8_fallback", type=click.Choice(["auto", "off"]), default="auto",
               show_default=True,
-              help="INT8 on onnxruntime targets: when the fully quantized stages keep fewer exit decisions of the "
-                   "calibration inputs than --min-agreement (+1 point), put the stages that matter most back in "
-                   "FP32, the fewest that hold it (the report lists them and every agreement measured); 'off' "
-                   "quantizes every stage.")
+              help="INT8: when the fully quantized stages keep fewer exit decisions of the calibration inputs "
+                   "than --min-agreement (+1 point), put the stages that matter most back in FP32, the fewest that "
+                   "hold it (the report lists them and every agreement measured; on TensorRT targets those stages "
+                   "get FP32 engines); 'off' quantizes every stage.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0, min_open=True), default=1e-5, show_default=True,
               help="FP32 parity: max abs error of a stage's probs and gate (onnxruntime vs PyTorch) and the "
                    "tie band of exit decisions. Large models with steep gates round further: a ResNet-18-size "

@@ -70,7 +70,7 @@ class BuildOptions:
     # None the edges whose next stage quantizes its input anyway, on onnxruntime targets
     quantized_edges: Optional[bool] = None
     # INT8: "auto" keeps the fewest stages in FP32 that hold min_agreement on the calibration inputs
-    # (compile/fallback.py; onnxruntime targets), "off" quantizes every stage
+    # (compile/fallback.py; engine targets build those stages' engines in FP32), "off" quantizes every stage
     int8_fallback: str = "auto"
 
 
@@ -265,16 +265,15 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
         edges = {True: "all", False: "none"}.get(opts.quantized_edges,
                                                  "auto" if job.target.backend == "onnxruntime" else "none")
         fallback = None
-        if opts.int8_fallback == "auto" and job.target.backend == "onnxruntime":
+        if opts.int8_fallback == "auto":
             from jei_edge.compile.fallback import MARGIN
 
+            # engine targets too: the search runs their (symmetric) Q/DQ graphs in onnxruntime, as
+            # verify does, and a stage kept FP32 gets an FP32 engine (lower.stage_precision)
             fallback = min(1.0, opts.min_agreement + MARGIN)
         stages, quant = quantize_bundle_graphs(model, plans, stages, plain, root, x_calib, job.recipe,
                                                progress=progress, edges=edges, fallback_target=fallback,
                                                ort_options=job.ort_options)
-        if opts.int8_fallback == "auto" and fallback is None:
-            quant["fallback"]["why"] = (f"{job.target.backend} engines of an INT8 bundle compute INT8 in every stage "
-                                        "(strongly typed): no per-stage FP32 fallback")
         quant["min_agreement"] = float(opts.min_agreement)  # verify's floor (int8 bundles)
         # the fallback search is timed apart: the auto-sized parity check scales with the export alone
         seconds["int8_fallback"] = float(quant["fallback"].get("seconds", 0.0))

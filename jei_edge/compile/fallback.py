@@ -18,7 +18,9 @@ Mixed configurations run the stage graphs in onnxruntime exactly as exported (bo
 read and write FP32 hidden states at this point: the edges are quantized afterwards), in chunks
 of rows, the shared INT8 prefix of each single-stage candidate run once. The plain backbone stays
 fully INT8 (it is the baseline a user would quantize themselves). The choice, every agreement
-measured and the time it took are in the quantization record (manifest, build report).
+measured and the time it took are in the quantization record (manifest, build report). On
+TensorRT targets the graphs searched are their symmetric Q/DQ graphs, and a stage kept FP32 gets
+an FP32 engine (``jei_edge.compile.lower.stage_precision``).
 """
 
 from __future__ import annotations

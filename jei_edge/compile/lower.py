@@ -63,9 +63,21 @@ def lowering_plan(target, precision: str) -> Optional[Lowering]:
                     optimization_level=opts.get("builder_optimization_level"))
 
 
-def engine_file(stage: int, low: Lowering, backend: str, compute_capability: Optional[str]) -> str:
+def engine_file(stage: int, precision: str, backend: str, compute_capability: Optional[str]) -> str:
     cc = "board" if compute_capability is None else "sm" + compute_capability.replace(".", "")
-    return f"{ENGINE_DIR}/stage{stage}.{backend}.{cc}.{low.precision}.engine"
+    return f"{ENGINE_DIR}/stage{stage}.{backend}.{cc}.{precision}.engine"
+
+
+def stage_precision(graph: Path, low: Lowering) -> str:
+    """The precision of a stage's engine: the plan's, except that a stage graph of an INT8 bundle
+    without Q/DQ nodes (kept FP32 by the build's fallback, ``jei_edge.compile.fallback``) is built
+    FP32, the precision it was chosen in (engines are strongly typed)."""
+    if low.precision != "int8":
+        return low.precision
+    from jei_edge.bundle.onnx_scan import scan_onnx_file
+
+    ops = {n.op_type for n in scan_onnx_file(graph).nodes}
+    return "int8" if ops & {"QuantizeLinear", "DequantizeLinear"} else "fp32"
 
 
 def toolchain_for(low: Lowering, toolchain: Optional[str]) -> Tuple[str, bool]:
@@ -135,18 +147,20 @@ def lower_bundle(root: Path, manifest: Manifest, progress=None, toolchain: Optio
     stages, rows = [], []
     with progress.bar(len(manifest.stages), f"engines ({name} {tc}, {low.precision})") as update:
         for s in manifest.stages:
+            precision = stage_precision(root / s.file, low)
             req = EngineRequest(graph=root / s.file, what=f"stage {s.index}", profile=low.profile,
-                                compute_capability=cc, precision=low.precision, workspace_mib=low.workspace_mib,
+                                compute_capability=cc, precision=precision, workspace_mib=low.workspace_mib,
                                 optimization_level=low.optimization_level)
             built = build_engine(trt, req, target=manifest.target.name, cache=cache)
-            rel = engine_file(s.index, low, name, cc)
+            rel = engine_file(s.index, precision, name, cc)
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(built.data)
             engine = Engine(file=rel, backend=name, toolchain=tc, compute_capability=cc or low.compute_capability,
-                            precision=low.precision, profile=low.profile)
+                            precision=precision, profile=low.profile)
             stages.append(replace(s, engines=(engine,)))
-            rows.append({"stage": s.index, "file": rel, "bytes": len(built.data), "seconds": round(built.seconds, 3),
+            rows.append({"stage": s.index, "file": rel, "precision": precision, "bytes": len(built.data),
+                         "seconds": round(built.seconds, 3),
                          "cached": built.cached, "layers": built.layers})
             update(1)
     report = {"backend": name, "toolchain": tc, "compute_capability": cc or "the board's GPU",

@@ -32,7 +32,8 @@ def _lowering_lines(low: Dict) -> list:
              + f", batch profile {low['profile']}; cache {cache.get('hits', 0)} hit(s), {cache.get('misses', 0)} built"]
     for row in low["stages"]:
         layers = ", ".join(f"{k} {v}" for k, v in sorted(row["layers"].items())) or "from the cache"
-        lines.append(f"             stage {row['stage']}: {row['bytes'] / 2**20:.2f} MiB in {row['seconds']:.2f} s "
+        prec = f"{row['precision']}, " if row.get("precision", low["precision"]) != low["precision"] else ""
+        lines.append(f"             stage {row['stage']}: {prec}{row['bytes'] / 2**20:.2f} MiB in {row['seconds']:.2f} s "
                      f"(network layers by output type: {layers})")
     if low.get("note"):
         lines.append(f"             {low['note']}")

@@ -138,7 +138,7 @@ def _fallback_off(rt) -> bool:
     """The INT8 build quantized every stage by request (``--int8-fallback off``)."""
     quant = getattr(getattr(rt, "manifest", None), "quantization", None) or {}
     fallback = quant.get("fallback") if isinstance(quant, dict) else None
-    return isinstance(fallback, dict) and fallback.get("mode") == "off" and "why" not in fallback
+    return isinstance(fallback, dict) and fallback.get("mode") == "off"
 
 
 def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> Dict:

@@ -118,8 +118,10 @@ def format_bundle(info: Dict[str, Any]) -> str:
                 f"{engines[0]['compute_capability']}, " + f"{sum(info['files'].get(e['file']) or 0 for e in engines):,} bytes"
                 if engines else f"not built yet: run `jei-edge lower` on the board ({low['backend']} "
                 f"{' or '.join(low['toolchain'])})")
+        fp32 = [str(st["index"]) for st in info["stages"] for e in st.get("engines", [])
+                if e.get("precision") != low["precision"]]
         lines.append(f"  engines:   {what}; {low['precision']}" + (f" ({low['int8']})" if low.get("int8") else "")
-                     + f", batch profile {low['profile']}")
+                     + (f" (stage(s) {', '.join(fp32)}: fp32)" if fp32 else "") + f", batch profile {low['profile']}")
     fb = info.get("int8_fallback") or {}
     if fb.get("mode") == "auto" and isinstance(fb.get("fp32_stages"), list):
         kept = ", ".join(str(k) for k in fb["fp32_stages"])

@@ -88,9 +88,10 @@ def test_every_stage_has_an_engine(builds, family, target, precision):
             assert row["layers"].get(_LAYER_TYPE[precision], 0) > 0
     assert "engines" in (path / "report.txt").read_text()
     assert any("not run here" in n for n in report["notes"])  # verified on the graphs, and says so
-    if precision == "int8":  # strongly typed INT8 engines: every stage stays quantized, and the report says why
+    if precision == "int8":  # the floor (0) holds fully quantized: every engine INT8
         fb = report["quantization"]["fallback"]
-        assert fb["mode"] == "off" and "strongly typed" in fb["why"]
+        assert fb["mode"] == "auto" and fb["fp32_stages"] == []
+        assert {e.precision for s in m.stages for e in s.engines} == {"int8"}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -241,6 +242,28 @@ def test_engines_from_another_toolchain_version_are_refused(builds, tmp_path):
     assert {s.engines[0].toolchain for s in Bundle.open(path).manifest.stages} == {trt.__version__}
 
 
+def test_int8_fallback_builds_fp32_engines_for_the_stages_it_keeps(tmp_path_factory, cache_dir, capsys):
+    """The spread ViT's symmetric INT8 stages keep 96.1% of the calibration inputs' decisions: at a
+    floor of 0.96 the fallback keeps stage(s) in FP32, whose engines are then FP32 (strongly typed:
+    no int8 layer), the others INT8; the manifest and `inspect` say so."""
+    from jei_edge.cli import main as cli_main
+
+    path, report = _build(tmp_path_factory.mktemp("fallback"), "vit", "rtx-ada", "int8", min_agreement=0.96)
+    kept = report["quantization"]["fallback"]["fp32_stages"]
+    assert kept and report["lowering"]["precision"] == "int8"
+    m = Bundle.open(path).manifest
+    for s, row in zip(m.stages, report["lowering"]["stages"]):
+        (e,) = s.engines
+        want = "fp32" if s.index in kept else "int8"
+        assert e.precision == row["precision"] == want and e.file.endswith(f".{want}.engine")
+        if not row["cached"]:
+            assert (row["layers"].get("int8", 0) > 0) == (want == "int8"), row["layers"]
+    capsys.readouterr()
+    assert cli_main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"(stage(s) {', '.join(map(str, kept))}: fp32)" in out and "kept in FP32" in out
+
+
 def test_lowering_plan_and_engines_must_agree(builds, tmp_path):
     from jei_edge.bundle import parse_manifest
 
@@ -249,6 +272,15 @@ def test_lowering_plan_and_engines_must_agree(builds, tmp_path):
     bad = json.loads(json.dumps(raw))
     bad["stages"][1]["engines"][0]["precision"] = "fp16"
     with pytest.raises(BundleError, match="stage 1's engine .* is fp16"):
+        parse_manifest(bad)
+    # an INT8 plan accepts an FP32 engine (a stage the fallback kept FP32), nothing else
+    raw8 = json.loads((builds[("vit", "rtx-ada", "int8")][0] / "manifest.json").read_text())
+    ok = json.loads(json.dumps(raw8))
+    ok["stages"][1]["engines"][0]["precision"] = "fp32"
+    parse_manifest(ok)
+    bad = json.loads(json.dumps(raw8))
+    bad["stages"][1]["engines"][0]["precision"] = "fp16"
+    with pytest.raises(BundleError, match=r"stage 1's engine .* is fp16 .*not the plan's int8 .*\(or fp32 for a stage"):
         parse_manifest(bad)
     bad = json.loads(json.dumps(raw))
     bad["stages"][2]["engines"] = []
