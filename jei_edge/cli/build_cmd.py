@@ -41,7 +41,7 @@ from jei_edge.cli.options import emit_json, json_option, output_option, seed_opt
 @click.option("--int8-fallback", "int8_fallback", type=click.Choice(["auto", "off"]), default="auto",
               show_default=True,
               help="INT8: when the fully quantized stages keep fewer exit decisions of the calibration inputs "
-                   "than --min-agreement (+1 point), put the stages that matter most back in FP32, the fewest that "
+                   "than --min-agreement (plus two standard errors), put the stages that matter most back in FP32, the fewest that "
                    "hold it (the report lists them and every agreement measured; on TensorRT targets those stages "
                    "get FP32 engines); 'off' quantizes every stage.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0, min_open=True), default=1e-5, show_default=True,

@@ -222,6 +222,22 @@ def _check_and_reference(job: Job, root: Path, stages, plain, strict: bool, prob
     return stage_report, sizing, counts, refs
 
 
+def _fallback_inputs(job: Job, x_calib: np.ndarray, seed: int):
+    """What the INT8 fallback search chooses on, mirroring what verify will hold the floor on: the
+    calibration inputs when the test split has enough rows for the floor to be held on them alone;
+    else (the floor is then held on every parity input, synthetic kinds included) the calibration
+    inputs and as many synthetic ones of the parity kinds, drawn with another seed than the check's.
+    Returns ``(inputs, description)`` or None for the calibration inputs alone."""
+    from jei_edge.compile.verify import MIN_HELD_OUT
+
+    if job.real.held_out >= MIN_HELD_OUT:
+        return None
+    x, counts = parity_inputs(job.ckpt["preprocessing"], x_calib, 2 * len(x_calib), seed + 1)
+    return x, (f"{len(x)} inputs: the {counts.get('real', 0)} calibration inputs and "
+               f"{len(x) - counts.get('real', 0)} synthetic ones (the floor is held on all parity inputs: "
+               f"fewer than {MIN_HELD_OUT} real held-out ones)")
+
+
 def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     """Step 1 (torch): graphs, per-stage parity, references and the manifest, written into ``root``.
 
@@ -264,16 +280,13 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
         # None: the edges that save work, on onnxruntime targets (the CUDA executors keep float hidden states)
         edges = {True: "all", False: "none"}.get(opts.quantized_edges,
                                                  "auto" if job.target.backend == "onnxruntime" else "none")
-        fallback = None
-        if opts.int8_fallback == "auto":
-            from jei_edge.compile.fallback import MARGIN
-
-            # engine targets too: the search runs their (symmetric) Q/DQ graphs in onnxruntime, as
-            # verify does, and a stage kept FP32 gets an FP32 engine (lower.stage_precision)
-            fallback = min(1.0, opts.min_agreement + MARGIN)
+        # engine targets too: the search runs their (symmetric) Q/DQ graphs in onnxruntime, as
+        # verify does, and a stage kept FP32 gets an FP32 engine (lower.stage_precision)
+        fallback = float(opts.min_agreement) if opts.int8_fallback == "auto" else None
         stages, quant = quantize_bundle_graphs(model, plans, stages, plain, root, x_calib, job.recipe,
-                                               progress=progress, edges=edges, fallback_target=fallback,
-                                               ort_options=job.ort_options)
+                                               progress=progress, edges=edges, fallback_floor=fallback,
+                                               ort_options=job.ort_options,
+                                               fallback_inputs=_fallback_inputs(job, x_calib, opts.seed))
         quant["min_agreement"] = float(opts.min_agreement)  # verify's floor (int8 bundles)
         # the fallback search is timed apart: the auto-sized parity check scales with the export alone
         seconds["int8_fallback"] = float(quant["fallback"].get("seconds", 0.0))

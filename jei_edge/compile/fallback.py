@@ -8,8 +8,12 @@ quantized, on 98.33% with its first stage in FP32). ``choose_fp32_stages`` finds
 the bundle is written, in the manner of accuracy-aware quantization tools:
 
 1. the exit decisions of the fully quantized stages on the **calibration inputs** (the
-   calibration and validation splits, never the test split the floor is checked on) against the
-   FP32 PyTorch model's; at or above ``target`` (the floor plus ``MARGIN``) nothing changes;
+   calibration and validation splits, never the test split the floor is checked on; when that
+   split is too small for the floor to be held on it alone, verify holds it on every parity input,
+   synthetic kinds included, and the search adds as many synthetic inputs of those kinds) against
+   the FP32 PyTorch model's; at or above ``target`` (``search_target``: the floor plus two
+   standard errors of the agreement measured on those inputs, at least ``MIN_MARGIN``, since the
+   floor is then checked on other inputs) nothing changes;
 2. else each stage alone back in FP32 (the others INT8), and the stages ranked by the agreement
    that gives (ties: the cheaper stage first);
 3. stages go back to FP32 in that order until the agreement reaches ``target``.
@@ -35,8 +39,17 @@ from jei_edge.errors import BuildError
 from jei_edge.exit_rule import exit_levels
 
 MODES = ("auto", "off")
-MARGIN = 0.01  # the search aims this far above the floor: the floor is then checked on other inputs
+MIN_MARGIN = 0.01  # the search aims at least this far above the floor (search_target)
 CHUNK = 64  # rows per run of a stage during the search (bounds the hidden states held)
+
+
+def search_target(floor: float, n: int) -> float:
+    """The agreement the search must reach on ``n`` inputs for a floor of ``floor`` to hold on
+    others: ``floor + max(MIN_MARGIN, 2 * sqrt(floor * (1 - floor) / n))``, at most 1 (two standard
+    errors of a measured agreement near the floor: 1.9 points for 0.95 on 512 inputs)."""
+    import math
+
+    return min(1.0, floor + max(MIN_MARGIN, 2.0 * math.sqrt(floor * (1.0 - floor) / max(1, n))))
 
 
 class MixedStages:
@@ -99,7 +112,7 @@ class MixedStages:
 
 
 def choose_fp32_stages(stages: MixedStages, macs: Sequence[int], x: np.ndarray, ref: np.ndarray, target: float,
-                       progress=None) -> Dict:
+                       progress=None, what: str = "") -> Dict:
     """The stages to keep in FP32 (module docstring); returns the fallback record.
 
     Args:
@@ -108,6 +121,7 @@ def choose_fp32_stages(stages: MixedStages, macs: Sequence[int], x: np.ndarray, 
         x: the inputs the choice is made on; ``ref``: the FP32 model's exit level of each.
         target: the agreement to reach on ``x``.
         progress: a ``Progress`` (bars) or message callback.
+        what: what ``x`` is, for messages and the record (default: "N calibration inputs").
 
     Raises:
         BuildError: only every stage in FP32 reaches ``target`` (INT8 would gain nothing).
@@ -115,17 +129,18 @@ def choose_fp32_stages(stages: MixedStages, macs: Sequence[int], x: np.ndarray, 
     from jei_edge.compile.progress import Progress
 
     say = Progress.of(progress)
+    what = what or f"{len(x)} calibration inputs"
     t0 = time.perf_counter()
     n = len(stages)
     int8 = [False] * n
     with say.bar(len(x), "int8 fallback: fully quantized") as update:
         full, _ = stages.agreements([], int8, x, ref, update)
-    record = {"mode": "auto", "target": round(float(target), 6), "inputs": int(len(x)),
+    record = {"mode": "auto", "target": round(float(target), 6), "inputs": int(len(x)), "chosen_on": what,
               "agreement_all_int8": full, "fp32_stages": [], "agreement": full}
     if full >= target:
         record["seconds"] = round(time.perf_counter() - t0, 3)
         return record
-    say(f"int8: {100 * full:.2f}% of the exit decisions of {len(x)} calibration inputs agree with FP32, below "
+    say(f"int8: {100 * full:.2f}% of the exit decisions of {what} agree with FP32, below "
         f"{100 * target:.2f}%: trying each stage in FP32")
     singles = [[k == j for k in range(n)] for j in range(n)]
     with say.bar(len(x), f"int8 fallback: {n} single-stage candidates") as update:
@@ -144,12 +159,12 @@ def choose_fp32_stages(stages: MixedStages, macs: Sequence[int], x: np.ndarray, 
             break
     fp32 = [k for k in range(n) if config[k]]
     if len(fp32) == n or agreement < target:
-        raise BuildError(f"INT8: keeping {100 * target:.2f}% of the exit decisions of {len(x)} calibration inputs "
+        raise BuildError(f"INT8: keeping {100 * target:.2f}% of the exit decisions of {what} "
                          f"equal to FP32 takes every stage in FP32 (fully quantized: {100 * full:.2f}%; best single "
                          f"stage in FP32: {100 * max(alone):.2f}%; every stage: {100 * agreement:.2f}%): INT8 would gain "
                          "nothing here",
                          hint="build --precision fp32, try --calibration percentile, or lower --min-agreement")
     record.update(fp32_stages=fp32, agreement=agreement, seconds=round(time.perf_counter() - t0, 3))
     say(f"int8: stage{'s' if len(fp32) > 1 else ''} {', '.join(map(str, fp32))} kept in FP32: "
-        f"{100 * agreement:.2f}% of the calibration inputs' exit decisions agree with FP32")
+        f"{100 * agreement:.2f}% of the exit decisions agree with FP32")
     return record

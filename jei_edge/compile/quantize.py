@@ -321,8 +321,9 @@ def _raw_inputs_for_fp32_nodes(path: Path, fp32_nodes: set) -> int:
 
 def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, tmp: Path, x_calib: np.ndarray,
                            recipe: Recipe, progress: Optional[Callable[[str], None]] = None,
-                           edges: str = "none", fallback_target: Optional[float] = None,
-                           ort_options: Optional[Dict] = None) -> Tuple[List[Stage], Dict]:
+                           edges: str = "none", fallback_floor: Optional[float] = None,
+                           ort_options: Optional[Dict] = None,
+                           fallback_inputs: Optional[Tuple[np.ndarray, str]] = None) -> Tuple[List[Stage], Dict]:
     """Replace the FP32 stage graphs (and the plain backbone) in ``tmp`` by calibrated INT8 ones.
 
     Args:
@@ -336,10 +337,11 @@ def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, 
         progress: called with a short message per graph.
         edges: which stage edges carry quantized hidden states: ``none``, ``auto``, ``all``
             (module docstring).
-        fallback_target: keep the fewest stages in FP32 that make this fraction of the
-            calibration inputs' exit decisions agree with the FP32 model
-            (``jei_edge.compile.fallback``); None: every stage INT8.
+        fallback_floor: keep the fewest stages in FP32 that hold this agreement floor with the
+            FP32 model's exit decisions (``jei_edge.compile.fallback``; the search aims at
+            ``search_target`` of it); None: every stage INT8.
         ort_options: onnxruntime settings of the fallback search's sessions.
+        fallback_inputs: ``(inputs, description)`` the search chooses on; None: ``x_calib``.
 
     Returns:
         ``(stages, record)``: the stages (with quantized ``hidden_out`` / ``hidden_in`` specs on
@@ -367,14 +369,19 @@ def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, 
         report["stages"].append(info)
     keep_fp32: set = set()
     report["fallback"] = {"mode": "off"}
-    if fallback_target is not None:
+    if fallback_floor is not None:
         from jei_edge.backends.onnxruntime import OrtSettings
-        from jei_edge.compile.fallback import MixedStages, choose_fp32_stages
+        from jei_edge.compile.fallback import MixedStages, choose_fp32_stages, search_target
 
+        from jei_edge.model.jei import exit_decisions
+
+        x_sel, what = fallback_inputs or (x_calib, f"{len(x_calib)} calibration inputs")
+        ref = levels if fallback_inputs is None else exit_decisions(model, x_sel).levels
         mixed = MixedStages([tmp / s.file for s in stages], quantized, [s.input.name for s in stages],
                             OrtSettings.from_options(ort_options or {}))
-        report["fallback"] = choose_fp32_stages(mixed, [s.macs for s in stages], x_calib, levels, fallback_target,
-                                                progress)
+        report["fallback"] = choose_fp32_stages(mixed, [s.macs for s in stages], x_sel, ref,
+                                                search_target(fallback_floor, len(x_sel)), progress, what=what)
+        report["fallback"]["floor"] = float(fallback_floor)
         del mixed
         keep_fp32 = set(report["fallback"]["fp32_stages"])
     for k, (stage, q) in enumerate(zip(stages, quantized)):

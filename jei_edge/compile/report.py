@@ -56,7 +56,7 @@ def summary_text(report: Dict) -> str:
         if f.get("mode") == "auto":
             kept = (f"stage(s) {', '.join(map(str, f['fp32_stages']))} kept in FP32"
                     if f["fp32_stages"] else "every stage INT8")
-            lines.append(f"             fallback: {kept}; exit decisions of {f['inputs']} calibration inputs agree "
+            lines.append(f"             fallback: {kept}; exit decisions of {f.get('chosen_on', f['inputs'])} agree "
                          f"with FP32 on {100 * f['agreement']:.2f}% (all INT8: {100 * f['agreement_all_int8']:.2f}%, "
                          f"target {100 * f['target']:.2f}%)")
     lines.append(f"  parity     per stage on {s['samples']} inputs (tolerance {s['tolerance']:g}):")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jei_edge.compile import BuildOptions, build_bundle, verify_bundle
-from jei_edge.compile.fallback import MARGIN, MixedStages, choose_fp32_stages
+from jei_edge.compile.fallback import MixedStages, choose_fp32_stages, search_target
 from jei_edge.errors import BuildError
 from jei_edge.runtime import Runtime
 from tests.runtime.helpers import model_inputs, save_spread
@@ -63,6 +63,12 @@ def test_search_breaks_ties_towards_the_cheaper_stage():
     assert rec["fp32_stages"] == [1]
 
 
+def test_search_target_is_two_standard_errors_above_the_floor():
+    assert search_target(0.95, 512) == pytest.approx(0.95 + 2 * (0.95 * 0.05 / 512) ** 0.5)  # 1.9 points
+    assert search_target(0.95, 100_000) == pytest.approx(0.96)  # at least one point
+    assert search_target(0.0, 512) == pytest.approx(0.01) and search_target(0.999, 50) == 1.0
+
+
 def test_search_refuses_when_only_every_stage_in_fp32_holds():
     with pytest.raises(BuildError, match="takes every stage in FP32") as e:
         choose_fp32_stages(FakeMixedStages([0.05, 0.05]), [1, 1], X, REF, target=0.99)
@@ -114,7 +120,8 @@ def test_build_keeps_the_stages_that_matter_in_fp32(spread_vit, capsys):
     out = tmp / "fb.jei"
     report = build_bundle(ckpt, out, BuildOptions(**OPTS, min_agreement=FLOOR_NEEDING_FALLBACK))
     fb = report["quantization"]["fallback"]
-    assert fb["mode"] == "auto" and fb["target"] == pytest.approx(FLOOR_NEEDING_FALLBACK + MARGIN)
+    assert fb["mode"] == "auto" and fb["floor"] == FLOOR_NEEDING_FALLBACK
+    assert fb["target"] == pytest.approx(search_target(FLOOR_NEEDING_FALLBACK, fb["inputs"]), abs=1e-6)
     assert fb["agreement_all_int8"] < fb["target"] <= fb["agreement"] and fb["fp32_stages"]
     # the stages kept are the best-ranked ones, in rank order
     alone = fb["agreement_one_stage_fp32"]
@@ -159,8 +166,10 @@ def test_build_that_needs_every_stage_in_fp32_fails_in_one_line(spread_vit, caps
 
     tmp, ckpt = spread_vit
     out = tmp / "no.jei"
+    # every exit in one stage: the only stage to put back in FP32 is all of it (the last stage's
+    # precision never moves a decision, so with several stages all but the last would do)
     rc = cli_main(["build", str(ckpt), "-o", str(out), "--precision", "int8", "--data", DATA, "--parity-samples",
-                   "600", "--min-agreement", "0.99"])
+                   "600", "--min-agreement", "0.99", "--plan", "0-3"])
     err = capsys.readouterr().err
     assert rc != 0 and not out.exists()
     line = [ln for ln in err.splitlines() if ln.startswith("error:")]
