@@ -121,6 +121,11 @@ def test_build_keeps_the_stages_that_matter_in_fp32(spread_vit, capsys):
     report = build_bundle(ckpt, out, BuildOptions(**OPTS, min_agreement=FLOOR_NEEDING_FALLBACK))
     fb = report["quantization"]["fallback"]
     assert fb["mode"] == "auto" and fb["floor"] == FLOOR_NEEDING_FALLBACK
+    # the test split (180 rows) is too small to hold the floor on, so verify holds it on every parity
+    # input and the search chose on the calibration inputs plus as many synthetic ones
+    n_calib = report["quantization"]["calibration_samples"]
+    assert fb["inputs"] == 2 * n_calib and f"the {n_calib} calibration inputs and {n_calib} synthetic" in fb["chosen_on"]
+    assert report["decisions"]["floor_on"].startswith("all ")
     assert fb["target"] == pytest.approx(search_target(FLOOR_NEEDING_FALLBACK, fb["inputs"]), abs=1e-6)
     assert fb["agreement_all_int8"] < fb["target"] <= fb["agreement"] and fb["fp32_stages"]
     # the stages kept are the best-ranked ones, in rank order
