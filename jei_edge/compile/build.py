@@ -355,7 +355,7 @@ def build_bundle(model_path, output=None, options: BuildOptions = BuildOptions()
         seconds["lower"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        device, what = verify_device(root)
+        device, what = verify_device(root, shown=job.output)
         if device is not None:
             notes.append(what)
         tol = options.tolerance if job.precision == "fp32" else None  # --tolerance is the fp32 tie band

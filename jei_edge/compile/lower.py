@@ -231,7 +231,7 @@ def lower_existing(bundle_path, toolchain: Optional[str] = None, compute_capabil
         m, lowering = lower_bundle(root, m, progress, toolchain=toolchain, compute_capability=compute_capability,
                                    cache=cache)
         m = write_manifest(root, m)
-        device, note = verify_device(root)
+        device, note = verify_device(root, shown=path)
         if device == "cpu" and importlib.util.find_spec("onnxruntime") is None:
             verified = None
             note = ("not verified here: this jei-edge does not run these engines and onnxruntime (to check their "

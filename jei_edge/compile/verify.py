@@ -218,10 +218,11 @@ def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> D
     return report
 
 
-def verify_device(bundle_path):
+def verify_device(bundle_path, shown=None):
     """``(device, note)`` a build or ``jei-edge lower`` verifies on: None (the target's backend:
     the engines themselves where they can run here), else the stage graphs the engines are built
-    from, through onnxruntime on cpu, with a note saying why the engines could not run."""
+    from, through onnxruntime on cpu, with a note saying why the engines could not run. ``shown``:
+    the path the note names instead of ``bundle_path`` (a staging directory about to be renamed)."""
     from jei_edge.bundle import Bundle
 
     bundle = Bundle.open(bundle_path, verify=False)
@@ -235,8 +236,10 @@ def verify_device(bundle_path):
         return None, ""
     built = "engines built from these graphs, not run here" if all(s.engines for s in m.stages) \
         else "engines to be built on the board"
-    return "cpu", (f"verified the {m.precision} stage graphs through onnxruntime on cpu ({built}: "
-                   f"{getattr(exc, 'message', exc)})")
+    why = str(getattr(exc, "message", exc))
+    if shown is not None:
+        why = why.replace(str(bundle_path), str(shown))
+    return "cpu", f"verified the {m.precision} stage graphs through onnxruntime on cpu ({built}: {why})"
 
 
 def verify_bundle(bundle_path, device: Optional[str] = None, progress=None, references: Optional[ReferenceSet] = None,

@@ -88,6 +88,7 @@ def test_every_stage_has_an_engine(builds, family, target, precision):
             assert row["layers"].get(_LAYER_TYPE[precision], 0) > 0
     assert "engines" in (path / "report.txt").read_text()
     assert any("not run here" in n for n in report["notes"])  # verified on the graphs, and says so
+    assert not any(".building-" in n for n in report["notes"])  # naming the bundle, not its staging directory
     if precision == "int8":  # the floor (0) holds fully quantized: every engine INT8
         fb = report["quantization"]["fallback"]
         assert fb["mode"] == "auto" and fb["fp32_stages"] == []
