@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(opts).items() if v != own.get_default(k))
     suffix = ("" if opts.edges == "auto" else f"_{opts.edges}edges") \
         + ("" if opts.calibration == "default" else f"_{Path(opts.calibration).stem}") \
-        + ("" if opts.min_agreement == 0.95 else f"_floor{opts.min_agreement:g}")
+        + ("" if opts.min_agreement == own.get_default("min_agreement") else f"_floor{opts.min_agreement:g}")
     edges = {"auto": None, "int8": True, "fp32": False}[opts.edges]
 
     def int8(fam, bsz, data):

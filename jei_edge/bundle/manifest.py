@@ -388,6 +388,13 @@ class Manifest:
         return self.exits.num_exits
 
     @property
+    def int8_fallback(self) -> Optional[Dict[str, Any]]:
+        """The INT8 build's per-stage fallback record (``quantization["fallback"]``, informative
+        JSON: ``mode``, ``fp32_stages``, ...), or None."""
+        f = self.quantization.get("fallback") if isinstance(self.quantization, dict) else None
+        return f if isinstance(f, dict) else None
+
+    @property
     def stage_gates(self) -> List[Tuple[int, ...]]:
         """The gate indices each stage evaluates (they cover 0..G-1 once, in order)."""
         return [s.gates for s in self.stages]

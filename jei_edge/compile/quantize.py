@@ -372,10 +372,9 @@ def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, 
     if fallback_floor is not None:
         from jei_edge.backends.onnxruntime import OrtSettings
         from jei_edge.compile.fallback import MixedStages, choose_fp32_stages, search_target
-
         from jei_edge.model.jei import exit_decisions
 
-        x_sel, what = fallback_inputs or (x_calib, f"{len(x_calib)} calibration inputs")
+        x_sel, what = fallback_inputs or (x_calib, "")  # "": choose_fp32_stages says "N calibration inputs"
         ref = levels if fallback_inputs is None else exit_decisions(model, x_sel).levels
         mixed = MixedStages([tmp / s.file for s in stages], quantized, [s.input.name for s in stages],
                             OrtSettings.from_options(ort_options or {}))

@@ -136,9 +136,8 @@ def _quantized_edges(rt) -> bool:
 
 def _fallback_off(rt) -> bool:
     """The INT8 build quantized every stage by request (``--int8-fallback off``)."""
-    quant = getattr(getattr(rt, "manifest", None), "quantization", None) or {}
-    fallback = quant.get("fallback") if isinstance(quant, dict) else None
-    return isinstance(fallback, dict) and fallback.get("mode") == "off"
+    fallback = getattr(getattr(rt, "manifest", None), "int8_fallback", None)
+    return fallback is not None and fallback.get("mode") == "off"
 
 
 def check_decisions(rt, refs: ReferenceSet, rule: Rule, progress: Progress) -> Dict:

@@ -66,14 +66,8 @@ def describe_bundle(path) -> Dict[str, Any]:
         "input_guard": bool(stages and stages[0]["input_guard"]),
         "plan": m.plan or {"mode": "every", "groups": [s["exits"] for s in stages]},
         "lowering": md["lowering"],
-        "int8_fallback": _fallback(m.quantization),
+        "int8_fallback": m.int8_fallback,
     }
-
-
-def _fallback(quant) -> Any:
-    """The INT8 fallback record of the manifest's (informative) quantization record, if any."""
-    f = quant.get("fallback") if isinstance(quant, dict) else None
-    return f if isinstance(f, dict) else None
 
 
 def format_bundle(info: Dict[str, Any]) -> str:
