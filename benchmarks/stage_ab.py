@@ -41,13 +41,16 @@ from jei_edge.runtime import Runtime  # noqa: E402
 
 
 def stage_feeds(bundle: str, x: np.ndarray):
-    """``(runtime, [(session, input name, rows)] per stage)``: real input rows of every stage."""
+    """``(runtime, [(session, input name, rows)] per stage, then the plain graph on x)``: real input
+    rows of every stage."""
     rt = Runtime.load(bundle, max_batch=len(x))
     rt.run(x, mode="full")  # every stage's input buffer now holds real rows
     out = []
     for st in rt.manifest.stages:
         sess = create_session(rt.bundle.file(st.file), rt.executor.settings, f"stage {st.index}")
         out.append((sess, st.inputs[0].name, np.array(rt.workspace.stage_input(st.index)[:len(x)])))
+    plain = rt.manifest.plain
+    out.append((create_session(rt.bundle.file(plain.file), rt.executor.settings, "plain"), plain.inputs[0].name, x))
     return rt, out
 
 
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
     rows = []
     for k, ((sa, na, xa), (sb, nb, xb)) in enumerate(zip(feeds_a, feeds_b)):
         print(f"[{time.strftime('%H:%M:%S')}] stage {k}", file=sys.stderr, flush=True)
-        row = {"stage": k, "input_a": f"{xa.dtype}{list(xa.shape[1:])}", "input_b": f"{xb.dtype}{list(xb.shape[1:])}"}
+        row = {"stage": k if k < len(feeds_a) - 1 else "plain", "input_a": f"{xa.dtype}{list(xa.shape[1:])}", "input_b": f"{xb.dtype}{list(xb.shape[1:])}"}
         for bsz in batches:
             fa, fb = {na: np.ascontiguousarray(xa[:bsz])}, {nb: np.ascontiguousarray(xb[:bsz])}
             for _ in range(3):

@@ -251,7 +251,7 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     """
     import torch
 
-    from jei_edge.compile.export import export_plain, export_stages
+    from jei_edge.compile.export import export_plain, export_stages, fold_summary
     from jei_edge.compile.plan import plan_stages
     from jei_edge.compile.planning import choose_groups
 
@@ -270,8 +270,9 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     from jei_edge.model.jei import half_precision
 
     stage_model = half_precision(model) if job.precision == "fp16" else model
-    stages = export_stages(stage_model, plans, root, example, job.opset)
-    plain = export_plain(model, root, example, job.opset, macs=int(ckpt["costs"]["plain_macs"]))
+    folds: list = []
+    stages = export_stages(stage_model, plans, root, example, job.opset, folds=folds)
+    plain = export_plain(model, root, example, job.opset, macs=int(ckpt["costs"]["plain_macs"]), folds=folds)
     quant = None
     if job.recipe is not None:
         from jei_edge.compile.quantize import quantize_bundle_graphs
@@ -304,6 +305,7 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     manifest = write_manifest(root, _manifest(job, stages, plain, plan_report, quant, stored_rec))
     seconds["stage_parity_and_references"] = time.perf_counter() - t
     report = {"parity_inputs": counts, "plan": plan_report, "quantization": quant, "check": sizing,
+              "shape_folding": fold_summary(folds),
               "stage_parity": stage_report, "references": stored_rec.to_dict()}
     return Exported(manifest, refs, report, seconds)
 

@@ -1,19 +1,22 @@
 """ONNX export of stages and of the plain backbone (dynamic batch, in-graph gate).
 
 Uses the TorchScript-based exporter (``dynamo=False``): it exports a stage in ~0.06 s against
-~2.3 s for the dynamo exporter. Every exported file is checked with ``onnx.checker`` and must
-hold its weights inline or in external data inside the bundle.
+~2.3 s for the dynamo exporter. The exporter's batch-only shape arithmetic is then folded
+(``jei_edge.compile.shapes``; the folded graph must give onnxruntime the same outputs bit for
+bit). Every exported file is checked with ``onnx.checker`` and must hold its weights inline or in
+external data inside the bundle.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from jei_edge._io import shorten
 from jei_edge.bundle.manifest import Graph, Stage, TensorSpec
 from jei_edge.compile.plan import StagePlan
+from jei_edge.compile.shapes import FoldResult
 from jei_edge.errors import BuildError
 
 
@@ -22,7 +25,9 @@ def _spec(name: str, t) -> TensorSpec:
     return TensorSpec(name, tuple(int(d) for d in t.shape[1:]), str(t.dtype).replace("torch.", ""))
 
 
-def _export(module, example, path: Path, input_name: str, output_names: Sequence[str], opset: int, what: str) -> None:
+def _export(module, example, path: Path, input_name: str, output_names: Sequence[str], opset: int,
+            what: str) -> FoldResult:
+    """Export ``module`` to ``path``, fold its shape arithmetic, check it; returns what folding did."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +42,29 @@ def _export(module, example, path: Path, input_name: str, output_names: Sequence
     except Exception as exc:
         raise BuildError(f"ONNX export of {what} failed: {shorten(str(exc).splitlines()[0], 300)}",
                          hint="the backbone must use ONNX-exportable ops (opset >= 17)") from exc
+    folded = _fold(path)
     check_onnx(path, what, input_name, output_names)
+    return folded
+
+
+def _fold(path: Path) -> FoldResult:
+    import onnx
+
+    from jei_edge.compile.shapes import fold_static_shapes
+
+    model = onnx.load(str(path))
+    folded, result = fold_static_shapes(model)
+    if folded is not model:
+        onnx.save(folded, str(path))
+    return result
+
+
+def fold_summary(results: Sequence[FoldResult]) -> dict:
+    """The build report's record of shape folding over a bundle's graphs."""
+    return {"graphs": len(results), "nodes_before": sum(r.nodes_before for r in results),
+            "nodes_after": sum(r.nodes_after for r in results),
+            "kept_exported": sorted({r.kept_original for r in results if r.kept_original and r.kept_original
+                                     != "nothing to fold"})}
 
 
 def check_onnx(path: Path, what: str, input_name: str, output_names: Sequence[str]) -> None:
@@ -65,7 +92,8 @@ def check_onnx(path: Path, what: str, input_name: str, output_names: Sequence[st
                 raise BuildError(f"exported {what}: external data '{loc}' of '{t.name}' is outside the bundle")
 
 
-def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: int) -> List[Stage]:
+def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: int,
+                  folds: Optional[List[FoldResult]] = None) -> List[Stage]:
     """Export every stage of ``model`` to ``out_dir / plan.file``.
 
     Args:
@@ -75,6 +103,7 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
         out_dir: the bundle's staging directory.
         example: a small ``[b, C, H, W]`` float32 tensor (b >= 2) used for tracing.
         opset: ONNX opset (>= 17).
+        folds: when given, each graph's ``FoldResult`` is appended to it.
 
     Returns:
         The manifest's ``Stage`` of every plan, in order.
@@ -89,7 +118,10 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
             module = model.stage(plan.exits[0], last_exit=plan.exits[-1]).eval()
             outs = module(h)
             outs = (outs,) if not isinstance(outs, tuple) else outs
-            _export(module, h, out_dir / plan.file, plan.input_name, plan.output_names, opset, f"stage {plan.index}")
+            fold = _export(module, h, out_dir / plan.file, plan.input_name, plan.output_names, opset,
+                           f"stage {plan.index}")
+            if folds is not None:
+                folds.append(fold)
             stages.append(Stage(
                 index=plan.index, file=plan.file, blocks=plan.blocks, exits=plan.exits, gates=plan.gates,
                 macs=plan.macs,
@@ -102,7 +134,8 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
     return stages
 
 
-def export_plain(model, out_dir: Path, example, opset: int, macs: int, name: str = "plain.onnx") -> Graph:
+def export_plain(model, out_dir: Path, example, opset: int, macs: int, name: str = "plain.onnx",
+                 folds: Optional[List[FoldResult]] = None) -> Graph:
     """Export the plain backbone (no IMs, no gates) as one graph ``x -> probs``.
 
     Args:
@@ -112,6 +145,7 @@ def export_plain(model, out_dir: Path, example, opset: int, macs: int, name: str
         opset: ONNX opset.
         macs: the plain backbone's per-sample MACs (recorded in the manifest).
         name: the file inside the bundle.
+        folds: when given, the graph's ``FoldResult`` is appended to it.
 
     Returns:
         The manifest's ``Graph``.
@@ -122,5 +156,7 @@ def export_plain(model, out_dir: Path, example, opset: int, macs: int, name: str
     module = model.plain_backbone().eval()
     with torch.no_grad():
         probs = module(example)
-    _export(module, example, out_dir / name, "x", ("probs",), opset, "the plain backbone")
+    fold = _export(module, example, out_dir / name, "x", ("probs",), opset, "the plain backbone")
+    if folds is not None:
+        folds.append(fold)
     return Graph(file=name, inputs=(_spec("x", example),), outputs=(_spec("probs", probs),), macs=int(macs))

@@ -47,6 +47,11 @@ def summary_text(report: Dict) -> str:
              f"  model      {report['model']}",
              f"  target     {report['target']} ({report['precision']}), {report['num_stages']} stages, "
              f"opset {report['opset']}"]
+    fold = report.get("shape_folding")
+    if fold and fold["graphs"]:
+        kept = f"; exported graphs kept: {'; '.join(fold['kept_exported'])}" if fold["kept_exported"] else ""
+        lines.append(f"  graphs     batch-only shape arithmetic folded: {fold['nodes_before']} -> {fold['nodes_after']} "
+                     f"ONNX nodes over {fold['graphs']} graphs{kept}")
     q = report.get("quantization")
     if q:
         lines.append(f"  int8       recipe '{q['recipe']}' ({q['method']}, activations {q['activations']}, weights "

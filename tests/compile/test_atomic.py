@@ -25,10 +25,10 @@ def test_parity_failure_names_stage_and_tensor_and_leaves_nothing(tmp_path, monk
     ckpt = save_spread(tmp_path / "m.pt", "vit")
     orig = export_mod.export_stages
 
-    def perturbed(model, plans, out_dir, example, opset):
+    def perturbed(model, plans, out_dir, example, opset, **kw):
         bad = copy.deepcopy(model)
         bad.gates[1].linear.bias.data += 0.5  # stage 1's exported gate no longer matches PyTorch
-        return orig(bad, plans, out_dir, example, opset)
+        return orig(bad, plans, out_dir, example, opset, **kw)
 
     monkeypatch.setattr(export_mod, "export_stages", perturbed)
     out = tmp_path / "m.jei"

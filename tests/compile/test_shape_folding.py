@@ -1,0 +1,162 @@
+"""Batch-only shape arithmetic folded out of exported graphs (jei_edge.compile.shapes)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from tests.runtime.helpers import model_inputs, spread_model
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from jei_edge.compile import shapes  # noqa: E402
+from jei_edge.compile.shapes import B, fold_static_shapes  # noqa: E402
+
+
+def _optimized_ops(model) -> collections.Counter:
+    """Op types onnxruntime runs (``all`` optimizations, as the runtime's default settings)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = f"{d}/opt.onnx"
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(f"{d}/opt.onnx").graph.node)
+
+
+def _run(model, feeds):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_vit_stage_0_and_plain_keep_only_the_batch_shape(tmp_path):
+    """A ViT's stem (flatten + cls-token expand) and attention reshapes are exported as Shape /
+    Gather / Concat chains; folded, onnxruntime runs one Shape (the batch) in stage 0 and the plain
+    graph instead of 30 and 110 shape nodes, and every output equals the torch module's at batch
+    sizes the fold's own check did not use."""
+    import torch
+
+    from jei_edge.compile.export import _export
+
+    model = spread_model("vit")
+    model.requires_grad_(False)
+    example = torch.from_numpy(model_inputs(2))
+    graphs = {"stage0": (model.stage(0).eval(), "x", ("hidden_out", "probs", "gate")),
+              "plain": (model.plain_backbone().eval(), "x", ("probs",))}
+    for name, (module, inp, outs) in graphs.items():
+        path = tmp_path / f"{name}.onnx"
+        result = _export(module, example, path, inp, outs, 17, name)
+        assert result.kept_original == "" and result.removed > 0, result
+        folded = onnx.load(str(path))
+        ops = _optimized_ops(folded)
+        assert ops["Shape"] == 1 and ops["Where"] == 0 and ops["Unsqueeze"] <= 1, ops
+        for n in (1, 2, 5, 7):
+            x = model_inputs(n, seed=n)
+            got = _run(folded, {inp: x})
+            with torch.no_grad():
+                want = module(torch.from_numpy(x))
+            want = (want,) if not isinstance(want, tuple) else want
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _reshape_graph(target, x_dims=(B, 4, 6), y_dims=None):
+    """x -> Shape -> Gather(0) -> Unsqueeze -> Concat(target pieces) -> Reshape(x), the exporter's pattern."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+             helper.make_node("Unsqueeze", ["b", "axes"], ["b1"]),
+             helper.make_node("Concat", ["b1", "rest"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    inits = [helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("rest", TensorProto.INT64, [len(target)], list(target))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_dims))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_dims or [B, 2, 12])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("rest, want, y", [((2, 12), [0, 2, 12], [B, 2, 12]), ((-1,), [0, -1], [B, 24]),
+                                           ((3, -1), [0, 3, -1], [B, 3, 8])])
+def test_reshape_target_becomes_a_constant_with_the_batch_copied(rest, want, y):
+    m = _reshape_graph(rest, y_dims=y)
+    folded, result = fold_static_shapes(m)
+    assert result.kept_original == "" and [n.op_type for n in folded.graph.node] == ["Reshape"]
+    const = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    assert const[folded.graph.node[0].input[1]].tolist() == want
+    x = np.arange(3 * 24, dtype=np.float32).reshape(3, 4, 6)
+    np.testing.assert_array_equal(_run(folded, {"x": x})[0], _run(m, {"x": x})[0])
+
+
+def test_batch_not_in_front_is_written_as_minus_one():
+    """``reshape(24, B)``: the batch moves, so ``0`` (copy dim 1 of the input) would be wrong."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+             helper.make_node("Concat", ["rest", "s"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, 4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [24, B])],
+                          [helper.make_tensor("rest", TensorProto.INT64, [1], [24])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    folded, result = fold_static_shapes(m)
+    assert result.kept_original == ""
+    const = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    assert const[folded.graph.node[-1].input[1]].tolist() == [24, -1]
+    x = np.random.default_rng(0).standard_normal((3, 4, 6)).astype(np.float32)
+    np.testing.assert_array_equal(_run(folded, {"x": x})[0], x.reshape(24, 3))
+
+
+def test_a_wrong_fold_keeps_the_exported_graph(monkeypatch):
+    """The pass is checked, not trusted: a fold that changes an output (here a test double of a
+    round that writes a wrong target shape) is refused and the exported graph is returned."""
+    m = _reshape_graph((2, 12))
+
+    def bad_round(model):
+        model.graph.node[-1].input[1] = "wrong"
+        model.graph.initializer.append(helper.make_tensor("wrong", TensorProto.INT64, [3], [0, 12, 2]))
+        shapes._drop_dead(model.graph)
+        return False
+
+    monkeypatch.setattr(shapes, "_fold_round", bad_round)
+    folded, result = fold_static_shapes(m)
+    assert folded is m and result.kept_original == "the folded graph's outputs differed"
+    assert result.removed == 0
+
+
+def test_graphs_with_other_dynamic_dims_are_left_alone():
+    m = _reshape_graph((2, 12), x_dims=(B, "h", 6))
+    folded, result = fold_static_shapes(m)
+    assert folded is m and result.kept_original == "inputs not static apart from the batch"
+
+
+def test_nothing_to_fold():
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    folded, result = fold_static_shapes(m)
+    assert folded is m and result.kept_original == "nothing to fold"
+
+
+def test_topological_order_and_cycles():
+    a = helper.make_node("Relu", ["x"], ["a"])
+    b = helper.make_node("Relu", ["a"], ["b"])
+    c = helper.make_node("Add", ["a", "b"], ["c"])
+    assert [n.output[0] for n in shapes._topological([c, b, a])] == ["a", "b", "c"]
+    loop = [helper.make_node("Relu", ["q"], ["p"]), helper.make_node("Relu", ["p"], ["q"])]
+    with pytest.raises(ValueError, match="cycle"):
+        shapes._topological(loop)
+
+
+def test_build_report_records_the_fold(vit_bundle):
+    import json
+
+    report = json.loads((vit_bundle / "report.json").read_text())
+    fold = report["shape_folding"]
+    assert fold["graphs"] == report["num_stages"] + 1 and fold["nodes_after"] < fold["nodes_before"]
+    assert "shape arithmetic folded" in (vit_bundle / "report.txt").read_text()
