@@ -238,6 +238,12 @@ def _fallback_inputs(job: Job, x_calib: np.ndarray, seed: int):
                f"fewer than {MIN_HELD_OUT} real held-out ones)")
 
 
+def _fuses_attention(job: Job) -> bool:
+    """onnxruntime's ``Attention`` kernel where onnxruntime runs the FP32 graphs: not for engine
+    targets (TensorRT parses standard ONNX) and not for INT8 (the quantizer works on standard ops)."""
+    return job.target.backend == "onnxruntime" and job.precision == "fp32"
+
+
 def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     """Step 1 (torch): graphs, per-stage parity, references and the manifest, written into ``root``.
 
@@ -251,7 +257,7 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     """
     import torch
 
-    from jei_edge.compile.export import export_plain, export_stages, fold_summary
+    from jei_edge.compile.export import export_plain, export_stages, passes_summary
     from jei_edge.compile.plan import plan_stages
     from jei_edge.compile.planning import choose_groups
 
@@ -259,7 +265,7 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     seconds: Dict[str, float] = {}
     t = time.perf_counter()
     groups, plan_report = choose_groups(model, opts.plan, opts.plan_batch, job.real.x, root / ".planning",
-                                        job.ort_options, job.opset, progress)
+                                        job.ort_options, job.opset, progress, fuse_attention=_fuses_attention(job))
     plans = plan_stages(model, ckpt["costs"], groups)
     seconds["plan"] = time.perf_counter() - t
 
@@ -270,9 +276,11 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     from jei_edge.model.jei import half_precision
 
     stage_model = half_precision(model) if job.precision == "fp16" else model
-    folds: list = []
-    stages = export_stages(stage_model, plans, root, example, job.opset, folds=folds)
-    plain = export_plain(model, root, example, job.opset, macs=int(ckpt["costs"]["plain_macs"]), folds=folds)
+    passes: list = []
+    fuse = _fuses_attention(job)  # the planner above timed its candidates the same way
+    stages = export_stages(stage_model, plans, root, example, job.opset, passes=passes, fuse_attention=fuse)
+    plain = export_plain(model, root, example, job.opset, macs=int(ckpt["costs"]["plain_macs"]), passes=passes,
+                         fuse_attention=fuse)
     quant = None
     if job.recipe is not None:
         from jei_edge.compile.quantize import quantize_bundle_graphs
@@ -305,7 +313,7 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     manifest = write_manifest(root, _manifest(job, stages, plain, plan_report, quant, stored_rec))
     seconds["stage_parity_and_references"] = time.perf_counter() - t
     report = {"parity_inputs": counts, "plan": plan_report, "quantization": quant, "check": sizing,
-              "shape_folding": fold_summary(folds),
+              **passes_summary(passes),
               "stage_parity": stage_report, "references": stored_rec.to_dict()}
     return Exported(manifest, refs, report, seconds)
 

@@ -3,7 +3,8 @@
 Uses the TorchScript-based exporter (``dynamo=False``): it exports a stage in ~0.06 s against
 ~2.3 s for the dynamo exporter. The exporter's batch-only shape arithmetic is then folded
 (``jei_edge.compile.shapes``; the folded graph must give onnxruntime the same outputs bit for
-bit). Every exported file is checked with ``onnx.checker`` and must hold its weights inline or in
+bit) and, for graphs onnxruntime runs in FP32, self-attention blocks are fused into its
+``Attention`` kernel (``jei_edge.compile.attention``). Every exported file is checked with ``onnx.checker`` and must hold its weights inline or in
 external data inside the bundle.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from jei_edge._io import shorten
 from jei_edge.bundle.manifest import Graph, Stage, TensorSpec
 from jei_edge.compile.plan import StagePlan
+from jei_edge.compile.attention import FusionResult
 from jei_edge.compile.shapes import FoldResult
 from jei_edge.errors import BuildError
 
@@ -25,9 +28,18 @@ def _spec(name: str, t) -> TensorSpec:
     return TensorSpec(name, tuple(int(d) for d in t.shape[1:]), str(t.dtype).replace("torch.", ""))
 
 
+@dataclass(frozen=True)
+class GraphPasses:
+    """What the graph passes did to one exported graph."""
+
+    fold: FoldResult
+    attention: Optional[FusionResult] = None  # None: not asked for (not an onnxruntime FP32 graph)
+
+
 def _export(module, example, path: Path, input_name: str, output_names: Sequence[str], opset: int,
-            what: str) -> FoldResult:
-    """Export ``module`` to ``path``, fold its shape arithmetic, check it; returns what folding did."""
+            what: str, fuse_attention: bool = False) -> GraphPasses:
+    """Export ``module`` to ``path``, fold its shape arithmetic (and fuse its attention blocks with
+    ``fuse_attention``), check it; returns what the passes did."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,29 +54,40 @@ def _export(module, example, path: Path, input_name: str, output_names: Sequence
     except Exception as exc:
         raise BuildError(f"ONNX export of {what} failed: {shorten(str(exc).splitlines()[0], 300)}",
                          hint="the backbone must use ONNX-exportable ops (opset >= 17)") from exc
-    folded = _fold(path)
+    passes = _graph_passes(path, fuse_attention)
     check_onnx(path, what, input_name, output_names)
-    return folded
+    return passes
 
 
-def _fold(path: Path) -> FoldResult:
+def _graph_passes(path: Path, fuse_attention: bool) -> GraphPasses:
     import onnx
 
+    from jei_edge.compile.attention import fuse_attention as fuse
     from jei_edge.compile.shapes import fold_static_shapes
 
-    model = onnx.load(str(path))
-    folded, result = fold_static_shapes(model)
-    if folded is not model:
-        onnx.save(folded, str(path))
-    return result
+    exported = onnx.load(str(path))
+    model, fold = fold_static_shapes(exported)
+    attention = None
+    if fuse_attention:
+        model, attention = fuse(model)
+    if model is not exported:
+        onnx.save(model, str(path))
+    return GraphPasses(fold, attention)
 
 
-def fold_summary(results: Sequence[FoldResult]) -> dict:
-    """The build report's record of shape folding over a bundle's graphs."""
-    return {"graphs": len(results), "nodes_before": sum(r.nodes_before for r in results),
-            "nodes_after": sum(r.nodes_after for r in results),
-            "kept_exported": sorted({r.kept_original for r in results if r.kept_original and r.kept_original
-                                     != "nothing to fold"})}
+def passes_summary(results: Sequence[GraphPasses]) -> dict:
+    """The build report's record of the graph passes over a bundle's graphs."""
+    def reasons(items, idle: str):
+        return sorted({r.kept_original for r in items if r.kept_original and r.kept_original != idle})
+
+    folds = [r.fold for r in results]
+    fusions = [r.attention for r in results if r.attention is not None]
+    return {"shape_folding": {"graphs": len(folds), "nodes_before": sum(r.nodes_before for r in folds),
+                              "nodes_after": sum(r.nodes_after for r in folds),
+                              "kept_exported": reasons(folds, "nothing to fold")},
+            "attention_fusion": {"asked": bool(fusions), "blocks": sum(r.fused for r in fusions),
+                                 "graphs": sum(1 for r in fusions if r.fused),
+                                 "kept_exported": reasons(fusions, "nothing to fuse")}}
 
 
 def check_onnx(path: Path, what: str, input_name: str, output_names: Sequence[str]) -> None:
@@ -93,7 +116,7 @@ def check_onnx(path: Path, what: str, input_name: str, output_names: Sequence[st
 
 
 def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: int,
-                  folds: Optional[List[FoldResult]] = None) -> List[Stage]:
+                  passes: Optional[List[GraphPasses]] = None, fuse_attention: bool = False) -> List[Stage]:
     """Export every stage of ``model`` to ``out_dir / plan.file``.
 
     Args:
@@ -103,7 +126,9 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
         out_dir: the bundle's staging directory.
         example: a small ``[b, C, H, W]`` float32 tensor (b >= 2) used for tracing.
         opset: ONNX opset (>= 17).
-        folds: when given, each graph's ``FoldResult`` is appended to it.
+        passes: when given, each graph's ``GraphPasses`` is appended to it.
+        fuse_attention: fuse self-attention blocks into onnxruntime's ``Attention`` (FP32 graphs
+            that onnxruntime runs).
 
     Returns:
         The manifest's ``Stage`` of every plan, in order.
@@ -118,10 +143,10 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
             module = model.stage(plan.exits[0], last_exit=plan.exits[-1]).eval()
             outs = module(h)
             outs = (outs,) if not isinstance(outs, tuple) else outs
-            fold = _export(module, h, out_dir / plan.file, plan.input_name, plan.output_names, opset,
-                           f"stage {plan.index}")
-            if folds is not None:
-                folds.append(fold)
+            done = _export(module, h, out_dir / plan.file, plan.input_name, plan.output_names, opset,
+                           f"stage {plan.index}", fuse_attention)
+            if passes is not None:
+                passes.append(done)
             stages.append(Stage(
                 index=plan.index, file=plan.file, blocks=plan.blocks, exits=plan.exits, gates=plan.gates,
                 macs=plan.macs,
@@ -135,7 +160,7 @@ def export_stages(model, plans: List[StagePlan], out_dir: Path, example, opset: 
 
 
 def export_plain(model, out_dir: Path, example, opset: int, macs: int, name: str = "plain.onnx",
-                 folds: Optional[List[FoldResult]] = None) -> Graph:
+                 passes: Optional[List[GraphPasses]] = None, fuse_attention: bool = False) -> Graph:
     """Export the plain backbone (no IMs, no gates) as one graph ``x -> probs``.
 
     Args:
@@ -145,7 +170,8 @@ def export_plain(model, out_dir: Path, example, opset: int, macs: int, name: str
         opset: ONNX opset.
         macs: the plain backbone's per-sample MACs (recorded in the manifest).
         name: the file inside the bundle.
-        folds: when given, the graph's ``FoldResult`` is appended to it.
+        passes: when given, the graph's ``GraphPasses`` is appended to it.
+        fuse_attention: as for the stages (the plain baseline gets the same graph passes).
 
     Returns:
         The manifest's ``Graph``.
@@ -156,7 +182,7 @@ def export_plain(model, out_dir: Path, example, opset: int, macs: int, name: str
     module = model.plain_backbone().eval()
     with torch.no_grad():
         probs = module(example)
-    fold = _export(module, example, out_dir / name, "x", ("probs",), opset, "the plain backbone")
-    if folds is not None:
-        folds.append(fold)
+    done = _export(module, example, out_dir / name, "x", ("probs",), opset, "the plain backbone", fuse_attention)
+    if passes is not None:
+        passes.append(done)
     return Graph(file=name, inputs=(_spec("x", example),), outputs=(_spec("probs", probs),), macs=int(macs))

@@ -45,7 +45,7 @@ class Candidates:
     input rows that reach it (``batch`` rows of ``x``, hidden states from the unmerged stages)."""
 
     def __init__(self, model, x: np.ndarray, work: Path, settings, opset: int, batch: int = 1,
-                 progress: Optional[Callable[[str], None]] = None):
+                 progress: Optional[Callable[[str], None]] = None, fuse_attention: bool = False):
         import torch
 
         from jei_edge.backends.onnxruntime.executor import create_session
@@ -75,7 +75,7 @@ class Candidates:
                 path = work / f"span_{a}_{b}.onnx"
                 with torch.no_grad():
                     _export(module, torch.from_numpy(inputs[a][:2].copy()), path, plan.input_name, plan.output_names,
-                            opset, f"candidate stage {a}..{b}")
+                            opset, f"candidate stage {a}..{b}", fuse_attention)
                 sess = create_session(path, settings, f"candidate stage {a}..{b}")
                 self.sessions[(a, b)] = (sess, {sess.get_inputs()[0].name: inputs[a][:batch]})
                 path.unlink()
@@ -201,14 +201,15 @@ def expected_seconds(groups, reach: np.ndarray, times: Dict[Tuple[int, int], flo
 
 
 def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, batch: int = 1,
-                progress: Optional[Callable[[str], None]] = None):
+                progress: Optional[Callable[[str], None]] = None, fuse_attention: bool = False):
     """Measure and choose (see the module docstring). Returns ``(groups, report)``."""
     from jei_edge.model.jei import exit_decisions
     from jei_edge.profile.measure import median_ci, ratios
 
     n = len(model.stage_ranges())
     reach = exit_decisions(model, x_real).reach(n)
-    cands = Candidates(model, x_real, work, settings, opset, batch=batch, progress=progress)
+    cands = Candidates(model, x_real, work, settings, opset, batch=batch, progress=progress,
+                       fuse_attention=fuse_attention)
     every = [(i,) for i in range(n)]
     every_pipe = cands.pipeline(every, x_real)
     times, piped = cands.time_spans(pipeline=every_pipe, progress=progress)
@@ -257,7 +258,7 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
 
 
 def choose_groups(model, plan: str, plan_batch: int, x_real: Optional[np.ndarray], work: Path, backend_options: Dict,
-                  opset: int, progress: Optional[Callable[[str], None]] = None):
+                  opset: int, progress: Optional[Callable[[str], None]] = None, fuse_attention: bool = False):
     """The exit groups of ``--plan`` (None = one stage per exit) and the plan's report.
 
     Args:
@@ -269,6 +270,7 @@ def choose_groups(model, plan: str, plan_batch: int, x_real: Optional[np.ndarray
         backend_options: the target's onnxruntime settings.
         opset: ONNX opset.
         progress: message callback.
+        fuse_attention: time candidates with their attention blocks fused, as the build exports them.
     """
     import shutil
 
@@ -291,7 +293,7 @@ def choose_groups(model, plan: str, plan_batch: int, x_real: Optional[np.ndarray
     work.mkdir()
     try:
         groups, report = auto_groups(model, x_real, work, OrtSettings.from_options(backend_options), opset,
-                                     batch=plan_batch, progress=progress)
+                                     batch=plan_batch, progress=progress, fuse_attention=fuse_attention)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if progress:

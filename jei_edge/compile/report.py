@@ -47,11 +47,15 @@ def summary_text(report: Dict) -> str:
              f"  model      {report['model']}",
              f"  target     {report['target']} ({report['precision']}), {report['num_stages']} stages, "
              f"opset {report['opset']}"]
-    fold = report.get("shape_folding")
+    fold, att = report.get("shape_folding"), report.get("attention_fusion")
     if fold and fold["graphs"]:
         kept = f"; exported graphs kept: {'; '.join(fold['kept_exported'])}" if fold["kept_exported"] else ""
         lines.append(f"  graphs     batch-only shape arithmetic folded: {fold['nodes_before']} -> {fold['nodes_after']} "
                      f"ONNX nodes over {fold['graphs']} graphs{kept}")
+    if att and att["asked"]:
+        kept = f"; kept unfused: {'; '.join(att['kept_exported'])}" if att["kept_exported"] else ""
+        lines.append(f"             {att['blocks']} attention blocks in {att['graphs']} graphs fused into onnxruntime's "
+                     f"Attention kernel{kept}")
     q = report.get("quantization")
     if q:
         lines.append(f"  int8       recipe '{q['recipe']}' ({q['method']}, activations {q['activations']}, weights "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from jei_edge.bundle import Bundle
 from jei_edge.errors import BuildError
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install 'jei-edge[rtx]')")
@@ -16,14 +15,40 @@ trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed 
 from jei_edge.backends.tensorrt.builder import EngineCache, EngineRequest, build_engine  # noqa: E402
 
 
-def _requests(bundle, cc, precision="fp32"):
-    b = Bundle.open(bundle)
-    return [EngineRequest(b.file(st.file), f"stage {st.index}", (1, 8, 64), cc, precision) for st in b.manifest.stages]
+@pytest.fixture(scope="module")
+def stage_graphs(tmp_path_factory):
+    """``family -> stage graph files`` exported as for an engine target: standard ONNX ops only (a
+    ``cpu`` FP32 bundle's graphs run self-attention on onnxruntime's contrib Attention kernel)."""
+    import torch
+
+    from jei_edge.compile.export import _export
+    from tests.runtime.helpers import model_inputs, spread_model
+
+    out = {}
+    for family in ("vit", "resnet"):
+        model = spread_model(family)
+        model.requires_grad_(False)
+        h, files, n = torch.from_numpy(model_inputs(2)), [], len(model.stage_ranges())
+        for k in range(n):
+            last = k == n - 1
+            path = tmp_path_factory.mktemp(family) / f"stage{k}.onnx"
+            with torch.no_grad():
+                _export(model.stage(k).eval(), h, path, "x" if k == 0 else "hidden_in",
+                        ("probs",) if last else ("hidden_out", "probs", "gate"), 17, f"stage {k}")
+                if not last:
+                    h = model.stage(k).eval()(h)[0]
+            files.append(path)
+        out[family] = files
+    return out
+
+
+def _requests(files, cc, precision="fp32"):
+    return [EngineRequest(f, f"stage {k}", (1, 8, 64), cc, precision) for k, f in enumerate(files)]
 
 
 @pytest.mark.parametrize("family", ["vit", "resnet"])
-def test_every_stage_builds_for_two_compute_capabilities_and_caches(request, family, tmp_path):
-    bundle = request.getfixturevalue(f"{family}_bundle")
+def test_every_stage_builds_for_two_compute_capabilities_and_caches(stage_graphs, family, tmp_path):
+    bundle = stage_graphs[family]
     cache = EngineCache(tmp_path / "cache")
     for cc in ("8.6", "8.9"):
         built = [build_engine(trt, r, "rtx-test", cache) for r in _requests(bundle, cc)]
@@ -37,7 +62,8 @@ def test_every_stage_builds_for_two_compute_capabilities_and_caches(request, fam
     assert not other.cached  # the key includes the target
 
 
-def test_what_cannot_be_built_is_a_clear_error(vit_bundle, tmp_path):
+def test_what_cannot_be_built_is_a_clear_error(stage_graphs, tmp_path):
+    vit_bundle = stage_graphs["vit"]
     (req,) = _requests(vit_bundle, "7.5")[:1]
     with pytest.raises(BuildError, match=r"stage 0: tensorrt_rtx .* compute capability 7.5 in fp32.*FP32 GEMM"):
         build_engine(trt, req, "rtx-turing")

@@ -102,11 +102,16 @@ def create_session(path, settings: OrtSettings, what: str, built_with: Optional[
         except Exception:  # the scan is only for the message
             graph = "the file could not be scanned either"
         tc = built_with or {}
+        hint = ("install an onnxruntime that supports that opset/IR version, or rebuild the bundle with the "
+                "toolchain installed here (`jei-edge build ... --force`)")
+        if "com.microsoft" in str(exc) or "Attention" in first:
+            # FP32 CPU bundles run self-attention on onnxruntime's contrib Attention kernel (docs/runtime.md)
+            hint = ("this graph uses onnxruntime's contrib kernel com.microsoft.Attention: install a standard "
+                    "onnxruntime build (minimal / --disable_contrib_ops builds lack it), or rebuild the bundle "
+                    "with the toolchain installed here (`jei-edge build ... --force`)")
         raise BundleError(
             f"{what} ('{path}') cannot be loaded by onnxruntime {ort.__version__}: {first}; {graph}; "
-            f"built with onnxruntime {tc.get('onnxruntime', '?')}, onnx {tc.get('onnx', '?')}",
-            hint="install an onnxruntime that supports that opset/IR version, or rebuild the bundle with the "
-                 "toolchain installed here (`jei-edge build ... --force`)") from exc
+            f"built with onnxruntime {tc.get('onnxruntime', '?')}, onnx {tc.get('onnx', '?')}", hint=hint) from exc
 
 
 class RowWorkers:
