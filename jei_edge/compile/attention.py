@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from jei_edge.compile.shapes import compare_outputs, drop_dead, graph_feeds, tensor_shapes, topological
+from jei_edge.compile.shapes import compare_outputs, drop_dead, graph_feeds, node_attr, tensor_shapes, topological
 
 DOMAIN = "com.microsoft"
 
@@ -40,15 +40,6 @@ def _const(name: str, inits: Dict[str, np.ndarray], consts: Dict[str, np.ndarray
     return inits.get(name, consts.get(name))
 
 
-def _attr(node, name: str, default=None):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _match(softmax, prod, uses, inits, consts, shapes, outputs):
     """The nodes of one attention block around ``softmax`` and the Attention node's parameters, or None."""
 
@@ -63,7 +54,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs):
         c = _const(name, inits, consts)
         return float(c.reshape(())) if c is not None and c.size == 1 and c.dtype.kind == "f" else None
 
-    if _attr(softmax, "axis", -1) not in (-1, 3):
+    if node_attr(softmax, "axis", -1) not in (-1, 3):
         return None
     nodes = [softmax]
     scale = 1.0
@@ -88,7 +79,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs):
         nodes.append(qm)
         q = qm.input[0]
     kt_node = node(kt, "Transpose")
-    if kt_node is None or list(_attr(kt_node, "perm", [])) != [0, 1, 3, 2] or not single(kt):
+    if kt_node is None or list(node_attr(kt_node, "perm", [])) != [0, 1, 3, 2] or not single(kt):
         return None
     nodes.append(kt_node)
     k = kt_node.input[0]
@@ -99,7 +90,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs):
     if av.op_type != "MatMul" or av.input[0] != softmax.output[0] or not single(av.output[0]):
         return None
     out_t = uses[av.output[0]][0]
-    if out_t.op_type != "Transpose" or list(_attr(out_t, "perm", [])) != [0, 2, 1, 3] or not single(out_t.output[0]):
+    if out_t.op_type != "Transpose" or list(node_attr(out_t, "perm", [])) != [0, 2, 1, 3] or not single(out_t.output[0]):
         return None
     out_r = uses[out_t.output[0]][0]
     if out_r.op_type != "Reshape":
@@ -107,7 +98,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs):
     nodes += [av, out_t, out_r]
     v = av.input[1]
     gathers = [node(t, "Gather") for t in (q, k, v)]
-    if any(g is None or not single(g.output[0]) or _attr(g, "axis", 0) != 0 for g in gathers):
+    if any(g is None or not single(g.output[0]) or node_attr(g, "axis", 0) != 0 for g in gathers):
         return None
     idx = [_const(g.input[1], inits, consts) for g in gathers]
     if any(i is None or i.size != 1 for i in idx) or [int(i.reshape(())) for i in idx] != [0, 1, 2]:
@@ -116,7 +107,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs):
     if len(source) != 1:
         return None
     split = node(source.pop(), "Transpose")
-    if split is None or list(_attr(split, "perm", [])) != [2, 0, 3, 1, 4] or len(uses[split.output[0]]) != 3 \
+    if split is None or list(node_attr(split, "perm", [])) != [2, 0, 3, 1, 4] or len(uses[split.output[0]]) != 3 \
             or split.output[0] in outputs:
         return None
     heads = node(split.input[0], "Reshape")
@@ -155,8 +146,8 @@ def _fuse_once(model) -> int:
     g = model.graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer
              if t.data_type in (1, 6, 7) and int(np.prod(t.dims)) > 0}
-    consts = {n.output[0]: numpy_helper.to_array(_attr(n, "value")) for n in g.node
-              if n.op_type == "Constant" and _attr(n, "value") is not None}
+    consts = {n.output[0]: numpy_helper.to_array(node_attr(n, "value")) for n in g.node
+              if n.op_type == "Constant" and node_attr(n, "value") is not None}
     prod = {o: n for n in g.node for o in n.output}
     uses: Dict[str, List] = {}
     for n in g.node:

@@ -64,7 +64,7 @@ def _const_value(arr: np.ndarray) -> Optional[_Value]:
     return _Value(arr.shape, items, arr.dtype)
 
 
-def _attr(node, name: str, default=None):
+def node_attr(node, name: str, default=None):
     import onnx
 
     for a in node.attribute:
@@ -133,27 +133,27 @@ def _evaluate(node, vals: Dict[str, _Value], shapes: Dict[str, List], consts: Di
         dims = shapes.get(node.input[0])
         if dims is None or any(d is None for d in dims):
             return None
-        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        start, end = node_attr(node, "start", 0), node_attr(node, "end", None)
         dims = dims[slice(start, end)]
         return _Value((len(dims),), dims)
     if op == "Constant":
         import onnx
 
-        t = _attr(node, "value")
+        t = node_attr(node, "value")
         return _const_value(onnx.numpy_helper.to_array(t)) if t is not None else None
     if not ins or ins[0] is None:
         return None
     a = ins[0]
     if op in ("Identity", "Cast"):
         if op == "Cast":
-            to = {6: np.int32, 7: np.int64}.get(_attr(node, "to"))
+            to = {6: np.int32, 7: np.int64}.get(node_attr(node, "to"))
             if to is None or a.dtype == np.bool_:
                 return None
             return _Value(a.shape, a.items, to)
         return a
     if op == "Gather":
         idx = consts.get(node.input[1])
-        if _attr(node, "axis", 0) != 0 or len(a.shape) != 1 or idx is None or idx.ndim > 1:
+        if node_attr(node, "axis", 0) != 0 or len(a.shape) != 1 or idx is None or idx.ndim > 1:
             return None
         n = len(a.items)
         picked = [a.items[int(i) + n if int(i) < 0 else int(i)] for i in np.ravel(idx)]
@@ -200,7 +200,7 @@ def _evaluate(node, vals: Dict[str, _Value], shapes: Dict[str, List], consts: Di
 
         if not a.known or len(a.shape) != 1 or int(np.prod(a.items)) > _MAX_VALUE:
             return None
-        fill = _attr(node, "value")
+        fill = node_attr(node, "value")
         fill = onnx.numpy_helper.to_array(fill).ravel() if fill is not None else np.zeros(1, np.float32)
         if fill.dtype.kind not in "iub":
             return None
@@ -268,7 +268,7 @@ def _fold_round(model) -> bool:
             return None
         if not batch_name:
             existing = [n.output[0] for n in g.node if n.op_type == "Shape" and n.input[0] == graph_input
-                        and _attr(n, "start", 0) == 0 and _attr(n, "end", None) == 1]
+                        and node_attr(n, "start", 0) == 0 and node_attr(n, "end", None) == 1]
             if existing:
                 batch_name.append(existing[0])
             else:
@@ -294,7 +294,7 @@ def _fold_round(model) -> bool:
             elif len(v.shape) == 1 and v.items.count(B) == 1:
                 k = v.items.index(B)
                 data = shapes.get(node.input[0]) if node.op_type == "Reshape" else None
-                if node.op_type == "Reshape" and i == 1 and not _attr(node, "allowzero", 0) and data \
+                if node.op_type == "Reshape" and i == 1 and not node_attr(node, "allowzero", 0) and data \
                         and k < len(data) and data[k] == B and all(x != 0 for x in v.items if x != B):
                     node.input[i] = constant(np.array([0 if x == B else x for x in v.items], np.int64))
                 elif node.op_type == "Reshape" and i == 1 and -1 not in v.items:
