@@ -6,7 +6,8 @@ bundle B alternately within each repeat, in one process, with the package's onnx
 (``jei_edge.backends.onnxruntime``; each bundle's own executor settings, so per-graph switches such
 as ``qdq_propagation`` apply as in the runtime). Inputs are real: each stage's input rows of a
 ``full`` pass of that bundle's runtime over the given samples (in that bundle's edge layout and
-dtype). Reported per stage and batch size: both medians and the median of the per-repeat ratios
+dtype). The plain graphs are timed the same way on the samples themselves (row "plain"), since a
+graph pass changes them too. Reported per stage and batch size: both medians and the median of the per-repeat ratios
 A/B (> 1: B is faster) with its distribution-free confidence interval
 (``jei_edge.profile.median_ci``).
 
