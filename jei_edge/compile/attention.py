@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from jei_edge.compile.shapes import compare_outputs, drop_dead, graph_feeds, node_attr, tensor_shapes, topological
+from jei_edge.compile.shapes import (compare_outputs, drop_dead, graph_feeds, node_attr, tensor_shapes, topological,
+                                     unsupported)
 
 DOMAIN = "com.microsoft"
 
@@ -40,7 +41,14 @@ def _const(name: str, inits: Dict[str, np.ndarray], consts: Dict[str, np.ndarray
     return inits.get(name, consts.get(name))
 
 
-def _match(softmax, prod, uses, inits, consts, shapes, outputs):
+def _rows_and_tokens(target, tokens) -> bool:
+    """A reshape target's first two entries keep ``[B, N]`` (batch as 0 or -1, tokens as 0 or N),
+    with at most one -1 in the target: not a reshape into windows or another token grouping."""
+    t = [int(v) for v in target.ravel()]
+    return t[0] in (0, -1) and (t[1] == 0 or t[1] == tokens) and t.count(-1) <= 1
+
+
+def _match(softmax, prod, uses, inits, consts, shapes, outputs, opset: int = 17):
     """The nodes of one attention block around ``softmax`` and the Attention node's parameters, or None."""
 
     def single(name: str) -> bool:  # an internal tensor: read by exactly one node, not a graph output
@@ -54,7 +62,8 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs):
         c = _const(name, inits, consts)
         return float(c.reshape(())) if c is not None and c.size == 1 and c.dtype.kind == "f" else None
 
-    if node_attr(softmax, "axis", -1) not in (-1, 3):
+    axis = node_attr(softmax, "axis", None)
+    if (axis is None and opset < 13) or (axis if axis is not None else -1) not in (-1, 3):
         return None
     nodes = [softmax]
     scale = 1.0
@@ -73,7 +82,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs):
     qm = node(q, "Mul")
     if qm is not None and single(q):
         c = scalar(qm.input[1])
-        if c is None:
+        if c is None or c == 0:
             return None
         scale *= c
         nodes.append(qm)
@@ -130,16 +139,19 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs):
         return None
     c = w.shape[0]
     n_heads, head = int(target[3]), int(target[4])
-    if w.shape[1] != 3 * c or b.shape[0] != 3 * c or int(target[2]) != 3 or n_heads * head != c or dims[2] != c:
+    if w.shape[1] != 3 * c or b.shape[0] != 3 * c or int(target[2]) != 3 or n_heads * head != c or dims[2] != c \
+            or not isinstance(dims[1], int) or not _rows_and_tokens(target, dims[1]) or scale == 0:
         return None
     out_target = _const(out_r.input[1], inits, consts)
-    if out_target is None or out_target.size != 3 or int(out_target[2]) not in (c, -1):
+    if out_target is None or out_target.size != 3 or int(out_target[2]) not in (c, -1) \
+            or not _rows_and_tokens(out_target, dims[1]):
         return None
     nodes.append(mm)
     return nodes, dict(x=x, w=mm.input[1], b=bias, heads=n_heads, scale=scale, out=out_r.output[0])
 
 
-def _fuse_once(model) -> int:
+def _fuse_once(model) -> List[str]:
+    """Fuse every matching block in place; returns the fused blocks' output names."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -155,11 +167,12 @@ def _fuse_once(model) -> int:
             uses.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
     shapes = tensor_shapes(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     drop, new = set(), []
     for n in list(g.node):
         if n.op_type != "Softmax" or id(n) in drop:
             continue
-        m = _match(n, prod, uses, inits, consts, shapes, outputs)
+        m = _match(n, prod, uses, inits, consts, shapes, outputs, opset)
         if m is None:
             continue
         nodes, p = m
@@ -168,7 +181,7 @@ def _fuse_once(model) -> int:
                                     num_heads=p["heads"], scale=float(p["scale"]),
                                     name=f"jei_attention_{len(new)}"))
     if not new:
-        return 0
+        return []
     kept = [n for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(topological(kept + new))
@@ -176,7 +189,7 @@ def _fuse_once(model) -> int:
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     drop_dead(g)
     onnx.checker.check_model(model)
-    return len(new)
+    return [n.output[0] for n in new]
 
 
 def fuse_attention(model, check_batches=(1, 3)):
@@ -190,19 +203,31 @@ def fuse_attention(model, check_batches=(1, 3)):
         ``(model, FusionResult)``: the fused model when it checked out, else ``model`` unchanged.
     """
     import onnx
+    from onnx import TensorProto, helper
 
+    why = unsupported(model)
+    if why:
+        return model, FusionResult(0, why)
     feeds = graph_feeds(model, check_batches)
     if feeds is None:
         return model, FusionResult(0, "inputs not static apart from the batch")
     fused = onnx.ModelProto()
     fused.CopyFrom(model)
     try:
-        count = _fuse_once(fused)
+        blocks = _fuse_once(fused)
     except Exception as exc:  # noqa: BLE001 - an optimization: keep the exported graph
         return model, FusionResult(0, f"fusion failed ({type(exc).__name__}: {exc})"[:200])
-    if not count:
+    if not blocks:
         return model, FusionResult(0, "nothing to fuse")
-    why = compare_outputs(model, fused, feeds, rel_tol=1e-4)
+    # each block is checked at its own output too, not only where the graph's outputs are: a block
+    # whose output is scaled down before a residual add could otherwise hide a wrong rewrite
+    probes = []
+    for m in (model, fused):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(m)
+        probe.graph.output.extend(helper.make_tensor_value_info(b, TensorProto.FLOAT, None) for b in blocks)
+        probes.append(probe)
+    why = compare_outputs(probes[0], probes[1], feeds, rel_tol=1e-4)
     if why:
         return model, FusionResult(0, why)
-    return fused, FusionResult(count)
+    return fused, FusionResult(len(blocks))

@@ -102,6 +102,8 @@ def _binary(op: str, a, b):
             return a
         if op == "Equal":
             other = b if a == B else a
+            if other == B:
+                return True
             return False if other < 0 else None  # a batch size is never negative
         return None
     if op == "Div":
@@ -109,25 +111,25 @@ def _binary(op: str, a, b):
     return {"Add": a + b, "Sub": a - b, "Mul": a * b, "Equal": a == b}[op]
 
 
-def _broadcast(a: _Value, b: _Value, fn) -> Optional[_Value]:
-    if len(a.items) == 1 and len(b.items) > 1:
-        pairs = [(a.items[0], y) for y in b.items]
-        shape = b.shape
-    elif len(b.items) == 1:
-        pairs = [(x, b.items[0]) for x in a.items]
-        shape = a.shape
-    elif a.shape == b.shape:
-        pairs, shape = list(zip(a.items, b.items)), a.shape
-    else:
+def _broadcast(a: _Value, b: _Value, fn, dtype) -> Optional[_Value]:
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
         return None
+    n = int(np.prod(shape))
+    if len(a.items) not in (1, n) or len(b.items) not in (1, n):
+        return None
+    pairs = [(a.items[0] if len(a.items) == 1 else a.items[i], b.items[0] if len(b.items) == 1 else b.items[i])
+             for i in range(n)]
     items = [fn(x, y) for x, y in pairs]
-    dtype = np.bool_ if items and all(isinstance(v, bool) for v in items) else a.dtype
     return None if any(v is None for v in items) else _Value(shape, items, dtype)
 
 
 def _evaluate(node, vals: Dict[str, _Value], shapes: Dict[str, List], consts: Dict[str, np.ndarray]):
     """The symbolic value of ``node``'s first output, or None."""
     op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return None
     ins = [vals.get(n) if n else None for n in node.input]
     if op == "Shape":
         dims = shapes.get(node.input[0])
@@ -187,12 +189,12 @@ def _evaluate(node, vals: Dict[str, _Value], shapes: Dict[str, List], consts: Di
     if op in ("Add", "Sub", "Mul", "Div", "Equal"):
         if len(ins) != 2 or ins[1] is None:
             return None
-        return _broadcast(a, ins[1], lambda x, y: _binary(op, x, y))
+        return _broadcast(a, ins[1], lambda x, y: _binary(op, x, y), np.bool_ if op == "Equal" else a.dtype)
     if op == "Where":
         if len(ins) != 3 or any(v is None for v in ins):
             return None
         c, x, y = ins
-        if not (len(c.items) == len(x.items) == len(y.items)):
+        if not (c.shape == x.shape == y.shape) or x.dtype != y.dtype:
             return None
         return _Value(c.shape, [xi if ci else yi for ci, xi, yi in zip(c.items, x.items, y.items)], x.dtype)
     if op == "ConstantOfShape":
@@ -209,9 +211,17 @@ def _evaluate(node, vals: Dict[str, _Value], shapes: Dict[str, List], consts: Di
 
 
 def _sliced(a: _Value, start: int, end: int, step: int) -> Optional[_Value]:
+    """ONNX Slice on one axis: negative indices count from the end, then clamp ([0, n] for a
+    positive step, [0, n - 1] / [-1, n - 1] for a negative one; Python's slicing differs there)."""
     if step == 0:
         return None
-    idx = range(len(a.items))[slice(start, end, step)]
+    n = len(a.items)
+    start, end = (start + n if start < 0 else start), (end + n if end < 0 else end)
+    if step > 0:
+        start, end = min(max(start, 0), n), min(max(end, 0), n)
+    else:
+        start, end = min(max(start, 0), n - 1), min(max(end, -1), n - 1)
+    idx = range(start, end, step)
     return _Value((len(idx),), [a.items[i] for i in idx], a.dtype)
 
 
@@ -300,8 +310,10 @@ def _fold_round(model) -> bool:
                 elif node.op_type == "Reshape" and i == 1 and -1 not in v.items:
                     node.input[i] = constant(np.array([-1 if x == B else x for x in v.items], np.int64))
                 else:
+                    if produced_by[name].op_type == "Shape" or v.dtype != np.int64:
+                        continue  # already one node, or not a shape vector
                     bv = batch_vector()
-                    if bv is None or produced_by[name].op_type == "Shape" or v.dtype != np.int64:
+                    if bv is None:
                         continue
                     parts = []
                     if k:
@@ -427,6 +439,17 @@ def graph_feeds(model, batches: Sequence[int]) -> Optional[List[Dict[str, np.nda
     return out
 
 
+def unsupported(model) -> str:
+    """Why the graph passes leave ``model`` alone ("" when they may rewrite it): the batch symbol
+    stands for one tensor's batch, and dead-node removal does not look into subgraphs."""
+    inits = {t.name for t in model.graph.initializer}
+    if len([i for i in model.graph.input if i.name not in inits]) != 1:
+        return "not a single-input graph"
+    if any(a.type in (5, 10) for n in model.graph.node for a in n.attribute):  # GRAPH, GRAPHS
+        return "the graph has subgraphs (If / Loop / Scan)"
+    return ""
+
+
 def fold_static_shapes(model, check_batches: Sequence[int] = (1, 3)):
     """Fold ``model``'s batch-only shape arithmetic (see the module docstring).
 
@@ -443,6 +466,9 @@ def fold_static_shapes(model, check_batches: Sequence[int] = (1, 3)):
     before = len(model.graph.node)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         return model, FoldResult(before, before, "weights in external data")
+    why = unsupported(model)
+    if why:
+        return model, FoldResult(before, before, why)
     feeds = graph_feeds(model, check_batches)
     if feeds is None:
         return model, FoldResult(before, before, "inputs not static apart from the batch")

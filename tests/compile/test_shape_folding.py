@@ -274,3 +274,43 @@ def test_onnxruntime_without_the_contrib_kernel_gets_a_clear_hint(tmp_path):
     with pytest.raises(BundleError, match=r"stage 1 \('.*stage1.onnx'\) cannot be loaded") as err:
         create_session(path, OrtSettings(), "stage 1")
     assert "com.microsoft.Attention" in err.value.hint and "standard onnxruntime build" in err.value.hint
+
+
+def test_graphs_the_passes_leave_alone():
+    """Two inputs (the batch symbol would name two tensors' batches, which onnxruntime does not tie
+    together) and subgraphs (dead-node removal does not look inside them) are not rewritten."""
+    from jei_edge.compile.attention import fuse_attention
+
+    two = _reshape_graph((2, 12))
+    two.graph.input.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, [B, 4]))
+    for fn in (fold_static_shapes, fuse_attention):
+        out, result = fn(two)
+        assert out is two and result.kept_original == "not a single-input graph"
+    sub = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "body", [],
+                            [helper.make_tensor_value_info("z", TensorProto.FLOAT, [B, 4, 6])])
+    m = _reshape_graph((2, 12))
+    m.graph.node.append(helper.make_node("If", ["cond"], ["w"], then_branch=sub, else_branch=sub))
+    m.graph.initializer.append(helper.make_tensor("cond", TensorProto.BOOL, [], [True]))
+    out, result = fold_static_shapes(m)
+    assert out is m and "subgraphs" in result.kept_original
+
+
+def test_symbolic_rules_at_the_edges():
+    """Equal of the batch with itself; ONNX Slice clamping (not Python's) for a negative step."""
+    assert shapes._binary("Equal", B, B) is True
+    assert shapes._binary("Equal", B, -1) is False and shapes._binary("Equal", B, 3) is None
+    v = shapes._Value((5,), [10, 11, 12, 13, 14])
+    assert shapes._sliced(v, -10, -100, -1).items == [10]  # start clamps to 0 (Python: empty)
+    assert shapes._sliced(v, 1, 100, 2).items == [11, 13]
+    assert shapes._sliced(v, -1, -6, -2).items == [14, 12, 10]
+
+
+def test_attention_reshapes_must_keep_rows_and_tokens():
+    """A reshape into windows ([-1, 2, 3, H, D] with N = 4) is attention within windows, not the
+    block Attention computes: the matcher refuses it."""
+    from jei_edge.compile.attention import _rows_and_tokens
+
+    assert _rows_and_tokens(np.array([0, 17, 3, 4, 16]), 17)
+    assert _rows_and_tokens(np.array([-1, 0, 3, 4, 16]), 17)
+    assert not _rows_and_tokens(np.array([-1, 2, 3, 4, 16]), 4)
+    assert not _rows_and_tokens(np.array([0, -1, 3, -1, 16]), 17)
