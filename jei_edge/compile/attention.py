@@ -37,10 +37,6 @@ class FusionResult:
     kept_original: str = ""  # why the exported graph was kept ("" when the fused one is used)
 
 
-def _const(name: str, inits: Dict[str, np.ndarray], consts: Dict[str, np.ndarray]) -> Optional[np.ndarray]:
-    return inits.get(name, consts.get(name))
-
-
 def _rows_and_tokens(target, tokens) -> bool:
     """A reshape target's first two entries keep ``[B, N]`` (batch as 0 or -1, tokens as 0 or N),
     with at most one -1 in the target: not a reshape into windows or another token grouping."""
@@ -48,8 +44,9 @@ def _rows_and_tokens(target, tokens) -> bool:
     return t[0] in (0, -1) and (t[1] == 0 or t[1] == tokens) and t.count(-1) <= 1
 
 
-def _match(softmax, prod, uses, inits, consts, shapes, outputs, opset: int = 17):
-    """The nodes of one attention block around ``softmax`` and the Attention node's parameters, or None."""
+def _match(softmax, prod, uses, const, shapes, outputs, opset: int = 17):
+    """The nodes of one attention block around ``softmax`` and the Attention node's parameters, or None.
+    ``const(name)``: the array of an initializer or Constant node, else None."""
 
     def single(name: str) -> bool:  # an internal tensor: read by exactly one node, not a graph output
         return len(uses.get(name, [])) == 1 and name not in outputs
@@ -59,7 +56,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs, opset: int = 17)
         return n if n is not None and n.op_type == op else None
 
     def scalar(name: str) -> Optional[float]:
-        c = _const(name, inits, consts)
+        c = const(name)
         return float(c.reshape(())) if c is not None and c.size == 1 and c.dtype.kind == "f" else None
 
     axis = node_attr(softmax, "axis", None)
@@ -109,7 +106,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs, opset: int = 17)
     gathers = [node(t, "Gather") for t in (q, k, v)]
     if any(g is None or not single(g.output[0]) or node_attr(g, "axis", 0) != 0 for g in gathers):
         return None
-    idx = [_const(g.input[1], inits, consts) for g in gathers]
+    idx = [const(g.input[1]) for g in gathers]
     if any(i is None or i.size != 1 for i in idx) or [int(i.reshape(())) for i in idx] != [0, 1, 2]:
         return None
     source = {g.input[0] for g in gathers}
@@ -122,7 +119,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs, opset: int = 17)
     heads = node(split.input[0], "Reshape")
     if heads is None or not single(split.input[0]) or not single(heads.output[0]):
         return None
-    target = _const(heads.input[1], inits, consts)
+    target = const(heads.input[1])
     add = node(heads.input[0], "Add")
     if target is None or target.size != 5 or add is None or not single(add.output[0]):
         return None
@@ -131,7 +128,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs, opset: int = 17)
     if mm is None or not single(mm.output[0]):
         return None
     bias = next((i for i in add.input if i != mm.output[0]), None)
-    w, b = _const(mm.input[1], inits, consts), _const(bias, inits, consts) if bias else None
+    w, b = const(mm.input[1]), const(bias) if bias else None
     x = mm.input[0]
     dims = shapes.get(x)
     if w is None or b is None or w.ndim != 2 or b.ndim != 1 or dims is None or len(dims) != 3 or \
@@ -142,7 +139,7 @@ def _match(softmax, prod, uses, inits, consts, shapes, outputs, opset: int = 17)
     if w.shape[1] != 3 * c or b.shape[0] != 3 * c or int(target[2]) != 3 or n_heads * head != c or dims[2] != c \
             or not isinstance(dims[1], int) or not _rows_and_tokens(target, dims[1]) or scale == 0:
         return None
-    out_target = _const(out_r.input[1], inits, consts)
+    out_target = const(out_r.input[1])
     if out_target is None or out_target.size != 3 or int(out_target[2]) not in (c, -1) \
             or not _rows_and_tokens(out_target, dims[1]):
         return None
@@ -156,10 +153,14 @@ def _fuse_once(model) -> List[str]:
     from onnx import helper, numpy_helper
 
     g = model.graph
-    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer
-             if t.data_type in (1, 6, 7) and int(np.prod(t.dims)) > 0}
-    consts = {n.output[0]: numpy_helper.to_array(node_attr(n, "value")) for n in g.node
-              if n.op_type == "Constant" and node_attr(n, "value") is not None}
+    # weights are converted when a match reads them, not all up front (a ViT-S/16 graph holds ~88 MB)
+    tensors = {t.name: t for t in g.initializer if t.data_type in (1, 6, 7)}
+    tensors.update({n.output[0]: node_attr(n, "value") for n in g.node
+                    if n.op_type == "Constant" and node_attr(n, "value") is not None})
+
+    def const(name: str) -> Optional[np.ndarray]:
+        t = tensors.get(name)
+        return numpy_helper.to_array(t) if t is not None else None
     prod = {o: n for n in g.node for o in n.output}
     uses: Dict[str, List] = {}
     for n in g.node:
@@ -172,7 +173,7 @@ def _fuse_once(model) -> List[str]:
     for n in list(g.node):
         if n.op_type != "Softmax" or id(n) in drop:
             continue
-        m = _match(n, prod, uses, inits, consts, shapes, outputs, opset)
+        m = _match(n, prod, uses, const, shapes, outputs, opset)
         if m is None:
             continue
         nodes, p = m

@@ -65,7 +65,8 @@ def _graph_passes(path: Path, fuse_attention: bool) -> GraphPasses:
     from jei_edge.compile.attention import fuse_attention as fuse
     from jei_edge.compile.shapes import fold_static_shapes
 
-    exported = onnx.load(str(path))
+    # a graph with external data (> 2 GiB) stays as exported: the passes would rewrite it inline
+    exported = onnx.load(str(path), load_external_data=False)
     model, fold = fold_static_shapes(exported)
     attention = None
     if fuse_attention:

@@ -125,8 +125,13 @@ def _broadcast(a: _Value, b: _Value, fn, dtype) -> Optional[_Value]:
     return None if any(v is None for v in items) else _Value(shape, items, dtype)
 
 
-def _evaluate(node, vals: Dict[str, _Value], shapes: Dict[str, List], consts: Dict[str, np.ndarray]):
+def _evaluate(node, vals: Dict[str, _Value], shapes: Dict[str, List]):
     """The symbolic value of ``node``'s first output, or None."""
+
+    def const(name: str) -> Optional[np.ndarray]:  # a fully known input as an array
+        v = vals.get(name)
+        return v.array() if v is not None and v.known else None
+
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
         return None
@@ -154,19 +159,19 @@ def _evaluate(node, vals: Dict[str, _Value], shapes: Dict[str, List], consts: Di
             return _Value(a.shape, a.items, to)
         return a
     if op == "Gather":
-        idx = consts.get(node.input[1])
+        idx = const(node.input[1])
         if node_attr(node, "axis", 0) != 0 or len(a.shape) != 1 or idx is None or idx.ndim > 1:
             return None
         n = len(a.items)
         picked = [a.items[int(i) + n if int(i) < 0 else int(i)] for i in np.ravel(idx)]
         return _Value(idx.shape, picked, a.dtype)
     if op == "Unsqueeze":
-        axes = consts.get(node.input[1]) if len(node.input) > 1 else None
+        axes = const(node.input[1]) if len(node.input) > 1 else None
         if len(a.shape) != 0 or axes is None or [int(v) for v in np.ravel(axes)] not in ([0], [-1]):
             return None
         return _Value((1,), a.items, a.dtype)
     if op == "Reshape":  # of a shape vector, to one dimension
-        to = consts.get(node.input[1])
+        to = const(node.input[1])
         if len(a.shape) > 1 or to is None or [int(v) for v in np.ravel(to)] not in ([-1], [len(a.items)]):
             return None
         return _Value((len(a.items),), a.items, a.dtype)
@@ -179,7 +184,7 @@ def _evaluate(node, vals: Dict[str, _Value], shapes: Dict[str, List], consts: Di
             return None
         return _Value((sum(len(v.items) for v in ins),), [x for v in ins for x in v.items], a.dtype)
     if op == "Slice":
-        s = [consts.get(n) for n in node.input[1:]]
+        s = [const(n) for n in node.input[1:]]
         if len(a.shape) != 1 or any(v is None for v in s[:2]):
             return None
         if len(s) > 2 and s[2] is not None and [int(v) for v in np.ravel(s[2])] != [0]:
@@ -232,24 +237,19 @@ def _fold_round(model) -> bool:
 
     g = model.graph
     shapes = tensor_shapes(model)
-    consts: Dict[str, np.ndarray] = {}
     vals: Dict[str, _Value] = {}
     for t in g.initializer:
         if t.data_type in (6, 7, 9) and int(np.prod(t.dims)) <= _MAX_VALUE:
-            arr = numpy_helper.to_array(t)
-            consts[t.name] = arr
-            v = _const_value(arr)
+            v = _const_value(numpy_helper.to_array(t))
             if v is not None:
                 vals[t.name] = v
     produced_by: Dict[str, object] = {}
     for node in g.node:
         for o in node.output:
             produced_by[o] = node
-        v = _evaluate(node, vals, shapes, consts)
+        v = _evaluate(node, vals, shapes)
         if v is not None and len(node.output) == 1:
             vals[node.output[0]] = v
-            if v.known and len(v.shape) <= 1:
-                consts[node.output[0]] = v.array()
 
     graph_input = g.input[0].name
     batch_dims = shapes.get(graph_input)
@@ -293,7 +293,7 @@ def _fold_round(model) -> bool:
             continue  # part of the arithmetic itself: unused once its consumers are rewired
         for i, name in enumerate(node.input):
             v = vals.get(name)
-            if v is None or name in consts and produced_by.get(name) is None:
+            if v is None or produced_by.get(name) is None:
                 continue  # not computed, or already an initializer
             if produced_by.get(name) is not None and produced_by[name].op_type == "Constant" \
                     or name.startswith("jei_shape_vec"):
@@ -364,24 +364,20 @@ def topological(nodes: List) -> List:
 
 
 def drop_dead(g) -> int:
-    """Remove nodes none of whose outputs is used, then unused initializers. Returns nodes removed."""
-    keep_outputs = {o.name for o in g.output}
+    """Remove nodes none of whose outputs is used, then unused initializers. Returns nodes removed.
+    For graphs without subgraphs (``unsupported`` keeps the passes off the others)."""
+    keep = {o.name for o in g.output}
     removed = 0
     while True:
-        used = set(keep_outputs)
-        for node in g.node:
-            used.update(n for n in node.input if n)
-            for a in node.attribute:  # subgraphs (If/Loop) read outer names
-                for sub in list(a.g.node if a.HasField("g") else []) + [n for gg in a.graphs for n in gg.node]:
-                    used.update(n for n in sub.input if n)
+        used = keep | {n for node in g.node for n in node.input if n}
         dead = [n for n in g.node if not any(o in used for o in n.output if o)]
         if not dead:
             break
         for n in dead:
             g.node.remove(n)
         removed += len(dead)
-    used = {n for node in g.node for n in node.input}
-    for t in [t for t in g.initializer if t.name not in used and t.name not in {i.name for i in g.input}]:
+    used = {n for node in g.node for n in node.input} | {i.name for i in g.input}
+    for t in [t for t in g.initializer if t.name not in used]:
         g.initializer.remove(t)
     return removed
 
@@ -441,7 +437,12 @@ def graph_feeds(model, batches: Sequence[int]) -> Optional[List[Dict[str, np.nda
 
 def unsupported(model) -> str:
     """Why the graph passes leave ``model`` alone ("" when they may rewrite it): the batch symbol
-    stands for one tensor's batch, and dead-node removal does not look into subgraphs."""
+    stands for one tensor's batch, dead-node removal does not look into subgraphs, and a graph
+    with external data (loaded without it) is not rewritten inline."""
+    import onnx
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return "weights in external data"
     inits = {t.name for t in model.graph.initializer}
     if len([i for i in model.graph.input if i.name not in inits]) != 1:
         return "not a single-input graph"
@@ -464,8 +465,6 @@ def fold_static_shapes(model, check_batches: Sequence[int] = (1, 3)):
     import onnx
 
     before = len(model.graph.node)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return model, FoldResult(before, before, "weights in external data")
     why = unsupported(model)
     if why:
         return model, FoldResult(before, before, why)

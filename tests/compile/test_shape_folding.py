@@ -314,3 +314,20 @@ def test_attention_reshapes_must_keep_rows_and_tokens():
     assert _rows_and_tokens(np.array([-1, 0, 3, 4, 16]), 17)
     assert not _rows_and_tokens(np.array([-1, 2, 3, 4, 16]), 4)
     assert not _rows_and_tokens(np.array([0, -1, 3, -1, 16]), 17)
+
+
+def test_a_graph_with_external_data_stays_as_exported(tmp_path):
+    """A graph whose weights live in external data (> 2 GiB models) is not rewritten: the passes
+    would write it back with its weights inline."""
+    from jei_edge.compile.export import _graph_passes
+
+    m = _reshape_graph((2, 12))
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "w"))
+    m.graph.node.append(helper.make_node("Identity", ["w"], ["w_copy"]))
+    m.graph.output.append(helper.make_tensor_value_info("w_copy", TensorProto.FLOAT, [64, 64]))
+    path = tmp_path / "stage0.onnx"
+    onnx.save(m, str(path), save_as_external_data=True, location="stage0.data", size_threshold=0)
+    before = path.read_bytes()
+    done = _graph_passes(path, fuse_attention=True)
+    assert done.fold.kept_original == done.attention.kept_original == "weights in external data"
+    assert path.read_bytes() == before
