@@ -114,9 +114,10 @@ def bench_parser(doc: str, out_name: str):
     return p
 
 
-def compare_families(args, command: str, bundle_b, spread: bool = False) -> dict:
+def compare_families(args, command: str, bundle_b, spread: bool = False, bundle_a=None) -> dict:
     """For each family of ``realized_speedup.py``'s benchmark models and each batch size: bundle
-    A = the model's FP32 bundle with a stage per exit, bundle B = ``bundle_b(family, batch, data)``
+    A = the model's FP32 bundle with a stage per exit (or ``bundle_a(family, data)``, same form as
+    B's), bundle B = ``bundle_b(family, batch, data)``
     -> ``(file name in --work, BuildOptions, what)``, built from the model unless it exists;
     ``args.processes`` fresh processes of ``compare``, merged (the large declared models: one
     process, ``realized_speedup.LARGE``'s sample counts and repeats, ``--large-repeats`` overrides).
@@ -142,7 +143,12 @@ def compare_families(args, command: str, bundle_b, spread: bool = False) -> dict
                "repeats": args.repeats, "processes": args.processes, "families": {}}
     for fam in args.families.split(","):
         model = rs.ensure_model(fam, work, log)
-        a = rs.ensure_bundle(model, log)
+        data = rs.MODELS[fam].get("data", rs.DATA)
+        if bundle_a is None:
+            a = rs.ensure_bundle(model, log)
+        else:
+            name_a, options_a, what_a = bundle_a(fam, data)
+            a = cached_build(model, work / name_a, options_a, log, what_a)
         inputs = rs.test_inputs(model, work)
         declared = bool(rs.MODELS[fam].get("declared"))  # untrained: its declared offsets give the exit mix
         offsets = rs.spread_offsets(model, force=declared) if declared or spread else None
@@ -155,7 +161,7 @@ def compare_families(args, command: str, bundle_b, spread: bool = False) -> dict
             f"{processes} process(es)")
         fam_out = {}
         for bsz in (int(v) for v in args.batches.split(",")):
-            name, options, what = bundle_b(fam, bsz, rs.MODELS[fam].get("data", rs.DATA))
+            name, options, what = bundle_b(fam, bsz, data)
             b = cached_build(model, work / name, options, log, what)
             n = large.get("n1", args.n1) if bsz == 1 else large.get("rows", args.n64)
             runs = [child(a, b, inputs, bsz, n, repeats, offsets) for _ in range(processes)]
@@ -174,7 +180,7 @@ def compare_families(args, command: str, bundle_b, spread: bool = False) -> dict
     return results
 
 
-def run_comparison(doc: str, script: str, bundle_b, argv=None, spread: bool = False):
+def run_comparison(doc: str, script: str, bundle_b, argv=None, spread: bool = False, bundle_a=None):
     """A two-bundle benchmark's command line and measurements: ``(args, compare_families(...))``;
     the results' ``command`` is the script with every argument given."""
     import shlex
@@ -182,7 +188,8 @@ def run_comparison(doc: str, script: str, bundle_b, argv=None, spread: bool = Fa
     name = Path(script).stem
     argv = sys.argv[1:] if argv is None else list(argv)
     args = bench_parser(doc, f"{name}.json").parse_args(argv)
-    return args, compare_families(args, shlex.join(["python", f"benchmarks/{name}.py", *argv]), bundle_b, spread)
+    return args, compare_families(args, shlex.join(["python", f"benchmarks/{name}.py", *argv]), bundle_b, spread,
+                                  bundle_a)
 
 
 def cached_build(model, path: Path, options, log, what: str) -> Path:

@@ -27,7 +27,8 @@ keeping the fewest stages FP32 that hold it, ``--int8-fallback auto``; another f
 the build's recipe (default ``default``; another one builds ``FAMILY_int8_NAME.jei``), e.g.
 ``stem`` (calibration/stem.toml) to quantize the stem too.
 
-Results: ``benchmarks/results/int8_speedup.json`` and ``.md``.
+Results: ``benchmarks/results/int8_speedup.json`` and ``.md``; ``--render RESULTS.json`` writes a
+results file's ``.md`` again (after a change to the table) without timing anything.
 """
 
 from __future__ import annotations
@@ -40,17 +41,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_bundles import run_comparison, write_results  # noqa: E402
 
 
+def gain_parts(m) -> dict:
+    """The gain ratio's parts: INT8's gain (FP32 time / INT8 time, ratio of the two medians) on the
+    exit pass, in full mode and on the exit pass's own stage runs, each over the plain graph's gain.
+    "Stage runs" is the ideal of the efficiency figure (each stage on the rows that reach it, none
+    of the runtime's work between them; ideal = efficiency x exit time): below 1 it is the stage
+    graphs and the exit mix, not the runtime; full mode runs every stage on every row, so the gap
+    between full mode and stage runs is the exit mix (early stages weighing more)."""
+    a, b = m["a"], m["b"]
+    plain = a["plain_ms_per_sample"] / b["plain_ms_per_sample"]
+    ideal = (a["efficiency"] * a["exit_ms_per_sample"]) / (b["efficiency"] * b["exit_ms_per_sample"])
+    return {"exit": a["exit_ms_per_sample"] / b["exit_ms_per_sample"] / plain,
+            "full": a["full_ms_per_sample"] / b["full_ms_per_sample"] / plain, "stage_runs": ideal / plain}
+
+
 def main(argv=None) -> int:
     import argparse
 
     from jei_edge.compile import BuildOptions
-    from jei_edge.profile import format_interval
 
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--edges", choices=("auto", "int8", "fp32"), default="auto")
     own.add_argument("--min-agreement", type=float, default=0.95)
     own.add_argument("--calibration", default="default")
+    own.add_argument("--render", metavar="RESULTS.json",
+                     help="write RESULTS.md again from a results file of this benchmark (no timing)")
     opts, argv = own.parse_known_args(argv)
+    if opts.render:
+        results = json.loads(Path(opts.render).read_text())
+        render(results, opts.render)
+        return 0
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(opts).items() if v != own.get_default(k))
     suffix = ("" if opts.edges == "auto" else f"_{opts.edges}edges") \
         + ("" if opts.calibration == "default" else f"_{Path(opts.calibration).stem}") \
@@ -65,8 +85,16 @@ def main(argv=None) -> int:
     args, results = run_comparison(__doc__, __file__, int8, argv, spread=True)
     results["command"] = results["command"].replace(".py", ".py" + flags, 1)
     results["edges"] = opts.edges
+    render(results, args.out)
+    return 0
+
+
+def render(results: dict, out: str) -> None:
+    """The results' table and notes, written with the results to ``out`` (.json) and its .md."""
+    from jei_edge.profile import format_interval
+
     lines = ["# INT8 vs FP32 (CPU, onnxruntime)", "",
-             f"Machine: {results['machine']}. Command: `{results['command']}` (INT8 stage edges: {opts.edges}). "
+             f"Machine: {results['machine']}. Command: `{results['command']}` (INT8 stage edges: {results['edges']}). "
              f"Medians over repeats (per family below) in each of the family's processes (median across them); "
              f"the two bundles alternate within each repeat. Load average (1/5/15 min) before / after: "
              f"{results['load_before']} / {results['load_after']}. Threshold offsets: `realized_speedup.spread_offsets` "
@@ -74,15 +102,21 @@ def main(argv=None) -> int:
              f"declared models: their declared offsets); the exit histograms are of the timed rows. "
              f"Per-repeat gain ratio: (FP32/INT8 exit-mode time) / (FP32/INT8 plain time) within each repeat, its "
              f"median and distribution-free confidence interval over every repeat of every process "
-             f"(`jei_edge.profile.median_ci`).", "",
+             f"(`jei_edge.profile.median_ci`). Its parts (`gain_parts`): INT8's gain over the plain graph's as "
+             f"ratios of the medians, for the exit pass, full mode and the exit pass's own stage runs (the ideal: "
+             f"no runtime work between them); stage runs below 1 is the stage graphs and the exit mix, not the "
+             f"runtime.", "",
              "| family | batch | INT8 / FP32 speed (exit mode) | (full mode) | (plain backbone) | accuracy FP32 -> INT8 | "
              "exit histogram FP32 / INT8 | exit agreement | INT8 efficiency | INT8 vs plain INT8 | "
              "theoretical vs plain (MACs, INT8 exits) | INT8 measured / theoretical (goal >= 0.9) | "
-             "staged INT8 gain / plain INT8 gain (goal >= 0.9) | per-repeat gain ratio [CI] |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "staged INT8 gain / plain INT8 gain (goal >= 0.9) | per-repeat gain ratio [CI] | "
+             "parts, ratios of medians: exit pass / full mode / stage runs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for fam, fo in results["families"].items():
-        for key, m in fo.items():
+        batches = {k: m for k, m in fo.items() if k.startswith("batch_")}
+        for key, m in batches.items():
+            parts = gain_parts(m)
             lines.append(
                 f"| {fam} | {key[6:]} | {m['b_speedup_over_a_exit']:.2f}x | {m['b_speedup_over_a_full']:.2f}x | "
                 f"{m['b_speedup_over_a_plain']:.2f}x | {100 * m['a'].get('accuracy', 0):.1f}% -> "
@@ -91,8 +125,9 @@ def main(argv=None) -> int:
                 f"{m['b']['theoretical_speedup_vs_plain']:.2f}x | {m['b']['speedup_vs_plain_over_theory']:.2f} | "
                 f"{m['b_speedup_over_a_exit'] / m['b_speedup_over_a_plain']:.2f} "
                 f"({'met' if m['b_speedup_over_a_exit'] >= 0.9 * m['b_speedup_over_a_plain'] else 'NOT met'}) | "
-                f"{m['exit_gain_over_plain_gain_ci']['median']:.2f} {format_interval(m['exit_gain_over_plain_gain_ci'], 2)} |")
-        report = json.loads((Path(next(iter(fo.values()))["b_bundle"]) / "report.json").read_text())
+                f"{m['exit_gain_over_plain_gain_ci']['median']:.2f} {format_interval(m['exit_gain_over_plain_gain_ci'], 2)} | "
+                f"{parts['exit']:.2f} / {parts['full']:.2f} / {parts['stage_runs']:.2f} |")
+        report = json.loads((Path(next(iter(batches.values()))["b_bundle"]) / "report.json").read_text())
         d, q = report["decisions"], report["quantization"]
         fo["build"] = {"decision_agreement_vs_fp32_model": d["agreement"], "prediction_agreement_vs_fp32_model":
                        d["prediction_agreement"], "parity_inputs": d["samples"], "recipe": q["recipe"],
@@ -120,8 +155,7 @@ def main(argv=None) -> int:
         notes.append(f"  - timing: {lim['repeats']} repeats x {lim['processes']} process(es), {lim['n1']} samples at "
                      f"batch 1, {lim['n64']} rows at batch 64; offsets "
                      f"{'0' if offs is None else [round(v, 3) for v in offs]}")
-    write_results(results, args.out, lines + [""] + notes)
-    return 0
+    write_results(results, out, lines + [""] + notes)
 
 
 if __name__ == "__main__":

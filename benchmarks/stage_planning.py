@@ -13,6 +13,9 @@ plan, from the bundle's manifest) beside the measured one.
     python benchmarks/stage_planning.py                 # ~10 min with the models already trained
     python benchmarks/stage_planning.py --quick
 
+``--precision int8 [--min-agreement F]``: both bundles INT8 (the per-exit one shared with
+``int8_speedup.py``), the plan timed on INT8 candidates (``jei-edge build --plan auto --precision int8``).
+
 Results: ``benchmarks/results/stage_planning.json`` and ``.md``.
 """
 
@@ -30,12 +33,31 @@ def main(argv=None) -> int:
     from jei_edge.compile import BuildOptions
     from jei_edge.profile import format_interval
 
-    def planned(fam, bsz, data):
-        return (f"{fam}_auto_b{bsz}.jei", BuildOptions(plan="auto", plan_batch=bsz, data=data, force=True),
-                f"--plan auto at batch {bsz}")
+    import argparse
 
-    args, results = run_comparison(__doc__, __file__, planned, argv)
-    lines = ["# Stage planning (CPU, onnxruntime): a stage per exit vs `--plan auto`", "",
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    own.add_argument("--min-agreement", type=float, default=0.95)
+    opts, rest = own.parse_known_args(argv)
+    # INT8: both bundles INT8 (A named as int8_speedup.py names it, so its bundles are shared)
+    int8 = opts.precision == "int8"
+    suffix = "" if opts.min_agreement == own.get_default("min_agreement") else f"_floor{opts.min_agreement:g}"
+    extra = dict(precision="int8", min_agreement=opts.min_agreement) if int8 else {}
+
+    def every(fam, data):
+        return (f"{fam}_int8{suffix}.jei", BuildOptions(data=data, force=True, **extra), "--precision int8")
+
+    def planned(fam, bsz, data):
+        name = f"{fam}_int8{suffix}_auto_b{bsz}.jei" if int8 else f"{fam}_auto_b{bsz}.jei"
+        return (name, BuildOptions(plan="auto", plan_batch=bsz, data=data, force=True, **extra),
+                f"--plan auto at batch {bsz}" + (" --precision int8" if int8 else ""))
+
+    args, results = run_comparison(__doc__, __file__, planned, rest, bundle_a=every if int8 else None)
+    if int8:
+        results["command"] = results["command"].replace(".py", ".py --precision int8" + (
+            f" --min-agreement {opts.min_agreement:g}" if suffix else ""), 1)
+    lines = [f"# Stage planning (CPU, onnxruntime{', INT8 bundles' if int8 else ''}): a stage per exit vs "
+             "`--plan auto`", "",
              f"Machine: {results['machine']}. Command: `{results['command']}`. Medians over {results['repeats']} repeats "
              f"in each of {results['processes']} processes; passes of the two bundles alternate within a repeat.", "",
              "[CI]: distribution-free confidence interval of the measured median ratio (every repeat of every "

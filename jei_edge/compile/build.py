@@ -264,8 +264,18 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     opts, model, ckpt = job.options, job.model, job.ckpt
     seconds: Dict[str, float] = {}
     t = time.perf_counter()
+    x_calib = calibration_inputs(ckpt, job.recipe, opts.data, opts.seed, job.real) if job.recipe is not None else None
+    # None: the edges that save work, on onnxruntime targets (the CUDA executors keep float hidden states)
+    edges = {True: "all", False: "none"}.get(opts.quantized_edges,
+                                             "auto" if job.target.backend == "onnxruntime" else "none")
+    quantize = None
+    if x_calib is not None and (opts.plan or "").strip() == "auto":  # an INT8 bundle is planned on INT8 candidates
+        from jei_edge.compile.quantize import CandidateQuantizer
+
+        quantize = CandidateQuantizer(model, x_calib, ckpt["costs"], job.recipe, edges)
     groups, plan_report = choose_groups(model, opts.plan, opts.plan_batch, job.real.x, root / ".planning",
-                                        job.ort_options, job.opset, progress, fuse_attention=_fuses_attention(job))
+                                        job.ort_options, job.opset, progress, fuse_attention=_fuses_attention(job),
+                                        quantize=quantize)
     plans = plan_stages(model, ckpt["costs"], groups)
     seconds["plan"] = time.perf_counter() - t
 
@@ -285,10 +295,6 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     if job.recipe is not None:
         from jei_edge.compile.quantize import quantize_bundle_graphs
 
-        x_calib = calibration_inputs(ckpt, job.recipe, opts.data, opts.seed, job.real)
-        # None: the edges that save work, on onnxruntime targets (the CUDA executors keep float hidden states)
-        edges = {True: "all", False: "none"}.get(opts.quantized_edges,
-                                                 "auto" if job.target.backend == "onnxruntime" else "none")
         # engine targets too: the search runs their (symmetric) Q/DQ graphs in onnxruntime, as
         # verify does, and a stage kept FP32 gets an FP32 engine (lower.stage_precision)
         fallback = float(opts.min_agreement) if opts.int8_fallback == "auto" else None

@@ -42,10 +42,16 @@ PIPELINE_ROWS = 256  # real rows each pipeline runs per timing round (at least o
 
 class Candidates:
     """Every candidate stage ``a..b`` exported and loaded in onnxruntime (``settings``), with the
-    input rows that reach it (``batch`` rows of ``x``, hidden states from the unmerged stages)."""
+    input rows that reach it (``batch`` rows of ``x``, hidden states from the unmerged stages).
+
+    ``quantize`` (``jei_edge.compile.quantize.CandidateQuantizer``): the candidates become the
+    build's INT8 graphs with its stage edges (``graph``, then ``edges_of`` over all of them; the
+    rows entering exit ``a`` then cross as ``edge_rows(a, x)``), so an INT8 bundle is planned on
+    the stage and boundary times it will have."""
 
     def __init__(self, model, x: np.ndarray, work: Path, settings, opset: int, batch: int = 1,
-                 progress: Optional[Callable[[str], None]] = None, fuse_attention: bool = False):
+                 progress: Optional[Callable[[str], None]] = None, fuse_attention: bool = False,
+                 quantize=None):
         import torch
 
         from jei_edge.backends.onnxruntime.executor import create_session
@@ -63,11 +69,12 @@ class Candidates:
             for k in range(n_exits - 1):
                 h = model.stage(k)(h)[0]
                 inputs.append(np.ascontiguousarray(h.numpy()))
-        self.inputs = inputs
         self.sessions: Dict[Tuple[int, int], tuple] = {}
+        paths: Dict[Tuple[int, int], Path] = {}
         for a in range(n_exits):
             if progress:
-                progress(f"planning: exporting the stages that start at exit {a} ({n_exits - a} candidates)")
+                progress(f"planning: exporting{' and quantizing' if quantize else ''} the stages that start at "
+                         f"exit {a} ({n_exits - a} candidates)")
             for b in range(a, n_exits):
                 module = model.stage(a, last_exit=b).eval()
                 # the candidate's I/O names as the compiler would give it (index a: "x" iff it starts at exit 0)
@@ -76,9 +83,17 @@ class Candidates:
                 with torch.no_grad():
                     _export(module, torch.from_numpy(inputs[a][:2].copy()), path, plan.input_name, plan.output_names,
                             opset, f"candidate stage {a}..{b}", fuse_attention)
-                sess = create_session(path, settings, f"candidate stage {a}..{b}")
-                self.sessions[(a, b)] = (sess, {sess.get_inputs()[0].name: inputs[a][:batch]})
-                path.unlink()
+                if quantize is not None:
+                    quantize.graph(path, a, plan.input_name)
+                paths[(a, b)] = path
+        if quantize is not None:
+            quantize.edges_of(paths)
+            inputs = [quantize.edge_rows(a, x) for a, x in enumerate(inputs)]
+        self.inputs = inputs
+        for (a, b), path in paths.items():
+            sess = create_session(path, settings, f"candidate stage {a}..{b}")
+            self.sessions[(a, b)] = (sess, {sess.get_inputs()[0].name: inputs[a][:batch]})
+            path.unlink()
 
     def time_spans(self, repeats: int = 30, pipeline: Optional["Pipeline"] = None,
                    progress: Optional[Callable[[str], None]] = None):
@@ -201,15 +216,17 @@ def expected_seconds(groups, reach: np.ndarray, times: Dict[Tuple[int, int], flo
 
 
 def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, batch: int = 1,
-                progress: Optional[Callable[[str], None]] = None, fuse_attention: bool = False):
-    """Measure and choose (see the module docstring). Returns ``(groups, report)``."""
+                progress: Optional[Callable[[str], None]] = None, fuse_attention: bool = False,
+                quantize=None):
+    """Measure and choose (see the module docstring; ``quantize``: see ``Candidates``). Returns
+    ``(groups, report)``."""
     from jei_edge.model.jei import exit_decisions
     from jei_edge.profile.measure import median_ci, ratios
 
     n = len(model.stage_ranges())
     reach = exit_decisions(model, x_real).reach(n)
     cands = Candidates(model, x_real, work, settings, opset, batch=batch, progress=progress,
-                       fuse_attention=fuse_attention)
+                       fuse_attention=fuse_attention, quantize=quantize)
     every = [(i,) for i in range(n)]
     every_pipe = cands.pipeline(every, x_real)
     times, piped = cands.time_spans(pipeline=every_pipe, progress=progress)
@@ -238,6 +255,8 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
 
     report = {
         "mode": "auto", "batch": int(batch), "boundary_us": round(float(b_s * 1e6), 3), "samples": int(len(x_real)),
+        # what the candidates were timed as: the bundle's precision (INT8: the build's recipe, float edges)
+        "timed_as": quantize.description if quantize is not None else "fp32",
         "boundary": "measured (stage-per-exit pipeline vs its stages timed alone)",
         "reach": [round(float(r), 6) for r in reach],
         "span_ms": {f"{a}-{b}": round(1e3 * t, 4) for (a, b), t in sorted(times.items())},  # per run of `batch` rows
@@ -258,7 +277,8 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
 
 
 def choose_groups(model, plan: str, plan_batch: int, x_real: Optional[np.ndarray], work: Path, backend_options: Dict,
-                  opset: int, progress: Optional[Callable[[str], None]] = None, fuse_attention: bool = False):
+                  opset: int, progress: Optional[Callable[[str], None]] = None, fuse_attention: bool = False,
+                  quantize=None):
     """The exit groups of ``--plan`` (None = one stage per exit) and the plan's report.
 
     Args:
@@ -271,6 +291,8 @@ def choose_groups(model, plan: str, plan_batch: int, x_real: Optional[np.ndarray
         opset: ONNX opset.
         progress: message callback.
         fuse_attention: time candidates with their attention blocks fused, as the build exports them.
+        quantize: time candidates as INT8 graphs (``Candidates``; an INT8 build passes its
+            ``CandidateQuantizer``).
     """
     import shutil
 
@@ -293,7 +315,8 @@ def choose_groups(model, plan: str, plan_batch: int, x_real: Optional[np.ndarray
     work.mkdir()
     try:
         groups, report = auto_groups(model, x_real, work, OrtSettings.from_options(backend_options), opset,
-                                     batch=plan_batch, progress=progress, fuse_attention=fuse_attention)
+                                     batch=plan_batch, progress=progress, fuse_attention=fuse_attention,
+                                     quantize=quantize)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if progress:

@@ -59,7 +59,7 @@ import numpy as np
 
 from jei_edge._data import data_dir, is_file_name
 from jei_edge._io import shorten
-from jei_edge.bundle.manifest import QUANTIZED, Graph, Stage
+from jei_edge.bundle.manifest import QUANTIZED, Graph, Stage, TensorSpec
 from jei_edge.errors import BuildError, InputError
 
 MIN_ROWS = 16  # fewer reaching rows than this: calibrate the stage on every calibration row
@@ -406,6 +406,54 @@ def quantize_bundle_graphs(model, plans, stages: Sequence[Stage], plain: Graph, 
     return stages, report
 
 
+class CandidateQuantizer:
+    """The INT8 form of ``--plan auto``'s candidate stages (``jei_edge.compile.planning.Candidates``),
+    so that an INT8 bundle is planned on the stage times it will have: each candidate quantized
+    with the build's recipe, calibrated exit-aware (on the rows reaching its first exit, as the
+    build's own stages; ``rows`` of them, since only the graph's speed is used), and its stage
+    edges written as the build writes them (``edges``: ``auto``, ``all`` or ``none``, module
+    docstring): a CNN's candidates then read and write uint8 channels-last hidden states, whose
+    boundaries cost much less than float ones."""
+
+    def __init__(self, model, x_calib: np.ndarray, costs: Dict, recipe: Recipe, edges: str, rows: int = 64):
+        from jei_edge.compile.plan import plan_stages
+
+        self.recipe, self.edges = recipe, edges
+        inputs, _, _ = stage_inputs(model, x_calib[:4 * rows], plan_stages(model, costs))
+        self.calib = [np.ascontiguousarray(x[:rows]) for x in inputs]
+        self.specs: Dict[int, TensorSpec] = {}
+        self.description = f"int8 (recipe '{recipe.name}', {edges} quantized stage edges)"
+
+    def graph(self, path: Path, a: int, input_name: str) -> None:
+        """Candidate ``a..`` at ``path`` (exported FP32) becomes its INT8 graph, in place."""
+        q = path.with_name(path.stem + ".int8.onnx")
+        quantize_graph(path, q, input_name, self.calib[a], self.recipe)
+        q.replace(path)
+
+    def edges_of(self, paths: Dict[Tuple[int, int], Path]) -> None:
+        """Rewrite every candidate's stage edges in place (``paths[(a, b)]``: the INT8 candidates;
+        each edge's parameters are those of the candidates starting at the exit it enters, which
+        all quantize that input alike: same rows, same tensor)."""
+        if self.edges == "none":
+            return
+        n = 1 + max(b for _, b in paths)
+        for e in range(1, n):
+            spec = edge_spec(paths[(e, e)], "hidden_in", self.calib[e], self.recipe.activations,
+                             self.edges == "all", tuple(self.calib[e].shape[1:]))
+            if spec is not None:
+                self.specs[e] = spec
+        for (a, b), path in paths.items():
+            if a in self.specs:
+                rewrite_edge(self.specs[a], None, "", path, "hidden_in")
+            if b + 1 in self.specs:
+                rewrite_edge(self.specs[b + 1], path, "hidden_out", None, "")
+
+    def edge_rows(self, a: int, x: np.ndarray) -> np.ndarray:
+        """FP32 hidden rows entering exit ``a`` as the candidates starting there read them."""
+        spec = self.specs.get(a)
+        return x if spec is None else quantize_rows(x, spec)
+
+
 def _quantize_in_place(path: Path, input_name: str, calib: np.ndarray, recipe: Recipe) -> Dict:
     q = path.with_name(path.stem + ".int8.onnx")
     info = quantize_graph(path, q, input_name, calib, recipe)
@@ -436,6 +484,32 @@ def edge_params(path: Path, input_name: str, calib: np.ndarray, activations: str
                 if scale.size == 1 and zp.size == 1 and zp.dtype == np.dtype(dtype):
                     return float(scale.reshape(())), int(zp.reshape(())), dtype, True
     return (*minmax_params(calib, dtype), dtype, False)
+
+
+def edge_spec(path: Path, input_name: str, calib: np.ndarray, activations: str, every: bool,
+              shape: Tuple[int, ...]) -> Optional[TensorSpec]:
+    """The quantized form of the edge into the graph at ``path`` (``shape``: the hidden state's
+    per-row shape in the model's layout), or None where it stays FP32: quantized where that graph
+    quantizes its input itself (or ``every``), channels-last ``[H, W, C]`` when a feature map
+    meets quantized convolutions (module docstring)."""
+    scale, zp, dtype, own = edge_params(path, input_name, calib, activations)
+    if not (own or every):
+        return None
+    hwc = (shape[1], shape[2], shape[0]) if own and len(shape) == 3 else None
+    return TensorSpec(input_name, hwc or tuple(shape), dtype, scale, zp, hwc is not None)
+
+
+def rewrite_edge(spec: TensorSpec, out_path: Optional[Path], out_name: str, in_path: Optional[Path],
+                 in_name: str) -> Tuple[bool, int]:
+    """Quantize an edge: the graph at ``out_path`` writes it (output ``out_name``), the one at
+    ``in_path`` reads it (input ``in_name``); either may be None. Returns ``(the IM pools the
+    integers, QuantizeLinear nodes dropped)``."""
+    hwc = spec.shape if spec.channels_last else None
+    pooled = out_path is not None and _quantize_graph_output(out_path, out_name, spec.scale, spec.zero_point,
+                                                             spec.dtype, channels_last=hwc)
+    removed = 0 if in_path is None else _quantize_graph_input(in_path, in_name, spec.scale, spec.zero_point,
+                                                              spec.dtype, channels_last=hwc)
+    return bool(pooled), removed
 
 
 def minmax_params(x: np.ndarray, dtype: str) -> Tuple[float, int]:
@@ -483,17 +557,14 @@ def quantize_edges(tmp: Path, stages: Sequence[Stage], inputs: Sequence[np.ndarr
     out, edges = list(stages), []
     for k in range(len(stages) - 1):
         a, b = out[k], out[k + 1]
-        scale, zp, dtype, own = edge_params(tmp / b.file, b.input.name, inputs[k + 1], activations)
-        if not (own or every):
+        edge = edge_spec(tmp / b.file, b.input.name, inputs[k + 1], activations, every, a.hidden.shape)
+        if edge is None:
             edges.append({"edge": f"{k}->{k + 1}", "dtype": "float32",
                           "why": f"stage {k + 1} reads its input in FP32 only: nothing to save"})
             continue
-        # a feature map read by quantized convolutions crosses channels-last (module docstring)
-        hwc = tuple(a.hidden.shape[i] for i in (1, 2, 0)) if own and len(a.hidden.shape) == 3 else None
-        pooled = _quantize_graph_output(tmp / a.file, a.hidden.name, scale, zp, dtype, channels_last=hwc)
-        removed = _quantize_graph_input(tmp / b.file, b.input.name, scale, zp, dtype, channels_last=hwc)
-        last = hwc is not None
-        spec = dict(dtype=dtype, scale=scale, zero_point=zp, shape=hwc or a.hidden.shape, channels_last=last)
+        pooled, removed = rewrite_edge(edge, tmp / a.file, a.hidden.name, tmp / b.file, b.input.name)
+        dtype, scale, zp, last = edge.dtype, edge.scale, edge.zero_point, edge.channels_last
+        spec = dict(dtype=dtype, scale=scale, zero_point=zp, shape=edge.shape, channels_last=last)
         out[k] = a = dataclasses.replace(a, outputs=tuple(dataclasses.replace(o, **spec) if o.name == a.hidden.name else o
                                                           for o in a.outputs))
         out[k + 1] = b = dataclasses.replace(b, inputs=(dataclasses.replace(b.input, **spec),))

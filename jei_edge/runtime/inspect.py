@@ -101,8 +101,9 @@ def format_bundle(info: Dict[str, Any]) -> str:
         ci = plan.get("expected_speedup_ci")
         gain = (f" ({plan['expected_speedup_over_every_exit']:.3f}x, 95% CI {format_interval(ci)})"
                 if ci and "expected_speedup_over_every_exit" in plan else "")
+        timed = f", candidates timed as {plan['timed_as']}" if plan.get("timed_as") else ""
         lines.append(f"  plan:      auto at batch {plan.get('batch')}: expected {plan.get('expected_ms_per_sample')} "
-                     f"ms/sample vs {plan.get('expected_ms_per_sample_every_exit')} with a stage per exit{gain}")
+                     f"ms/sample vs {plan.get('expected_ms_per_sample_every_exit')} with a stage per exit{gain}{timed}")
     elif plan.get("mode") == "manual":
         lines.append(f"  plan:      manual, exits grouped {plan.get('groups')}")
     low = info.get("lowering")

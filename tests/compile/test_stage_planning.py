@@ -158,6 +158,52 @@ def test_auto_plan(family_model):
     assert not (tmp / "no_data.jei").exists()
 
 
+def test_int8_build_plans_on_int8_candidates(tmp_path, monkeypatch):
+    """``--plan auto --precision int8``: every candidate stage is timed as the build's INT8 graph
+    (quantized with its recipe, calibrated on the rows reaching its first exit), the record says
+    so, and the bundle's decisions are those of its merged INT8 stages run one row at a time."""
+    import onnx
+
+    ckpt = save_spread(tmp_path / "m.pt", "resnet")
+    seen = []
+    # planning imports create_session when it builds the candidates: a spy on the executor module sees them
+    from jei_edge.backends.onnxruntime import executor
+
+    original = executor.create_session
+
+    def spy(path, settings, what, built_with=None):
+        if str(what).startswith("candidate stage"):
+            g = onnx.load(str(path)).graph
+            ops = {n.op_type for n in g.node}
+            seen.append((what, "QuantizeLinear" in ops and "DequantizeLinear" in ops,
+                         g.input[0].type.tensor_type.elem_type))
+        return original(path, settings, what, built_with)
+
+    monkeypatch.setattr(executor, "create_session", spy)
+    out = tmp_path / "q.jei"
+    rep = build_bundle(ckpt, out, BuildOptions(precision="int8", data="synthetic:size=8,n=300,classes=5",
+                                               parity_samples=300, stage_samples=64, min_agreement=0.0, plan="auto"))
+    n = 3  # the helper ResNet's exits
+    assert len(seen) == n * (n + 1) // 2 and all(q for _, q, _ in seen), seen
+    # with the build's stage edges: a candidate starting after exit 0 reads the uint8 edge (2), as the bundle will
+    assert all((t == 2) == (not w.startswith("candidate stage 0.")) for w, _, t in seen), seen
+    plan = rep["plan"]
+    assert plan["timed_as"].startswith("int8") and [e for g in plan["groups"] for e in g] == list(range(n))
+    from jei_edge.runtime.inspect import describe_bundle, format_bundle
+
+    assert "candidates timed as int8" in format_bundle(describe_bundle(out))
+    with Runtime.load(out, max_batch=64) as rt:
+        x = model_inputs(32, seed=4)
+        res = rt.run(x)
+        one = [rt.run(x[i:i + 1]) for i in range(32)]
+    assert np.array_equal(res.exit_index, np.concatenate([r.exit_index for r in one]))
+    # an FP32 build's candidates stay FP32 (the record says so)
+    seen.clear()
+    rep32 = build_bundle(ckpt, tmp_path / "f.jei", BuildOptions(data="synthetic:size=8,n=300,classes=5",
+                                                                parity_samples=300, stage_samples=64, plan="auto"))
+    assert rep32["plan"]["timed_as"] == "fp32" and seen and not any(q for _, q, _ in seen)
+
+
 def test_build_command_reports_the_plan(family_model, capsys):
     from jei_edge.cli import main as cli_main
 

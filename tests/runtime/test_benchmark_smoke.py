@@ -105,3 +105,16 @@ def test_two_bundle_comparison_child(vit_bundle, tmp_path):
     assert r["a"]["theoretical_speedup_vs_plain"] == pytest.approx(hist.sum() / (hist * cost[:len(hist)]).sum())
     assert r["a"]["speedup_vs_plain_over_theory"] == pytest.approx(
         r["a"]["speedup_vs_plain"] / r["a"]["theoretical_speedup_vs_plain"])
+
+
+def test_int8_benchmark_splits_the_gain_ratio(tmp_path):
+    """benchmarks/int8_speedup.py: the gain ratio's parts (INT8's gain on the exit pass, in full
+    mode and on the stage runs alone, ideal = efficiency x exit time, each over the plain graph's
+    gain), and ``--render`` writing a results file's table again from its JSON."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import int8_speedup as b; "
+            "m = {'a': {'efficiency': 0.9, 'exit_ms_per_sample': 2.0, 'full_ms_per_sample': 6.0, 'plain_ms_per_sample': 4.0}, "
+            "'b': {'efficiency': 0.8, 'exit_ms_per_sample': 0.5, 'full_ms_per_sample': 2.0, 'plain_ms_per_sample': 1.0}}; "
+            "p = b.gain_parts(m); print(round(p['exit'], 6), round(p['full'], 6), round(p['stage_runs'], 6))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(round(4.0 / 4, 6)), str(round(3.0 / 4, 6)), str(round(1.8 / 0.4 / 4, 6))]
