@@ -125,7 +125,7 @@ def compare_families(args, command: str, bundle_b, spread: bool = False, bundle_
     trained models run at offsets 0, or with ``spread`` at ``realized_speedup.spread_offsets(model)``
     (that benchmark's operating point: offsets 0 unless the trained exits are degenerate, then
     spread evenly over every exit). Returns the results (``families[fam]["batch_N"]`` = merged
-    numbers, ``per_process`` and ``b_bundle``; ``offsets[fam]``; ``limits[fam]``)."""
+    numbers, ``per_process``, ``a_bundle`` and ``b_bundle``; ``offsets[fam]``; ``limits[fam]``)."""
     import time
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -171,7 +171,7 @@ def compare_families(args, command: str, bundle_b, spread: bool = False, bundle_
                 m[f"{key}_ratios"] = pooled
                 m[f"{key}_ci"] = median_ci(pooled)
             m["per_process"] = [{k: r[k] for k in ("b_speedup_over_a_exit", "b_speedup_over_a_full")} for r in runs]
-            m["b_bundle"] = str(b)
+            m["a_bundle"], m["b_bundle"] = str(a), str(b)
             fam_out[f"batch_{bsz}"] = m
             log(f"  {fam} batch {bsz}: B {m['b_speedup_over_a_exit']:.3f}x faster than A (exit mode), "
                 f"{m['b_speedup_over_a_full']:.3f}x (full); exit agreement {100 * m['exit_agreement']:.1f}%")
@@ -180,14 +180,15 @@ def compare_families(args, command: str, bundle_b, spread: bool = False, bundle_
     return results
 
 
-def run_comparison(doc: str, script: str, bundle_b, argv=None, spread: bool = False, bundle_a=None):
+def run_comparison(doc: str, script: str, bundle_b, argv=None, spread: bool = False, bundle_a=None,
+                   out_name: str = ""):
     """A two-bundle benchmark's command line and measurements: ``(args, compare_families(...))``;
     the results' ``command`` is the script with every argument given."""
     import shlex
 
     name = Path(script).stem
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = bench_parser(doc, f"{name}.json").parse_args(argv)
+    args = bench_parser(doc, out_name or f"{name}.json").parse_args(argv)
     return args, compare_families(args, shlex.join(["python", f"benchmarks/{name}.py", *argv]), bundle_b, spread,
                                   bundle_a)
 

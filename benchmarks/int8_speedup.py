@@ -34,6 +34,7 @@ results file's ``.md`` again (after a change to the table) without timing anythi
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -55,12 +56,42 @@ def gain_parts(m) -> dict:
             "full": a["full_ms_per_sample"] / b["full_ms_per_sample"] / plain, "stage_runs": ideal / plain}
 
 
+def build_record(bundle: Path) -> dict:
+    """What the results keep of an INT8 bundle's build report (parity, floor, recipe, fallback, edges)."""
+    report = json.loads((bundle / "report.json").read_text())
+    d, q = report["decisions"], report["quantization"]
+    return {"decision_agreement_vs_fp32_model": d["agreement"], "prediction_agreement_vs_fp32_model":
+            d["prediction_agreement"], "parity_inputs": d["samples"], "recipe": q["recipe"],
+            "calibration_rows_per_stage": [s["calibration_rows"] for s in q["stages"]],
+            "floor_on": d.get("floor_on"), "floor_agreement": d.get("floor_agreement"),
+            "synthetic_agreement": d.get("synthetic_agreement"), "agreement_by_kind": d.get("agreement_by_kind"),
+            "min_agreement": d.get("min_agreement"), "fallback": q.get("fallback") or {}, "edges": q.get("edges", "fp32")}
+
+
+def build_note(fam: str, b: dict) -> str:
+    floor = b.get("floor_agreement")
+    held = "" if floor is None else (
+        f" (on {b['floor_on']}: {100 * floor:.2f}%, the default floor of 95% "
+        f"{'held' if floor >= 0.95 else 'NOT held: built with --min-agreement ' + str(b.get('min_agreement'))}; "
+        f"synthetic inputs apart: {100 * (b.get('synthetic_agreement') or 0):.2f}%)")
+    fb = b.get("fallback") or {}
+    if fb.get("fp32_stages"):
+        held += (f"; stage(s) {', '.join(map(str, fb['fp32_stages']))} kept in FP32 by the build's fallback "
+                 f"(fully quantized: {100 * fb['agreement_all_int8']:.2f}% of {fb['inputs']} calibration inputs)")
+    edges = b.get("edges", "fp32")
+    edge_types = "fp32" if isinstance(edges, str) else "/".join(e["dtype"] for e in edges)
+    return (f"- {fam}: build parity vs the FP32 PyTorch model on {b['parity_inputs']} inputs: exit decisions "
+            f"{100 * b['decision_agreement_vs_fp32_model']:.2f}%{held}, predictions "
+            f"{100 * b['prediction_agreement_vs_fp32_model']:.2f}%; exit-aware calibration rows per stage "
+            f"{b['calibration_rows_per_stage']} (recipe '{b['recipe']}'); stage edges {edge_types}")
+
+
 def main(argv=None) -> int:
     import argparse
 
     from jei_edge.compile import BuildOptions
 
-    own = argparse.ArgumentParser(add_help=False)
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     own.add_argument("--edges", choices=("auto", "int8", "fp32"), default="auto")
     own.add_argument("--min-agreement", type=float, default=0.95)
     own.add_argument("--calibration", default="default")
@@ -94,7 +125,7 @@ def render(results: dict, out: str) -> None:
     from jei_edge.profile import format_interval
 
     lines = ["# INT8 vs FP32 (CPU, onnxruntime)", "",
-             f"Machine: {results['machine']}. Command: `{results['command']}` (INT8 stage edges: {results['edges']}). "
+             f"Machine: {results['machine']}. Command: `{results['command']}` (INT8 stage edges: {results.get('edges', 'fp32')}). "
              f"Medians over repeats (per family below) in each of the family's processes (median across them); "
              f"the two bundles alternate within each repeat. Load average (1/5/15 min) before / after: "
              f"{results['load_before']} / {results['load_after']}. Threshold offsets: `realized_speedup.spread_offsets` "
@@ -117,6 +148,8 @@ def render(results: dict, out: str) -> None:
         batches = {k: m for k, m in fo.items() if k.startswith("batch_")}
         for key, m in batches.items():
             parts = gain_parts(m)
+            ci = m.get("exit_gain_over_plain_gain_ci")  # results before it was recorded have none
+            per_repeat = f"{ci['median']:.2f} {format_interval(ci, 2)}" if ci else "-"
             lines.append(
                 f"| {fam} | {key[6:]} | {m['b_speedup_over_a_exit']:.2f}x | {m['b_speedup_over_a_full']:.2f}x | "
                 f"{m['b_speedup_over_a_plain']:.2f}x | {100 * m['a'].get('accuracy', 0):.1f}% -> "
@@ -125,32 +158,14 @@ def render(results: dict, out: str) -> None:
                 f"{m['b']['theoretical_speedup_vs_plain']:.2f}x | {m['b']['speedup_vs_plain_over_theory']:.2f} | "
                 f"{m['b_speedup_over_a_exit'] / m['b_speedup_over_a_plain']:.2f} "
                 f"({'met' if m['b_speedup_over_a_exit'] >= 0.9 * m['b_speedup_over_a_plain'] else 'NOT met'}) | "
-                f"{m['exit_gain_over_plain_gain_ci']['median']:.2f} {format_interval(m['exit_gain_over_plain_gain_ci'], 2)} | "
+                f"{per_repeat} | "
                 f"{parts['exit']:.2f} / {parts['full']:.2f} / {parts['stage_runs']:.2f} |")
-        report = json.loads((Path(next(iter(batches.values()))["b_bundle"]) / "report.json").read_text())
-        d, q = report["decisions"], report["quantization"]
-        fo["build"] = {"decision_agreement_vs_fp32_model": d["agreement"], "prediction_agreement_vs_fp32_model":
-                       d["prediction_agreement"], "parity_inputs": d["samples"], "recipe": q["recipe"],
-                       "calibration_rows_per_stage": [s["calibration_rows"] for s in q["stages"]],
-                       "floor_on": d.get("floor_on"), "floor_agreement": d.get("floor_agreement"),
-                       "synthetic_agreement": d.get("synthetic_agreement"), "agreement_by_kind": d.get("agreement_by_kind")}
-        floor = d.get("floor_agreement")
-        held = "" if floor is None else (
-            f" (on {d['floor_on']}: {100 * floor:.2f}%, the default floor of 95% "
-            f"{'held' if floor >= 0.95 else 'NOT held: built with --min-agreement ' + str(d.get('min_agreement'))}; "
-            f"synthetic inputs apart: {100 * (d.get('synthetic_agreement') or 0):.2f}%)")
-        fb = q.get("fallback") or {}
-        fo["build"]["fallback"] = fb
-        if fb.get("fp32_stages"):
-            held += (f"; stage(s) {', '.join(map(str, fb['fp32_stages']))} kept in FP32 by the build's fallback "
-                     f"(fully quantized: {100 * fb['agreement_all_int8']:.2f}% of {fb['inputs']} calibration inputs)")
-        edges = q.get("edges", "fp32")
-        fo["build"]["edges"] = edges
-        edge_types = "fp32" if isinstance(edges, str) else "/".join(e["dtype"] for e in edges)
-        notes.append(f"- {fam}: build parity vs the FP32 PyTorch model on {d['samples']} inputs: exit decisions "
-                     f"{100 * d['agreement']:.2f}%{held}, predictions {100 * d['prediction_agreement']:.2f}%; exit-aware "
-                     f"calibration rows per stage {fo['build']['calibration_rows_per_stage']} (recipe '{q['recipe']}'); "
-                     f"stage edges {edge_types}")
+        if "build" not in fo:  # a fresh run: the INT8 bundle's build record (a re-render keeps the recorded one)
+            fo["build"] = build_record(Path(next(iter(batches.values()))["b_bundle"]))
+        if fo["build"].get("min_agreement") is None:  # records before it was kept: the command's floor
+            floor = re.search(r"--min-agreement (\S+)", results["command"])
+            fo["build"]["min_agreement"] = float(floor.group(1)) if floor else 0.95
+        notes.append(build_note(fam, fo["build"]))
         lim, offs = results["limits"][fam], results["offsets"][fam]
         notes.append(f"  - timing: {lim['repeats']} repeats x {lim['processes']} process(es), {lim['n1']} samples at "
                      f"batch 1, {lim['n64']} rows at batch 64; offsets "

@@ -16,7 +16,7 @@ plan, from the bundle's manifest) beside the measured one.
 ``--precision int8 [--min-agreement F]``: both bundles INT8 (the per-exit one shared with
 ``int8_speedup.py``), the plan timed on INT8 candidates (``jei-edge build --plan auto --precision int8``).
 
-Results: ``benchmarks/results/stage_planning.json`` and ``.md``.
+Results: ``benchmarks/results/stage_planning.json`` and ``.md`` (INT8: ``stage_planning_int8``).
 """
 
 from __future__ import annotations
@@ -35,13 +35,16 @@ def main(argv=None) -> int:
 
     import argparse
 
-    own = argparse.ArgumentParser(add_help=False)
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     own.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
-    own.add_argument("--min-agreement", type=float, default=0.95)
+    own.add_argument("--min-agreement", type=float, default=None)
     opts, rest = own.parse_known_args(argv)
+    if opts.min_agreement is not None and opts.precision != "int8":
+        own.error("--min-agreement is the INT8 build's floor: give it with --precision int8")
+    opts.min_agreement = 0.95 if opts.min_agreement is None else opts.min_agreement
     # INT8: both bundles INT8 (A named as int8_speedup.py names it, so its bundles are shared)
     int8 = opts.precision == "int8"
-    suffix = "" if opts.min_agreement == own.get_default("min_agreement") else f"_floor{opts.min_agreement:g}"
+    suffix = "" if opts.min_agreement == 0.95 else f"_floor{opts.min_agreement:g}"  # int8_speedup.py's names
     extra = dict(precision="int8", min_agreement=opts.min_agreement) if int8 else {}
 
     def every(fam, data):
@@ -52,7 +55,8 @@ def main(argv=None) -> int:
         return (name, BuildOptions(plan="auto", plan_batch=bsz, data=data, force=True, **extra),
                 f"--plan auto at batch {bsz}" + (" --precision int8" if int8 else ""))
 
-    args, results = run_comparison(__doc__, __file__, planned, rest, bundle_a=every if int8 else None)
+    args, results = run_comparison(__doc__, __file__, planned, rest, bundle_a=every if int8 else None,
+                                   out_name="stage_planning_int8.json" if int8 else "")
     if int8:
         results["command"] = results["command"].replace(".py", ".py --precision int8" + (
             f" --min-agreement {opts.min_agreement:g}" if suffix else ""), 1)

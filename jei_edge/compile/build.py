@@ -129,7 +129,7 @@ def prepare(model_path, output, options: BuildOptions) -> Job:
     if precision not in target.precisions or precision not in PRECISIONS:
         raise BuildError(f"precision '{precision}' is not available for target '{target.name}'",
                          hint=f"the target lists {list(target.precisions)}; this build produces {list(PRECISIONS)}")
-    if target.device == "cuda" and options.plan == "auto":  # explicit groups are fine: the CUDA kernel runs them
+    if target.device == "cuda" and (options.plan or "").strip() == "auto":  # explicit groups are fine: the CUDA kernel runs them
         raise BuildError(f"--plan auto times the stages with onnxruntime on this CPU, which says nothing about target "
                          f"'{target.name}' (a GPU)", hint="pass the groups yourself (--plan 0-3,4,5) or keep --plan every")
     recipe, notes = None, []
@@ -264,15 +264,15 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     opts, model, ckpt = job.options, job.model, job.ckpt
     seconds: Dict[str, float] = {}
     t = time.perf_counter()
-    x_calib = calibration_inputs(ckpt, job.recipe, opts.data, opts.seed, job.real) if job.recipe is not None else None
     # None: the edges that save work, on onnxruntime targets (the CUDA executors keep float hidden states)
     edges = {True: "all", False: "none"}.get(opts.quantized_edges,
                                              "auto" if job.target.backend == "onnxruntime" else "none")
-    quantize = None
-    if x_calib is not None and (opts.plan or "").strip() == "auto":  # an INT8 bundle is planned on INT8 candidates
+    quantize, x_calib = None, None
+    if job.recipe is not None and (opts.plan or "").strip() == "auto":  # an INT8 bundle is planned on INT8 candidates
         from jei_edge.compile.quantize import CandidateQuantizer
 
-        quantize = CandidateQuantizer(model, x_calib, ckpt["costs"], job.recipe, edges)
+        x_calib = calibration_inputs(ckpt, job.recipe, opts.data, opts.seed, job.real)
+        quantize = CandidateQuantizer(model, x_calib, ckpt["costs"], job.recipe, edges)  # calibrates when first used
     groups, plan_report = choose_groups(model, opts.plan, opts.plan_batch, job.real.x, root / ".planning",
                                         job.ort_options, job.opset, progress, fuse_attention=_fuses_attention(job),
                                         quantize=quantize)
@@ -298,6 +298,8 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
         # engine targets too: the search runs their (symmetric) Q/DQ graphs in onnxruntime, as
         # verify does, and a stage kept FP32 gets an FP32 engine (lower.stage_precision)
         fallback = float(opts.min_agreement) if opts.int8_fallback == "auto" else None
+        if x_calib is None:
+            x_calib = calibration_inputs(ckpt, job.recipe, opts.data, opts.seed, job.real)
         stages, quant = quantize_bundle_graphs(model, plans, stages, plain, root, x_calib, job.recipe,
                                                progress=progress, edges=edges, fallback_floor=fallback,
                                                ort_options=job.ort_options,

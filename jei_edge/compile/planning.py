@@ -83,17 +83,22 @@ class Candidates:
                 with torch.no_grad():
                     _export(module, torch.from_numpy(inputs[a][:2].copy()), path, plan.input_name, plan.output_names,
                             opset, f"candidate stage {a}..{b}", fuse_attention)
-                if quantize is not None:
+                if quantize is None:  # loaded at once: one candidate file on disk at a time
+                    self._load(a, b, path, inputs, create_session)
+                else:
                     quantize.graph(path, a, plan.input_name)
-                paths[(a, b)] = path
-        if quantize is not None:
+                    paths[(a, b)] = path
+        if quantize is not None:  # the edges need every candidate: then they are loaded
             quantize.edges_of(paths)
             inputs = [quantize.edge_rows(a, x) for a, x in enumerate(inputs)]
+            for (a, b), path in paths.items():
+                self._load(a, b, path, inputs, create_session)
         self.inputs = inputs
-        for (a, b), path in paths.items():
-            sess = create_session(path, settings, f"candidate stage {a}..{b}")
-            self.sessions[(a, b)] = (sess, {sess.get_inputs()[0].name: inputs[a][:batch]})
-            path.unlink()
+
+    def _load(self, a: int, b: int, path: Path, inputs, create_session) -> None:
+        sess = create_session(path, self.settings, f"candidate stage {a}..{b}")
+        self.sessions[(a, b)] = (sess, {sess.get_inputs()[0].name: inputs[a][:self.batch]})
+        path.unlink()
 
     def time_spans(self, repeats: int = 30, pipeline: Optional["Pipeline"] = None,
                    progress: Optional[Callable[[str], None]] = None):
@@ -255,7 +260,7 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
 
     report = {
         "mode": "auto", "batch": int(batch), "boundary_us": round(float(b_s * 1e6), 3), "samples": int(len(x_real)),
-        # what the candidates were timed as: the bundle's precision (INT8: the build's recipe, float edges)
+        # what the candidates were timed as: FP32, or the build's INT8 graphs and stage edges
         "timed_as": quantize.description if quantize is not None else "fp32",
         "boundary": "measured (stage-per-exit pipeline vs its stages timed alone)",
         "reach": [round(float(r), 6) for r in reach],

@@ -416,13 +416,24 @@ class CandidateQuantizer:
     boundaries cost much less than float ones."""
 
     def __init__(self, model, x_calib: np.ndarray, costs: Dict, recipe: Recipe, edges: str, rows: int = 64):
-        from jei_edge.compile.plan import plan_stages
-
         self.recipe, self.edges = recipe, edges
-        inputs, _, _ = stage_inputs(model, x_calib[:4 * rows], plan_stages(model, costs))
-        self.calib = [np.ascontiguousarray(x[:rows]) for x in inputs]
+        self._source = (model, x_calib[:4 * rows], costs, rows)
+        self._calib: Optional[List[np.ndarray]] = None
         self.specs: Dict[int, TensorSpec] = {}
-        self.description = f"int8 (recipe '{recipe.name}', {edges} quantized stage edges)"
+        kind = {"none": "float stage edges", "all": "every stage edge quantized",
+                "auto": "stage edges quantized where the next stage quantizes its input"}[edges]
+        self.description = f"int8 (recipe '{recipe.name}', {kind})"
+
+    @property
+    def calib(self) -> List[np.ndarray]:
+        """The calibration rows entering each exit (computed when the first candidate needs them)."""
+        if self._calib is None:
+            from jei_edge.compile.plan import plan_stages
+
+            model, x, costs, rows = self._source
+            inputs, _, _ = stage_inputs(model, x, plan_stages(model, costs))
+            self._calib = [np.ascontiguousarray(v[:rows]) for v in inputs]
+        return self._calib
 
     def graph(self, path: Path, a: int, input_name: str) -> None:
         """Candidate ``a..`` at ``path`` (exported FP32) becomes its INT8 graph, in place."""

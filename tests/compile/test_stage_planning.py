@@ -158,6 +158,25 @@ def test_auto_plan(family_model):
     assert not (tmp / "no_data.jei").exists()
 
 
+def _edge_scale(g, side):
+    """The scale a graph reads its quantized input with (``in``: the DequantizeLinear of the input,
+    through its channels-last Transpose) or writes ``hidden_out`` with (``out``); None for a float edge."""
+    import onnx
+
+    inits = {t.name: t for t in g.initializer}
+    if side == "in":
+        names = {g.input[0].name}
+        names |= {n.output[0] for n in g.node if n.op_type == "Transpose" and n.input[0] in names}
+        node = next((n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in names), None)
+    else:
+        prod = {o: n for n in g.node for o in n.output}
+        node = prod.get("hidden_out")
+        if node is not None and node.op_type == "Transpose":
+            node = prod.get(node.input[0])
+        node = node if node is not None and node.op_type == "QuantizeLinear" else None
+    return None if node is None else float(onnx.numpy_helper.to_array(inits[node.input[1]]))
+
+
 def test_int8_build_plans_on_int8_candidates(tmp_path, monkeypatch):
     """``--plan auto --precision int8``: every candidate stage is timed as the build's INT8 graph
     (quantized with its recipe, calibrated on the rows reaching its first exit), the record says
@@ -165,7 +184,7 @@ def test_int8_build_plans_on_int8_candidates(tmp_path, monkeypatch):
     import onnx
 
     ckpt = save_spread(tmp_path / "m.pt", "resnet")
-    seen = []
+    seen, scales = [], {}
     # planning imports create_session when it builds the candidates: a spy on the executor module sees them
     from jei_edge.backends.onnxruntime import executor
 
@@ -177,6 +196,8 @@ def test_int8_build_plans_on_int8_candidates(tmp_path, monkeypatch):
             ops = {n.op_type for n in g.node}
             seen.append((what, "QuantizeLinear" in ops and "DequantizeLinear" in ops,
                          g.input[0].type.tensor_type.elem_type))
+            a, b = (int(v) for v in str(what).split()[-1].split(".."))
+            scales[(a, b)] = (_edge_scale(g, "in"), _edge_scale(g, "out"))
         return original(path, settings, what, built_with)
 
     monkeypatch.setattr(executor, "create_session", spy)
@@ -187,6 +208,11 @@ def test_int8_build_plans_on_int8_candidates(tmp_path, monkeypatch):
     assert len(seen) == n * (n + 1) // 2 and all(q for _, q, _ in seen), seen
     # with the build's stage edges: a candidate starting after exit 0 reads the uint8 edge (2), as the bundle will
     assert all((t == 2) == (not w.startswith("candidate stage 0.")) for w, _, t in seen), seen
+    # an edge's integers mean the same on both sides: a candidate ending at exit b writes with the
+    # scale every candidate starting at b + 1 reads with
+    for (a, b), (_, out_scale) in scales.items():
+        readers = {scales[(c, d)][0] for (c, d) in scales if c == b + 1}
+        assert (out_scale is None) == (b == n - 1) and (b == n - 1 or readers == {out_scale}), (a, b, scales)
     plan = rep["plan"]
     assert plan["timed_as"].startswith("int8") and [e for g in plan["groups"] for e in g] == list(range(n))
     from jei_edge.runtime.inspect import describe_bundle, format_bundle
@@ -216,7 +242,7 @@ def test_build_command_reports_the_plan(family_model, capsys):
     assert f"2 stages (exits 0-1, {tail})" in out
     rc = cli_main(["inspect", str(tmp / "cli.jei")])
     out, _ = capsys.readouterr()
-    assert rc == 0 and f"0-1" in out
+    assert rc == 0 and "0-1" in out
     rc = cli_main(["build", str(ckpt), "-o", str(tmp / "bad.jei"), "--plan", "0-1,3"])
     _, err = capsys.readouterr()
     assert rc != 0 and "stage plan" in err and not (tmp / "bad.jei").exists()

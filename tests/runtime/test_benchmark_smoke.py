@@ -118,3 +118,23 @@ def test_int8_benchmark_splits_the_gain_ratio(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == [str(round(4.0 / 4, 6)), str(round(3.0 / 4, 6)), str(round(1.8 / 0.4 / 4, 6))]
+    # --render: the table again from a results file alone (its bundles long gone), its build record kept
+    side = {"exit_ms_per_sample": 2.0, "full_ms_per_sample": 6.0, "plain_ms_per_sample": 4.0, "efficiency": 0.9,
+            "accuracy": 0.5, "exit_histogram": [3, 1], "speedup_vs_plain": 2.0, "theoretical_speedup_vs_plain": 2.5,
+            "speedup_vs_plain_over_theory": 0.8}
+    fast = dict(side, exit_ms_per_sample=0.5, full_ms_per_sample=2.0, plain_ms_per_sample=1.0, efficiency=0.8)
+    batch = {"a": side, "b": fast, "exit_agreement": 1.0, "b_speedup_over_a_exit": 4.0, "b_speedup_over_a_full": 3.0,
+             "b_speedup_over_a_plain": 4.0, "b_bundle": str(tmp_path / "gone.jei")}
+    build = {"decision_agreement_vs_fp32_model": 0.99, "prediction_agreement_vs_fp32_model": 0.98, "parity_inputs": 100,
+             "recipe": "default", "calibration_rows_per_stage": [8, 4], "edges": "fp32"}
+    results = {"machine": "m", "command": "python benchmarks/int8_speedup.py --min-agreement 0.5", "load_before": [0],
+               "load_after": [0], "families": {"toy": {"batch_1": batch, "build": build}},
+               "limits": {"toy": {"repeats": 1, "processes": 1, "n1": 2, "n64": 2}}, "offsets": {"toy": None}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    proc = subprocess.run([sys.executable, "benchmarks/int8_speedup.py", "--render", str(path)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = path.with_suffix(".md").read_text()
+    assert "| toy | 1 | 4.00x | 3.00x | 4.00x |" in md and "| - | 1.00 / 0.75 / 1.12 |" in md, md
+    assert "toy: build parity vs the FP32 PyTorch model on 100 inputs" in md
