@@ -21,7 +21,8 @@ candidates' sessions in the runtime's own conditional loop, ``NumpyWorkspace`` a
 
 Then the choice is checked the same way: the planned grouping, a stage per exit and one single
 stage are each run as a pipeline on the same real inputs, interleaved over ``PIPELINE_ROUNDS``
-rounds, and the fastest is kept; the report's expected times are those measurements, and its
+rounds, and the fastest of those measured faster than a stage per exit with confidence is kept
+(else a stage per exit: ``confident_choice``); the report's expected times are those measurements, and its
 expected gain over a stage per exit is the median of the per-round ratios, with its confidence
 interval (``jei_edge.profile.median_ci``). Candidates timed alone in a round robin over
 all spans run colder than inside the pipeline, by different amounts for small and large spans,
@@ -189,6 +190,21 @@ def compare_pipelines(pipelines: Sequence[Pipeline], rounds: int = PIPELINE_ROUN
     return out
 
 
+def confident_choice(per_round: Dict[str, List[float]], every_key: str) -> Tuple[str, Dict[str, float]]:
+    """The grouping to keep, from each pipeline's seconds per row in every round: the fastest
+    (median) of those measured **faster than a stage per exit with confidence** (the interval of
+    the median per-round ratio every / it lies wholly above 1), else a stage per exit: a merge
+    whose gain cannot be told from noise only coarsens the exits. Returns ``(key, gain)``, the
+    gain over a stage per exit being the median of per-round ratios (each round runs the
+    pipelines next to each other, so the host's drift cancels) with its interval."""
+    from jei_edge.profile.measure import median_ci, ratios
+
+    gains = {k: median_ci(ratios(per_round[every_key], v)) for k, v in per_round.items()}
+    sure = [k for k in per_round if k != every_key and gains[k]["low"] > 1.0]
+    chosen = min(sure, key=lambda k: float(np.median(per_round[k]))) if sure else every_key
+    return chosen, gains[chosen]
+
+
 def boundary_seconds(pipeline: Dict, times: Dict[Tuple[int, int], float], batch: int) -> float:
     """Per-stage-run cost beyond the stage timed alone, per run of ``batch`` rows (>= 0), from the
     measured stage-per-exit pipeline (see the module docstring)."""
@@ -226,7 +242,6 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
     """Measure and choose (see the module docstring; ``quantize``: see ``Candidates``). Returns
     ``(groups, report)``."""
     from jei_edge.model.jei import exit_decisions
-    from jei_edge.profile.measure import median_ci, ratios
 
     n = len(model.stage_ranges())
     reach = exit_decisions(model, x_real).reach(n)
@@ -247,12 +262,9 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
     pipes = [every_pipe if options[k] == every else cands.pipeline(options[k], x_real) for k in names]
     per_round = dict(zip(names, compare_pipelines(pipes)))
     measured = {k: float(np.median(v)) for k, v in per_round.items()}
-    chosen = min(names, key=lambda k: measured[k])
-    groups = list(options[chosen])
-    # the expected gain over a stage per exit: the median of per-round ratios (each round runs the
-    # pipelines next to each other, so the host's drift cancels), with its confidence interval
     every_key = next(k for k in names if options[k] == every)
-    gain = median_ci(ratios(per_round[every_key], per_round[chosen]))
+    chosen, gain = confident_choice(per_round, every_key)
+    groups = list(options[chosen])
 
     def ms(groups_) -> float:
         key = next(k for k in names if options[k] == groups_)
@@ -275,6 +287,8 @@ def auto_groups(model, x_real: np.ndarray, work: Path, settings, opset: int, bat
         "expected_ms_per_sample_every_exit": ms(every),
         "expected_ms_per_sample_one_stage": ms([tuple(range(n))]),
         "pipeline_rounds": len(per_round[chosen]),
+        "choice": ("measured faster than a stage per exit with confidence" if groups != every else
+                   "a stage per exit: no other grouping measured faster with confidence"),
         "expected_speedup_over_every_exit": round(gain["median"], 4),
         "expected_speedup_ci": {k: round(v, 4) for k, v in gain.items()},
     }
