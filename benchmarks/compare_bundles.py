@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import List, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -181,16 +182,27 @@ def compare_families(args, command: str, bundle_b, spread: bool = False, bundle_
 
 
 def run_comparison(doc: str, script: str, bundle_b, argv=None, spread: bool = False, bundle_a=None,
-                   out_name: str = ""):
+                   out_name: str = "", flags: Sequence[str] = ()):
     """A two-bundle benchmark's command line and measurements: ``(args, compare_families(...))``;
-    the results' ``command`` is the script with every argument given."""
+    the results' ``command`` is the script with every argument given (``flags``: the script's own
+    options, ``own_flags``, then the shared ones)."""
     import shlex
 
     name = Path(script).stem
     argv = sys.argv[1:] if argv is None else list(argv)
     args = bench_parser(doc, out_name or f"{name}.json").parse_args(argv)
-    return args, compare_families(args, shlex.join(["python", f"benchmarks/{name}.py", *argv]), bundle_b, spread,
-                                  bundle_a)
+    return args, compare_families(args, shlex.join(["python", f"benchmarks/{name}.py", *flags, *argv]), bundle_b,
+                                  spread, bundle_a)
+
+
+def own_flags(parser, opts) -> List[str]:
+    """A script's own options (``parser``, parsed into ``opts``) that differ from their defaults,
+    as command-line tokens for the results' ``command``."""
+    out: List[str] = []
+    for key, value in vars(opts).items():
+        if value != parser.get_default(key):
+            out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
 
 
 def cached_build(model, path: Path, options, log, what: str) -> Path:

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_bundles import run_comparison, write_results  # noqa: E402
+from compare_bundles import own_flags, run_comparison, write_results  # noqa: E402
 
 
 def gain_parts(m) -> dict:
@@ -86,10 +86,22 @@ def build_note(fam: str, b: dict) -> str:
             f"{b['calibration_rows_per_stage']} (recipe '{b['recipe']}'); stage edges {edge_types}")
 
 
+def int8_build(fam: str, data: str, edges: str = "auto", calibration: str = "default", min_agreement: float = 0.95):
+    """``(bundle name in --work, BuildOptions, what)`` of a family's INT8 bundle (a stage per exit):
+    the one name every benchmark builds or reuses it under (non-default settings in the name)."""
+    from jei_edge.compile import BuildOptions
+
+    suffix = ("" if edges == "auto" else f"_{edges}edges") \
+        + ("" if calibration == "default" else f"_{Path(calibration).stem}") \
+        + ("" if min_agreement == 0.95 else f"_floor{min_agreement:g}")
+    return (f"{fam}_int8{suffix}.jei",
+            BuildOptions(precision="int8", data=data, force=True, min_agreement=min_agreement, calibration=calibration,
+                         quantized_edges={"auto": None, "int8": True, "fp32": False}[edges]),
+            f"--precision int8 (edges {edges}, calibration {calibration})")
+
+
 def main(argv=None) -> int:
     import argparse
-
-    from jei_edge.compile import BuildOptions
 
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     own.add_argument("--edges", choices=("auto", "int8", "fp32"), default="auto")
@@ -102,19 +114,10 @@ def main(argv=None) -> int:
         results = json.loads(Path(opts.render).read_text())
         render(results, opts.render)
         return 0
-    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(opts).items() if v != own.get_default(k))
-    suffix = ("" if opts.edges == "auto" else f"_{opts.edges}edges") \
-        + ("" if opts.calibration == "default" else f"_{Path(opts.calibration).stem}") \
-        + ("" if opts.min_agreement == own.get_default("min_agreement") else f"_floor{opts.min_agreement:g}")
-    edges = {"auto": None, "int8": True, "fp32": False}[opts.edges]
-
     def int8(fam, bsz, data):
-        return (f"{fam}_int8{suffix}.jei", BuildOptions(precision="int8", data=data, force=True, quantized_edges=edges,
-                                                        min_agreement=opts.min_agreement, calibration=opts.calibration),
-                f"--precision int8 (edges {opts.edges}, calibration {opts.calibration})")
+        return int8_build(fam, data, opts.edges, opts.calibration, opts.min_agreement)
 
-    args, results = run_comparison(__doc__, __file__, int8, argv, spread=True)
-    results["command"] = results["command"].replace(".py", ".py" + flags, 1)
+    args, results = run_comparison(__doc__, __file__, int8, argv, spread=True, flags=own_flags(own, opts))
     results["edges"] = opts.edges
     render(results, args.out)
     return 0

@@ -22,18 +22,21 @@ Results: ``benchmarks/results/stage_planning.json`` and ``.md`` (INT8: ``stage_p
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_bundles import run_comparison, write_results  # noqa: E402
+from compare_bundles import own_flags, run_comparison, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
+    import argparse
+
+    from int8_speedup import int8_build
+
     from jei_edge.bundle import Bundle
     from jei_edge.compile import BuildOptions
     from jei_edge.profile import format_interval
-
-    import argparse
 
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     own.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
@@ -41,25 +44,22 @@ def main(argv=None) -> int:
     opts, rest = own.parse_known_args(argv)
     if opts.min_agreement is not None and opts.precision != "int8":
         own.error("--min-agreement is the INT8 build's floor: give it with --precision int8")
-    opts.min_agreement = 0.95 if opts.min_agreement is None else opts.min_agreement
-    # INT8: both bundles INT8 (A named as int8_speedup.py names it, so its bundles are shared)
     int8 = opts.precision == "int8"
-    suffix = "" if opts.min_agreement == 0.95 else f"_floor{opts.min_agreement:g}"  # int8_speedup.py's names
-    extra = dict(precision="int8", min_agreement=opts.min_agreement) if int8 else {}
+    floor = 0.95 if opts.min_agreement is None else opts.min_agreement
 
-    def every(fam, data):
-        return (f"{fam}_int8{suffix}.jei", BuildOptions(data=data, force=True, **extra), "--precision int8")
+    def every(fam, data):  # INT8: A is int8_speedup.py's bundle (same name, shared)
+        return int8_build(fam, data, min_agreement=floor)
 
     def planned(fam, bsz, data):
-        name = f"{fam}_int8{suffix}_auto_b{bsz}.jei" if int8 else f"{fam}_auto_b{bsz}.jei"
-        return (name, BuildOptions(plan="auto", plan_batch=bsz, data=data, force=True, **extra),
-                f"--plan auto at batch {bsz}" + (" --precision int8" if int8 else ""))
+        if not int8:
+            return (f"{fam}_auto_b{bsz}.jei", BuildOptions(plan="auto", plan_batch=bsz, data=data, force=True),
+                    f"--plan auto at batch {bsz}")
+        name, options, what = int8_build(fam, data, min_agreement=floor)
+        return (name.replace(".jei", f"_auto_b{bsz}.jei"), replace(options, plan="auto", plan_batch=bsz),
+                f"--plan auto at batch {bsz} {what}")
 
     args, results = run_comparison(__doc__, __file__, planned, rest, bundle_a=every if int8 else None,
-                                   out_name="stage_planning_int8.json" if int8 else "")
-    if int8:
-        results["command"] = results["command"].replace(".py", ".py --precision int8" + (
-            f" --min-agreement {opts.min_agreement:g}" if suffix else ""), 1)
+                                   out_name="stage_planning_int8.json" if int8 else "", flags=own_flags(own, opts))
     lines = [f"# Stage planning (CPU, onnxruntime{', INT8 bundles' if int8 else ''}): a stage per exit vs "
              "`--plan auto`", "",
              f"Machine: {results['machine']}. Command: `{results['command']}`. Medians over {results['repeats']} repeats "

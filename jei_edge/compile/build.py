@@ -25,7 +25,7 @@ from __future__ import annotations
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -123,19 +123,18 @@ def prepare(model_path, output, options: BuildOptions) -> Job:
     from jei_edge.model.checkpoint import model_from_checkpoint, read_checkpoint
     from jei_edge.runtime.targets import load_target
 
+    options = replace(options, plan=(options.plan or "every").strip())  # one spelling of the plan from here on
     target = load_target(options.target)
     check_lowerable(target)
     precision = options.precision or target.default_precision
     if precision not in target.precisions or precision not in PRECISIONS:
         raise BuildError(f"precision '{precision}' is not available for target '{target.name}'",
                          hint=f"the target lists {list(target.precisions)}; this build produces {list(PRECISIONS)}")
-    if target.device == "cuda" and (options.plan or "").strip() == "auto":  # explicit groups are fine: the CUDA kernel runs them
+    if target.device == "cuda" and options.plan == "auto":  # explicit groups are fine: the CUDA kernel runs them
         raise BuildError(f"--plan auto times the stages with onnxruntime on this CPU, which says nothing about target "
                          f"'{target.name}' (a GPU)", hint="pass the groups yourself (--plan 0-3,4,5) or keep --plan every")
     recipe, notes = None, []
     if precision == "int8":
-        from dataclasses import replace
-
         from jei_edge.compile.quantize import load_recipe
 
         form = int8_form(target)
@@ -268,7 +267,7 @@ def export_bundle(job: Job, root: Path, progress: Progress) -> Exported:
     edges = {True: "all", False: "none"}.get(opts.quantized_edges,
                                              "auto" if job.target.backend == "onnxruntime" else "none")
     quantize, x_calib = None, None
-    if job.recipe is not None and (opts.plan or "").strip() == "auto":  # an INT8 bundle is planned on INT8 candidates
+    if job.recipe is not None and opts.plan == "auto":  # an INT8 bundle is planned on INT8 candidates
         from jei_edge.compile.quantize import CandidateQuantizer
 
         x_calib = calibration_inputs(ckpt, job.recipe, opts.data, opts.seed, job.real)

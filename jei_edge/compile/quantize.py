@@ -574,15 +574,16 @@ def quantize_edges(tmp: Path, stages: Sequence[Stage], inputs: Sequence[np.ndarr
                           "why": f"stage {k + 1} reads its input in FP32 only: nothing to save"})
             continue
         pooled, removed = rewrite_edge(edge, tmp / a.file, a.hidden.name, tmp / b.file, b.input.name)
-        dtype, scale, zp, last = edge.dtype, edge.scale, edge.zero_point, edge.channels_last
-        spec = dict(dtype=dtype, scale=scale, zero_point=zp, shape=edge.shape, channels_last=last)
+        spec = dict(dtype=edge.dtype, scale=edge.scale, zero_point=edge.zero_point, shape=edge.shape,
+                    channels_last=edge.channels_last)
         out[k] = a = dataclasses.replace(a, outputs=tuple(dataclasses.replace(o, **spec) if o.name == a.hidden.name else o
                                                           for o in a.outputs))
         out[k + 1] = b = dataclasses.replace(b, inputs=(dataclasses.replace(b.input, **spec),))
         for st in (a, b):
             check_onnx(tmp / st.file, f"stage {st.index} (quantized edge)", st.input.name, [o.name for o in st.outputs])
-        edges.append({"edge": f"{k}->{k + 1}", "dtype": dtype, "scale": scale, "zero_point": zp,
-                      "layout": "channels_last" if last else "model", "im_pool": "integer" if pooled else "fp32",
+        edges.append({"edge": f"{k}->{k + 1}", "dtype": edge.dtype, "scale": edge.scale, "zero_point": edge.zero_point,
+                      "layout": "channels_last" if edge.channels_last else "model",
+                      "im_pool": "integer" if pooled else "fp32",
                       "quantize_nodes_removed": removed})
     return out, edges
 
