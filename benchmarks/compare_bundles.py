@@ -1,6 +1,7 @@
 """Two bundles of one model timed side by side (shared by stage_planning.py and int8_speedup.py).
 
-``compare(a, b, inputs, batch, n, repeats)`` loads both with the torch-free runtime, times them
+``compare(a, b, inputs, batch, n, repeats)`` loads both with the torch-free runtime (B with A's
+session settings, then ``b_options`` over them; A with its target's, then ``a_options``), times them
 with the package's protocol (``jei_edge.profile.interleaved``: exit, ideal, full and plain
 passes, the two bundles alternating within each repeat), and returns per-bundle medians plus the
 per-repeat ratios ``a / b`` (how much faster ``b`` is). ``child(...)`` runs it in a fresh process; ``python compare_bundles.py A B
@@ -9,6 +10,7 @@ INPUTS BATCH N REPEATS`` is that process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,7 +27,8 @@ if str(ROOT) not in sys.path:
 from jei_edge.profile import median, median_ci  # noqa: E402  (torch-free)
 
 
-def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets=None) -> dict:
+def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets=None,
+            a_options=None, b_options=None) -> dict:
     from jei_edge.profile import Passes, interleaved, median_ratio, ratios, theoretical_speedup
     from jei_edge.runtime import Runtime
 
@@ -33,7 +36,10 @@ def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets
     with np.load(inputs) as z:
         x = z["x"]
         y = z["y"] if "y" in z.files else None
-    rts = {"a": Runtime.load(a, max_batch=bsz), "b": Runtime.load(b, max_batch=bsz)}
+    rt_a = Runtime.load(a, max_batch=bsz, **(a_options or {}))
+    # B runs with A's session settings (a bundle keeps its target's table from when it was built):
+    # the two differ in their graphs only, or in ``b_options`` where a benchmark compares settings
+    rts = {"a": rt_a, "b": Runtime.load(b, max_batch=bsz, **{**dataclasses.asdict(rt_a.settings), **(b_options or {})})}
     passes = {k: Passes.for_runtime(rt, bsz) for k, rt in rts.items()}
     xs = Passes.batches(x, bsz, n)
     offsets = tuple(offsets) if offsets else None
@@ -60,7 +66,8 @@ def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets
         tk = t[k]
         # the MAC-theoretical speedup vs the plain backbone of the timed rows' exits (precision-free)
         theory = theoretical_speedup(rts[k].manifest.exits.cost_vs_plain, exits[k])
-        out[k] = {"stages": rts[k].bundle.num_stages, "exit_ms_per_sample": 1e3 * median(tk["exit"]) / rows,
+        out[k] = {"stages": rts[k].bundle.num_stages, "settings": dataclasses.asdict(rts[k].settings),
+                  "exit_ms_per_sample": 1e3 * median(tk["exit"]) / rows,
                   "full_ms_per_sample": 1e3 * median(tk["full"]) / rows,
                   "plain_ms_per_sample": 1e3 * median(tk["plain"]) / rows,
                   "speedup_vs_plain": median_ratio(tk["plain"], tk["exit"]),
@@ -74,9 +81,10 @@ def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets
     return out
 
 
-def child(a, b, inputs, bsz: int, n: int, repeats: int, offsets=None) -> dict:
+def child(a, b, inputs, bsz: int, n: int, repeats: int, offsets=None, settings=(None, None)) -> dict:
+    """``compare`` in a fresh process (``settings``: its ``a_options`` and ``b_options``)."""
     cmd = [sys.executable, __file__, str(a), str(b), str(inputs), str(bsz), str(n), str(repeats),
-           "--offsets", json.dumps(list(offsets) if offsets else None)]
+           "--offsets", json.dumps(list(offsets) if offsets else None), "--options", json.dumps(list(settings))]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"measurement failed:\n{proc.stderr[-3000:]}")
@@ -115,7 +123,8 @@ def bench_parser(doc: str, out_name: str):
     return p
 
 
-def compare_families(args, command: str, bundle_b, spread: bool = False, bundle_a=None) -> dict:
+def compare_families(args, command: str, bundle_b, spread: bool = False, bundle_a=None,
+                     settings=(None, None)) -> dict:
     """For each family of ``realized_speedup.py``'s benchmark models and each batch size: bundle
     A = the model's FP32 bundle with a stage per exit (or ``bundle_a(family, data)``, same form as
     B's), bundle B = ``bundle_b(family, batch, data)``
@@ -125,7 +134,8 @@ def compare_families(args, command: str, bundle_b, spread: bool = False, bundle_
     Threshold offsets: the declared models' declared ones (``spread_offsets(force=True)``); the
     trained models run at offsets 0, or with ``spread`` at ``realized_speedup.spread_offsets(model)``
     (that benchmark's operating point: offsets 0 unless the trained exits are degenerate, then
-    spread evenly over every exit). Returns the results (``families[fam]["batch_N"]`` = merged
+    spread evenly over every exit). ``settings``: the session options of A and, over A's, of B (``compare``).
+    Returns the results (``families[fam]["batch_N"]`` = merged
     numbers, ``per_process``, ``a_bundle`` and ``b_bundle``; ``offsets[fam]``; ``limits[fam]``)."""
     import time
 
@@ -165,7 +175,7 @@ def compare_families(args, command: str, bundle_b, spread: bool = False, bundle_
             name, options, what = bundle_b(fam, bsz, data)
             b = cached_build(model, work / name, options, log, what)
             n = large.get("n1", args.n1) if bsz == 1 else large.get("rows", args.n64)
-            runs = [child(a, b, inputs, bsz, n, repeats, offsets) for _ in range(processes)]
+            runs = [child(a, b, inputs, bsz, n, repeats, offsets, settings) for _ in range(processes)]
             m = merge(runs)
             for key in ("b_speedup_over_a_exit", "exit_gain_over_plain_gain"):  # every repeat of every process
                 pooled = [v for r in runs for v in r[f"{key}_ratios"]]
@@ -182,7 +192,7 @@ def compare_families(args, command: str, bundle_b, spread: bool = False, bundle_
 
 
 def run_comparison(doc: str, script: str, bundle_b, argv=None, spread: bool = False, bundle_a=None,
-                   out_name: str = "", flags: Sequence[str] = ()):
+                   out_name: str = "", flags: Sequence[str] = (), settings=(None, None)):
     """A two-bundle benchmark's command line and measurements: ``(args, compare_families(...))``;
     the results' ``command`` is the script with every argument given (``flags``: the script's own
     options, ``own_flags``, then the shared ones)."""
@@ -192,7 +202,7 @@ def run_comparison(doc: str, script: str, bundle_b, argv=None, spread: bool = Fa
     argv = sys.argv[1:] if argv is None else list(argv)
     args = bench_parser(doc, out_name or f"{name}.json").parse_args(argv)
     return args, compare_families(args, shlex.join(["python", f"benchmarks/{name}.py", *flags, *argv]), bundle_b,
-                                  spread, bundle_a)
+                                  spread, bundle_a, settings)
 
 
 def own_flags(parser, opts) -> List[str]:
@@ -232,5 +242,7 @@ if __name__ == "__main__":
     for name in ("batch", "n", "repeats"):
         ap.add_argument(name, type=int)
     ap.add_argument("--offsets", default="null")
+    ap.add_argument("--options", default="[null, null]", help="JSON [A's settings, B's over A's]")
     args = ap.parse_args()
-    print(json.dumps(compare(args.a, args.b, args.inputs, args.batch, args.n, args.repeats, json.loads(args.offsets))))
+    print(json.dumps(compare(args.a, args.b, args.inputs, args.batch, args.n, args.repeats, json.loads(args.offsets),
+                             *json.loads(args.options))))

@@ -98,8 +98,9 @@ def large_limits(repeats=None) -> dict:
     """``LARGE``, with ``repeats`` instead of its own when given (``--large-repeats``)."""
     return dict(LARGE, **({"repeats": repeats} if repeats else {}))
 VARIANTS = {
-    "default": {},  # the target's settings (jei_edge/targets/cpu.toml): spinning off, IOBinding
-    "spinning_on": {"allow_spinning": True},
+    "default": {},  # the target's settings (targets/cpu.toml): pools spin inside a run only, IOBinding
+    "spinning_off": {"allow_spinning": False},
+    "spinning_on": {"allow_spinning": True, "spin_after_run": True},  # onnxruntime's own: spin after runs too
     "global_pool": {"global_thread_pool": True},
     "one_thread": {"intra_op_threads": 1},
     "no_iobinding": {"io_binding": False},
@@ -303,7 +304,7 @@ def measure(bundle: str, inputs: str, batches, repeats: int, n1: int, n64: int, 
     # the loop on the runtime's own session settings. Not on onnxruntime's defaults: their pools
     # spin after every run and steal the cores from whatever runs next in the process (measured:
     # with an ORT-defaults loop in the same process the same-settings loop timed 1.5-4x slower);
-    # what spinning costs is the ``spinning_on`` variant. Row workers are the runtime's loop, not
+    # what spinning after runs costs is the ``spinning_on`` variant. Row workers are the runtime's loop, not
     # a session setting: the hand loop makes whole calls on sessions with intra-op threads instead
     settings = rt.executor.settings
     hand = hand_loop(rt, dataclasses.replace(settings, row_workers=0) if settings.row_workers > 1 else settings)

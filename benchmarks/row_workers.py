@@ -1,13 +1,15 @@
-"""Row workers vs onnxruntime's intra-op pools, side by side in one process per model.
+"""onnxruntime session settings side by side in one process per model (row workers, spinning, ...).
 
 For every benchmark bundle (``benchmarks/realized_speedup.py --prepare-only`` makes them), the
 package's own profiler (``jei_edge.profile.profile_bundle`` with ``compare``, what
 ``jei-edge profile --compare-settings`` runs) times the early-exit pass with the target's default
 settings and, in every repeat next to it, with each candidate setting: speedup = default time /
 candidate time, medians of per-repeat ratios with their confidence intervals (docs/runtime.md,
-"Row workers"). The models run at the offsets ``realized_speedup.py`` uses.
+"Row workers", "onnxruntime settings"). The models run at the offsets ``realized_speedup.py`` uses.
 
     python benchmarks/row_workers.py --work runs/bench_new
+    python benchmarks/row_workers.py --work runs/bench_new --candidates allow_spinning=true \
+        --bundle-suffix _int8_floor0.5 --out benchmarks/results/spinning_in_run_int8.json
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=256, help="samples per batch size (small models)")
     p.add_argument("--large-samples", type=int, default=128, help="samples of the 112-px models")
     p.add_argument("--candidates", default=";".join(CANDIDATES), help="';'-separated KEY=VALUE[,KEY=VALUE] settings")
+    p.add_argument("--bundle-suffix", default="", help="time FAMILY+SUFFIX.jei, e.g. _int8_floor0.5 for the INT8 "
+                   "bundles benchmarks/int8_speedup.py builds (default: the FP32 bundles)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "row_workers.json"))
     p.add_argument("--memory-child", nargs=3, metavar=("BUNDLE", "INPUTS", "LABEL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -92,10 +96,10 @@ def main(argv=None) -> int:
            "repeats": args.repeats, "candidates": cands, "families": {}}
     out = Path(args.out)
     for fam in (f for f in args.families.split(",") if f):
-        bundle, model = work / f"{fam}.jei", work / f"{fam}.pt"
+        bundle, model = work / f"{fam}{args.bundle_suffix}.jei", work / f"{fam}.pt"
         if not bundle.exists():
-            raise SystemExit(f"{bundle} is missing: run `python benchmarks/realized_speedup.py --work {work} "
-                             f"--prepare-only` first")
+            maker = "int8_speedup.py" if args.bundle_suffix else "realized_speedup.py --prepare-only"
+            raise SystemExit(f"{bundle} is missing: run `python benchmarks/{maker} --work {work}` first")
         # the offsets realized_speedup.py measures at (spread where offsets 0 are degenerate, declared ones)
         offsets = spread_offsets(model, force=bool(MODELS[fam].get("declared")))
         offsets = offsets if any(offsets) else None
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = ["# Row workers vs intra-op pools (CPU, onnxruntime)", "",
+    lines = ["# onnxruntime session settings side by side (CPU)", "",
              f"Command: `{res['command']}`; commit {m['commit']}; {m['cpu']}, {m['cores']} cores; onnxruntime "
              f"{m['onnxruntime']}; {res['started']} - {res.get('finished', '?')}. Early-exit ms per sample with the "
              f"target's defaults, then each candidate's speedup over them (default time / candidate time), medians "

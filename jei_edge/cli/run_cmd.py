@@ -29,7 +29,7 @@ from jei_edge.cli.options import device_option, emit_json, json_option, public_k
 @click.option("--backend-opt", "backend_opts", multiple=True, metavar="KEY=VALUE",
               help="Backend setting, repeatable; on the CPU an onnxruntime setting such as intra_op_threads=1, "
                    "small_batch_rows=1 (1-thread sessions when one row is live), row_workers=2 (a call's rows "
-                   "split over 2 one-thread workers; faster at batch >= 8 for small models) or allow_spinning=true "
+                   "split over 2 one-thread workers; faster at batch >= 8 for small models) or allow_spinning=false "
                    "(defaults: the bundle's target; see docs/runtime.md; compare them with `jei-edge profile`).")
 @public_key_option
 @json_option

@@ -83,14 +83,19 @@ def test_batch1_breakdown_times_every_piece(vit_bundle, tmp_path):
 
 
 def test_two_bundle_comparison_child(vit_bundle, tmp_path):
-    """benchmarks/compare_bundles.py (stage planning, INT8): a bundle against itself agrees fully."""
+    """benchmarks/compare_bundles.py (stage planning, INT8, settings): a bundle against itself agrees
+    fully; B runs on A's settings with its own options over them."""
     x = model_inputs(16, seed=13)
     np.savez(tmp_path / "t.npz", x=x, y=np.arange(16) % 5)
+    options = [{"allow_spinning": False, "io_binding": False}, {"allow_spinning": True}]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_bundles.py"), str(vit_bundle), str(vit_bundle),
-           str(tmp_path / "t.npz"), "4", "16", "1"]
+           str(tmp_path / "t.npz"), "4", "16", "1", "--options", json.dumps(options)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
+    sa, sb = r["a"]["settings"], r["b"]["settings"]
+    assert (sa["allow_spinning"], sa["io_binding"]) == (False, False)
+    assert sb == dict(sa, allow_spinning=True)  # A's settings (io_binding off too), B's option over them
     assert r["exit_agreement"] == 1.0 and r["prediction_agreement"] == 1.0 and r["samples"] == 16
     assert r["a"]["exit_histogram"] == r["b"]["exit_histogram"] and "accuracy" in r["a"]
     for mode in ("exit", "full", "plain"):

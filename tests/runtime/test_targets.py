@@ -15,7 +15,7 @@ def test_cpu_target():
     assert "cpu" in available_targets()
     assert t.backend == "onnxruntime" and t.default_precision == "fp32" and t.opset >= 17 and t.max_batch >= 64
     s = OrtSettings.from_options(t.backend_options)
-    assert s.allow_spinning is False and s.io_binding is True
+    assert s.allow_spinning is True and s.spin_after_run is False and s.io_binding is True
 
 
 def test_target_files_and_errors(tmp_path):
@@ -41,6 +41,19 @@ def test_settings_validation():
                 {"allow_spinning": 1}, {"nope": 1}):
         with pytest.raises(JeiEdgeError):
             OrtSettings.from_options(bad)
+
+
+def test_spinning_settings_reach_the_session_options():
+    from jei_edge.backends.onnxruntime.executor import session_options
+
+    def entries(**opts):
+        so = session_options(OrtSettings.from_options(opts))
+        return tuple(so.get_session_config_entry(f"session.{k}")
+                     for k in ("intra_op.allow_spinning", "force_spinning_stop"))
+
+    assert entries(allow_spinning=False) == ("0", "0")
+    assert entries(allow_spinning=True) == ("1", "1")  # spin inside a run, stop when it returns
+    assert entries(allow_spinning=True, spin_after_run=True) == ("1", "0")  # onnxruntime's own behaviour
 
 
 # -- the catalog ------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ def session_options(settings: OrtSettings):
     spin = "1" if settings.allow_spinning else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    # spinning stops when a run returns unless asked to go on (OrtSettings.spin_after_run)
+    stop = settings.allow_spinning and not settings.spin_after_run
+    so.add_session_config_entry("session.force_spinning_stop", "1" if stop else "0")
     return so
 
 

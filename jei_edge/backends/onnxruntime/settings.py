@@ -1,9 +1,11 @@
 """Settings of the onnxruntime backend: one frozen dataclass, defaults in one place.
 
-Several sessions share one CPU (one per stage, plus the plain backbone when benchmarking). Each
-session's intra-op pool spin-waits after a run by default, stealing the cores from the session
-that runs next; ``OrtSettings`` therefore turns spinning off (measured by
-``benchmarks/realized_speedup.py`` at batch 1 and 64; see docs/runtime.md).
+Several sessions share one CPU (one per stage, plus the plain backbone when benchmarking). A pool
+that spin-waits between the operators of a run wakes no thread per operator (1.05-1.35x faster at
+batch 1), but onnxruntime's pools go on spinning after the run returns, stealing the cores from the
+stage that runs next. ``OrtSettings`` therefore lets pools spin inside a run and stops them when it
+returns (``session.force_spinning_stop``; measured by ``benchmarks/row_workers.py --candidates
+allow_spinning=true`` at batch 1 and 64, docs/runtime.md "onnxruntime settings").
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ class OrtSettings:
     Attributes:
         intra_op_threads: threads per session; 0 = onnxruntime's default (one per core).
         inter_op_threads: threads for parallel graph branches (sequential execution uses 1).
-        allow_spinning: let idle pool threads spin-wait after a run (steals cores from the next
-            stage's session when several sessions share the CPU; off by default).
+        allow_spinning: let pool threads spin-wait for work between the operators of a run
+            instead of sleeping (a sleeping thread costs a wake-up per parallel operator).
+        spin_after_run: with ``allow_spinning``, keep the pool spinning after a run returns
+            (onnxruntime's own behaviour). Off: spinning stops when the run returns
+            (``session.force_spinning_stop``), so a stage's idle pool does not take the cores
+            from the next stage's session; it restarts with the session's next run.
         global_thread_pool: all sessions share one process-wide pool (set once per process,
             before the first session; later settings cannot change it).
         graph_optimization: ``disable`` | ``basic`` | ``extended`` | ``all``.
@@ -58,7 +64,8 @@ class OrtSettings:
 
     intra_op_threads: int = 0
     inter_op_threads: int = 1
-    allow_spinning: bool = False
+    allow_spinning: bool = True
+    spin_after_run: bool = False
     global_thread_pool: bool = False
     graph_optimization: str = field(default="all", metadata={"choices": _OPT_LEVELS})
     io_binding: bool = True
