@@ -29,6 +29,9 @@ from jei_edge.profile import median, median_ci  # noqa: E402  (torch-free)
 
 def compare(a: str, b: str, inputs: str, bsz: int, n: int, repeats: int, offsets=None,
             a_options=None, b_options=None) -> dict:
+    """Both bundles timed side by side (module docstring). ``b_options`` replace single keys of A's
+    settings, so they must agree with the rest of them: e.g. ``row_workers=2`` for B against A's
+    ``intra_op_threads=2`` needs ``intra_op_threads=0`` too (``OrtSettings`` refuses the clash)."""
     from jei_edge.profile import Passes, interleaved, median_ratio, ratios, theoretical_speedup
     from jei_edge.runtime import Runtime
 
@@ -92,10 +95,13 @@ def child(a, b, inputs, bsz: int, n: int, repeats: int, offsets=None, settings=(
 
 
 def merge(runs: list) -> dict:
-    """Medians across processes of every number (per bundle too); lists from the first run."""
+    """Medians across processes of every number (per bundle too); lists and each bundle's session
+    ``settings`` (the same in every process) from the first run."""
     out = {}
     for key, v in runs[0].items():
-        if isinstance(v, dict):
+        if key == "settings":
+            out[key] = v
+        elif isinstance(v, dict):
             out[key] = merge([r[key] for r in runs])
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[key] = median([r[key] for r in runs])

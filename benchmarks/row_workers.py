@@ -8,7 +8,7 @@ candidate time, medians of per-repeat ratios with their confidence intervals (do
 "Row workers", "onnxruntime settings"). The models run at the offsets ``realized_speedup.py`` uses.
 
     python benchmarks/row_workers.py --work runs/bench_new
-    python benchmarks/row_workers.py --work runs/bench_new --candidates allow_spinning=true \
+    python benchmarks/row_workers.py --work runs/bench_new --candidates allow_spinning=false \
         --bundle-suffix _int8_floor0.5 --out benchmarks/results/spinning_in_run_int8.json
 """
 

@@ -30,7 +30,6 @@ def main(argv=None) -> int:
     import argparse
 
     from jei_edge.compile import BuildOptions
-    from jei_edge.profile import format_interval
     from jei_edge.runtime.output import parse_backend_options, split_settings
 
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -39,18 +38,26 @@ def main(argv=None) -> int:
     opts, argv = own.parse_known_args(argv)
     settings = tuple(parse_backend_options(split_settings(v)) for v in (opts.a, opts.b))
 
-    def same_bundle(fam, bsz, data):  # B is A's bundle: realized_speedup.ensure_bundle's name and build
+    def same_bundle(fam, bsz, data):  # B is A's bundle, which compare_families has just ensured
         return f"{fam}.jei", BuildOptions(force=True), "fp32, a stage per exit"
 
     args, res = run_comparison(__doc__, __file__, same_bundle, argv, spread=True, flags=own_flags(own, opts),
                                settings=settings)
     res["settings"] = {"a": opts.a, "b": opts.b}
+    write_results(res, args.out, table(res))
+    return 0
+
+
+def table(res: dict) -> list:
+    """The results' markdown lines (``res``: ``compare_families``' results with ``settings``)."""
+    from jei_edge.profile import format_interval
+
     lines = ["# onnxruntime settings side by side: every pass (CPU)", "",
-             f"Machine: {res['machine']}. Command: `{res['command']}`. A = `{opts.a}`, B = `{opts.b}` (over A's), "
-             f"the same bundle; load average before / after {res['load_before']} / {res['load_after']}. "
-             f"B's speedup over A: per-repeat ratios A time / B time, median [95% CI over every repeat of every "
-             f"process] for the exit pass, medians of ratios for full mode and the plain backbone (it runs on the "
-             f"same settings as the stages).", "",
+             f"Machine: {res['machine']}. Command: `{res['command']}`. A = `{res['settings']['a']}`, "
+             f"B = `{res['settings']['b']}` (over A's), the same bundle; load average before / after "
+             f"{res['load_before']} / {res['load_after']}. B's speedup over A: per-repeat ratios A time / B time, "
+             f"median [95% CI over every repeat of every process] for the exit pass, medians of ratios for full "
+             f"mode and the plain backbone (it runs on the same settings as the stages).", "",
              "| family | batch | B over A: exit [CI] | full | plain | vs plain A / B | measured / theoretical A / B "
              "| efficiency A / B |", "|---|---|---|---|---|---|---|---|"]
     for fam, fo in res["families"].items():
@@ -62,8 +69,7 @@ def main(argv=None) -> int:
                 f"{m['b_speedup_over_a_plain']:.2f}x | {a['speedup_vs_plain']:.2f}x / {b['speedup_vs_plain']:.2f}x | "
                 f"{a['speedup_vs_plain_over_theory']:.2f} / {b['speedup_vs_plain_over_theory']:.2f} | "
                 f"{a['efficiency']:.3f} / {b['efficiency']:.3f} |")
-    write_results(res, args.out, lines)
-    return 0
+    return lines
 
 
 if __name__ == "__main__":

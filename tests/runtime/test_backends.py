@@ -33,6 +33,7 @@ def _with_target(src: Path, dst: Path, **target) -> Path:
 def test_the_bundle_target_picks_the_backend(vit_bundle):
     with Runtime.load(vit_bundle) as rt:
         assert rt.backend == "onnxruntime" and rt.device == "cpu" and rt.settings.allow_spinning is True
+        assert rt.settings.spin_after_run is False
         assert Capability.MERGED_STAGES in rt.executor.capabilities and rt.workspace.capacity == rt.max_batch
         rt.run(model_inputs(3))
     with pytest.raises(JeiEdgeError, match="closed"):
@@ -65,6 +66,22 @@ def test_a_bundle_for_an_engine_target_says_how_to_run_it(vit_bundle, tmp_path):
     weird = _with_target(vit_bundle, tmp_path / "weird.jei", backend="fpga")
     with pytest.raises(BundleError, match="names backend 'fpga'.*--device cpu"):
         Runtime.load(weird)
+
+
+def test_a_bundle_keeps_its_targets_spinning_setting(vit_bundle, tmp_path):
+    """A bundle built when the CPU target turned spinning off still runs with it off (its target
+    table), unless the caller turns it on."""
+    old = _with_target(vit_bundle, tmp_path / "old.jei", backend_options={"allow_spinning": False})
+
+    def entries(rt):
+        so = rt.executor.sessions[0].get_session_options()
+        return tuple(so.get_session_config_entry(f"session.{k}")
+                     for k in ("intra_op.allow_spinning", "force_spinning_stop"))
+
+    with Runtime.load(old) as rt:
+        assert rt.settings.allow_spinning is False and entries(rt) == ("0", "0")
+    with Runtime.load(old, allow_spinning=True) as rt:
+        assert entries(rt) == ("1", "1")
 
 
 def test_target_settings_are_validated_at_load(vit_bundle, tmp_path):

@@ -112,6 +112,38 @@ def test_two_bundle_comparison_child(vit_bundle, tmp_path):
         r["a"]["speedup_vs_plain"] / r["a"]["theoretical_speedup_vs_plain"])
 
 
+def test_settings_benchmark_sends_both_settings_and_renders(monkeypatch):
+    """benchmarks/settings_speedup.py: the measurement process gets A's and B's settings
+    (compare_bundles.child -> --options), and its table renders from a results dict."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compare_bundles
+    import settings_speedup
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):  # a recorded child: what it was asked, a minimal answer
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"ok": 1}\n', stderr="")
+
+    monkeypatch.setattr(compare_bundles.subprocess, "run", fake_run)
+    settings = ({"allow_spinning": False}, {"allow_spinning": True})
+    assert compare_bundles.child("a.jei", "b.jei", "t.npz", 1, 4, 1, None, settings) == {"ok": 1}
+    cmd = seen["cmd"]
+    assert json.loads(cmd[cmd.index("--options") + 1]) == [{"allow_spinning": False}, {"allow_spinning": True}]
+
+    side = {"speedup_vs_plain": 1.5, "speedup_vs_plain_over_theory": 0.8, "efficiency": 0.97}
+    res = {"machine": {"cpu": "x"}, "command": "python benchmarks/settings_speedup.py", "load_before": [0, 0, 0],
+           "load_after": [1, 1, 1], "settings": {"a": "allow_spinning=false", "b": "allow_spinning=true"},
+           "families": {"vit": {"batch_1": {"b_speedup_over_a_exit": 1.46, "b_speedup_over_a_full": 1.43,
+                                            "b_speedup_over_a_plain": 1.48, "a": side, "b": dict(side, efficiency=0.99),
+                                            "b_speedup_over_a_exit_ci": {"median": 1.46, "low": 1.35, "high": 1.54,
+                                                                         "coverage": 0.96}}}}}
+    lines = settings_speedup.table(res)
+    assert "A = `allow_spinning=false`, B = `allow_spinning=true`" in lines[2]
+    assert lines[-1] == ("| vit | 1 | 1.46x [1.35-1.54] | 1.43x | 1.48x | 1.50x / 1.50x | 0.80 / 0.80 | "
+                         "0.970 / 0.990 |")
+
+
 def test_int8_benchmark_splits_the_gain_ratio(tmp_path):
     """benchmarks/int8_speedup.py: the gain ratio's parts (INT8's gain on the exit pass, in full
     mode and on the stage runs alone, ideal = efficiency x exit time, each over the plain graph's

@@ -195,7 +195,7 @@ def test_verify_lists_every_problem(copy):
 def test_runtime_settings_from_options(vit_bundle):
     x = model_inputs(20)
     ref = Runtime.load(vit_bundle).run(x)
-    for opts in ({"io_binding": False}, {"allow_spinning": False}, {"intra_op_threads": 1}):
+    for opts in ({"io_binding": False}, {"allow_spinning": False}, {"spin_after_run": True}, {"intra_op_threads": 1}):
         res = Runtime.load(vit_bundle, **opts).run(x)
         assert np.array_equal(res.exit_index, ref.exit_index) and np.abs(res.probs - ref.probs).max() < 1e-6
     with pytest.raises(JeiEdgeError, match="unknown onnxruntime option"):

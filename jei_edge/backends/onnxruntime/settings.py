@@ -4,8 +4,8 @@ Several sessions share one CPU (one per stage, plus the plain backbone when benc
 that spin-waits between the operators of a run wakes no thread per operator (1.05-1.35x faster at
 batch 1), but onnxruntime's pools go on spinning after the run returns, stealing the cores from the
 stage that runs next. ``OrtSettings`` therefore lets pools spin inside a run and stops them when it
-returns (``session.force_spinning_stop``; measured by ``benchmarks/row_workers.py --candidates
-allow_spinning=true`` at batch 1 and 64, docs/runtime.md "onnxruntime settings").
+returns (``session.force_spinning_stop``; measured by ``benchmarks/settings_speedup.py`` at batch 1
+and 64, both settings on the same bundle, docs/runtime.md "onnxruntime settings").
 """
 
 from __future__ import annotations
