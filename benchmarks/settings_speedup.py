@@ -29,14 +29,20 @@ from compare_bundles import own_flags, run_comparison, write_results  # noqa: E4
 def main(argv=None) -> int:
     import argparse
 
+    from jei_edge.backends.onnxruntime import OrtSettings
     from jei_edge.compile import BuildOptions
+    from jei_edge.errors import JeiEdgeError
     from jei_edge.runtime.output import parse_backend_options, split_settings
 
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     own.add_argument("--a", default="allow_spinning=false", help="settings A (KEY=VALUE[,KEY=VALUE])")
     own.add_argument("--b", default="allow_spinning=true", help="settings B, over A's")
     opts, argv = own.parse_known_args(argv)
-    settings = tuple(parse_backend_options(split_settings(v)) for v in (opts.a, opts.b))
+    try:  # refused here, before any model is prepared, rather than in the first measurement process
+        settings = tuple(parse_backend_options(split_settings(v)) for v in (opts.a, opts.b))
+        OrtSettings.from_options(settings[1], base=OrtSettings.from_options(settings[0]))
+    except JeiEdgeError as e:
+        raise SystemExit(f"error: {e}")
 
     def same_bundle(fam, bsz, data):  # B is A's bundle, which compare_families has just ensured
         return f"{fam}.jei", BuildOptions(force=True), "fp32, a stage per exit"

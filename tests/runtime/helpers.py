@@ -56,6 +56,12 @@ def build_spread_bundle(tmp: Path, family: str = "vit", parity_samples: int = 20
     return out
 
 
+def spinning_entries(session_options) -> tuple:
+    """``(intra-op allow_spinning, force_spinning_stop)`` as an onnxruntime ``SessionOptions`` holds them."""
+    return tuple(session_options.get_session_config_entry(f"session.{k}")
+                 for k in ("intra_op.allow_spinning", "force_spinning_stop"))
+
+
 def model_inputs(n: int, seed: int = 0, shape=(1, 8, 8)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n,) + tuple(shape)).astype(np.float32)
 

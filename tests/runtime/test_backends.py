@@ -15,7 +15,7 @@ from jei_edge import backends
 from jei_edge.bundle import MANIFEST, Bundle
 from jei_edge.errors import BundleError, InputError, JeiEdgeError
 from jei_edge.runtime import Capability, Runtime
-from tests.runtime.helpers import has_cuda_driver, model_inputs, rehash
+from tests.runtime.helpers import has_cuda_driver, model_inputs, rehash, spinning_entries
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,9 +74,7 @@ def test_a_bundle_keeps_its_targets_spinning_setting(vit_bundle, tmp_path):
     old = _with_target(vit_bundle, tmp_path / "old.jei", backend_options={"allow_spinning": False})
 
     def entries(rt):
-        so = rt.executor.sessions[0].get_session_options()
-        return tuple(so.get_session_config_entry(f"session.{k}")
-                     for k in ("intra_op.allow_spinning", "force_spinning_stop"))
+        return spinning_entries(rt.executor.sessions[0].get_session_options())
 
     with Runtime.load(old) as rt:
         assert rt.settings.allow_spinning is False and entries(rt) == ("0", "0")

@@ -45,11 +45,10 @@ def test_settings_validation():
 
 def test_spinning_settings_reach_the_session_options():
     from jei_edge.backends.onnxruntime.executor import session_options
+    from tests.runtime.helpers import spinning_entries
 
     def entries(**opts):
-        so = session_options(OrtSettings.from_options(opts))
-        return tuple(so.get_session_config_entry(f"session.{k}")
-                     for k in ("intra_op.allow_spinning", "force_spinning_stop"))
+        return spinning_entries(session_options(OrtSettings.from_options(opts)))
 
     assert entries(allow_spinning=False) == ("0", "0")
     assert entries(allow_spinning=True) == ("1", "1")  # spin inside a run, stop when it returns
